@@ -1,0 +1,126 @@
+package sticky
+
+import (
+	"math"
+	"math/bits"
+)
+
+// Candidate is one live worker as the balancer sees it when routing.
+type Candidate struct {
+	Slot int // stable worker slot id: survives restarts of the worker in it
+	Load int // active sessions on it
+}
+
+// Balance is rendezvous (highest random weight) hashing with bounded loads.
+// HRW is used rather than a ring, Maglev or jump hash because any slot may
+// die: removing a slot moves exactly its own keys, there is no table to
+// rebuild when a worker flaps, and a restarted edge derives the same mapping
+// from the same slot list. At N <= 64 the O(N) scan costs well under the fd
+// handoff it precedes. See reference/lb-anchors-and-hashing.md §2.
+//
+// The zero value uses Epsilon 0.25, the value HAProxy, brpc and liblb default
+// to (factor 1.25).
+type Balance struct {
+	Epsilon float64 // load cap is (1+Epsilon) × average; 0 (or negative, NaN) means 0.25
+}
+
+// DefaultEpsilon is used when Balance.Epsilon is not positive.
+const DefaultEpsilon = 0.25
+
+const golden = 0x9e3779b97f4a7c15 // 2^64 / φ, the splitmix64 increment
+
+// mix64 is the splitmix64 finaliser: a bijection whose every output bit
+// depends on every input bit.
+func mix64(z uint64) uint64 {
+	z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9
+	z = (z ^ (z >> 27)) * 0x94d049bb133111eb
+	return z ^ (z >> 31)
+}
+
+// Score is the HRW weight of slot for key: output number slot+1 of a
+// splitmix64 generator seeded with key. Splitmix outputs for consecutive
+// states pass BigCrush, so a key's scores over the slots behave as independent
+// uniform draws, which is all HRW needs. Exported so a worker can mint sids
+// that route to itself (draw until its slot wins) with the same function.
+func Score(key uint64, slot int) uint64 {
+	return mix64(key + (uint64(slot)+1)*golden)
+}
+
+// better reports whether score s for slot a ranks above score t for slot b.
+// Equal 64-bit scores are practically impossible; the slot tie-break only
+// keeps the result independent of candidate order.
+func better(s uint64, a int, t uint64, b int) bool {
+	return s > t || (s == t && a < b)
+}
+
+// Pick returns the index in cands of the highest-scoring candidate whose Load
+// is below the cap ceil((1+ε)·(sum(Load)+1)/len(cands)), the +1 counting the
+// session being placed. Walking down the HRW ranking past full candidates is
+// the bounded-load rule of Mirrokni et al. as HAProxy applies it on its ring.
+// Some candidate is always below the cap (not all can be above average), so
+// the result is -1 only for empty cands. No allocation, no sort.
+func (b Balance) Pick(key uint64, cands []Candidate) int {
+	if len(cands) == 0 {
+		return -1
+	}
+	eps := b.Epsilon
+	if !(eps > 0) {
+		eps = DefaultEpsilon
+	}
+	sum := 0
+	for _, c := range cands {
+		sum += max(c.Load, 0)
+	}
+	// Float compare so an infinite epsilon (plain HRW) cannot overflow an int.
+	limit := math.Ceil((1 + eps) * float64(sum+1) / float64(len(cands)))
+	best, top := -1, -1
+	var bestScore, topScore uint64
+	for i, c := range cands {
+		s := Score(key, c.Slot)
+		if top < 0 || better(s, c.Slot, topScore, cands[top].Slot) {
+			top, topScore = i, s
+		}
+		if float64(c.Load) < limit && (best < 0 || better(s, c.Slot, bestScore, cands[best].Slot)) {
+			best, bestScore = i, s
+		}
+	}
+	if best < 0 {
+		// Unreachable with non-negative loads; kept so odd input still routes.
+		return top
+	}
+	return best
+}
+
+// Owner returns the index of the plain HRW winner for key (no load bound), or
+// -1 for empty cands: where a self-routing sid must hash to.
+func Owner(key uint64, cands []Candidate) int {
+	return Balance{Epsilon: math.Inf(1)}.Pick(key, cands)
+}
+
+// LeastLoaded picks for keyless requests by the power of two choices: two
+// distinct candidates derived from the random r, the less loaded one wins
+// (ties: lower Load, then lower Slot). Two random choices give an
+// exponentially better maximum load than one, without the herd effect of
+// always picking the global minimum (Envoy least_request, HAProxy random(2)).
+// Returns -1 for empty cands.
+func LeastLoaded(cands []Candidate, r uint64) int {
+	n := len(cands)
+	switch n {
+	case 0:
+		return -1
+	case 1:
+		return 0
+	}
+	// Multiply-high maps a 64-bit draw onto [0,n) without modulo bias worth
+	// mentioning; the second draw is a remix of r over the n-1 other indices.
+	i, _ := bits.Mul64(r, uint64(n))
+	j, _ := bits.Mul64(mix64(r), uint64(n-1))
+	if j >= i {
+		j++
+	}
+	a, b := cands[i], cands[j]
+	if b.Load < a.Load || (b.Load == a.Load && b.Slot < a.Slot) {
+		return int(j)
+	}
+	return int(i)
+}
