@@ -11,6 +11,7 @@ import (
 	"errors"
 	"fmt"
 	"net/http"
+	"slices"
 	"strconv"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -250,6 +251,28 @@ func Names() []string {
 	}
 }
 
+// Labels describes the label names of every family of Names(). Each label
+// name maps to the closed set of values the package uses for it, or to nil
+// where the set is open (worker slots). Deploy files (alerts, dashboards)
+// are checked against it.
+func Labels() map[string]map[string][]string {
+	worker := []string(nil)
+	return map[string]map[string][]string{
+		NameConnectionsAccepted: {"result": slices.Clone(acceptResults)},
+		NameRejections:          {"reason": slices.Clone(rejectReasons)},
+		NameHandoffs:            {"worker": worker, "result": slices.Clone(handoffResults)},
+		NameHandoffDuration:     {},
+		NameRequestsProxied:     {"worker": worker, "code": slices.Clone(statusClassValues)},
+		NameSessions:            {"worker": worker},
+		NameWebSockets:          {"worker": worker},
+		NameWorkers:             {"state": slices.Clone(workerStates)},
+		NameWorkerRestarts:      {"worker": worker},
+		NameSessionTableSize:    {},
+		NameSessionEvictions:    {"reason": slices.Clone(evictionReasons)},
+		NameUnknownSessions:     {},
+	}
+}
+
 const maxCachedWorker = 255
 
 var workerLabels = func() (s [maxCachedWorker + 1]string) {
@@ -268,7 +291,10 @@ func WorkerLabel(slot int) string {
 	return strconv.Itoa(slot)
 }
 
-var statusClasses = [...]string{"1xx", "2xx", "3xx", "4xx", "5xx"}
+var (
+	statusClasses     = [...]string{"1xx", "2xx", "3xx", "4xx", "5xx"}
+	statusClassValues = append(statusClasses[:], "other")
+)
 
 // StatusClass returns the class of an HTTP status code ("1xx".."5xx"), or
 // "other" for a code outside 100..599. It does not allocate.

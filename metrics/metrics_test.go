@@ -490,3 +490,76 @@ func TestHandlerNilGatherer(t *testing.T) {
 		t.Fatalf("nil gatherer served %d families", len(mfs))
 	}
 }
+
+func TestLabelsMatchGather(t *testing.T) {
+	reg := prometheus.NewRegistry()
+	m, err := New(reg, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	labels := Labels()
+	var keys []string
+	for k := range labels {
+		keys = append(keys, k)
+	}
+	sort.Strings(keys)
+	if !slices.Equal(keys, Names()) {
+		t.Fatalf("Labels() families %v, Names() %v", keys, Names())
+	}
+
+	// Freshly created: the closed sets are pre-initialised, exactly.
+	fresh, err := reg.Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, mf := range fresh {
+		name := mf.GetName()
+		if name == NameHandoffDuration || len(labels[name]) == 0 {
+			continue
+		}
+		if len(labels[name]) != 1 {
+			t.Errorf("%s: pre-initialised but has %d labels", name, len(labels[name]))
+			continue
+		}
+		for label, want := range labels[name] {
+			var got []string
+			for _, s := range mf.GetMetric() {
+				got = append(got, labelsOf(s)[label])
+			}
+			sort.Strings(got)
+			want = slices.Clone(want)
+			sort.Strings(want)
+			if !slices.Equal(got, want) {
+				t.Errorf("%s{%s}: pre-initialised %v, Labels() %v", name, label, got, want)
+			}
+		}
+	}
+
+	touchAll(m)
+	mfs, err := reg.Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, mf := range mfs {
+		want := labels[mf.GetName()]
+		for _, s := range mf.GetMetric() {
+			got := labelsOf(s)
+			if len(got) != len(want) {
+				t.Errorf("%s: series labels %v, Labels() %v", mf.GetName(), got, want)
+			}
+			for k, v := range got {
+				vals, ok := want[k]
+				if !ok {
+					t.Errorf("%s: label %s not in Labels()", mf.GetName(), k)
+				} else if vals != nil && !slices.Contains(vals, v) {
+					t.Errorf("%s{%s=%q}: value not in closed set %v", mf.GetName(), k, v, vals)
+				}
+			}
+		}
+	}
+	// Mutating the result must not leak into the package.
+	labels[NameWorkers]["state"][0] = "mutated"
+	if Labels()[NameWorkers]["state"][0] == "mutated" {
+		t.Error("Labels() shares its slices")
+	}
+}
