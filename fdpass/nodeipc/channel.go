@@ -1,0 +1,528 @@
+// Package nodeipc speaks Node.js's IPC channel protocol (JSON serialization mode) from the
+// parent side, so that a Go process can spawn unmodified Node apps and hand them client
+// connections the way Node's own cluster primary or @socket.io/sticky's primary would.
+//
+// The wire format is one JSON value per line. A handle (file descriptor) travels as
+//
+//	{"cmd":"NODE_HANDLE","type":"net.Native","msg":<message>}\n
+//
+// written with a single sendmsg whose SCM_RIGHTS control message carries the fd, so the fd is
+// attached to the first byte of that line. The child answers {"cmd":"NODE_HANDLE_ACK"} (or
+// NODE_HANDLE_NACK when the fd did not arrive, e.g. MSG_CTRUNC). Like Node's own sender, a
+// Channel keeps one handle in flight: later handles and plain messages wait until the ACK.
+//
+// Channel is the transport; Primary emulates Node's cluster primary on top of it (queryServer,
+// newconn, @socket.io/sticky's sticky:connection); SharedListeners owns the listening sockets
+// of servers the app listens on besides the one that receives the edge's traffic.
+package nodeipc
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"sync"
+	"syscall"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+// Sentinel errors. Errors returned by this package wrap them with %w.
+var (
+	// ErrClosed: the channel was closed (by Close, or because the child went away or the
+	// stream was corrupted; the cause is wrapped alongside when there is one).
+	ErrClosed = errors.New("nodeipc: channel closed")
+	// ErrNACK: the child answered NODE_HANDLE_NACK to every attempt (Config.MaxResends+1).
+	ErrNACK = errors.New("nodeipc: handle not received by the child (NACK)")
+	// ErrAckTimeout: the child did not acknowledge within Config.AckTimeout. The worker is
+	// treated as hung and the channel is closed (a late ACK could otherwise be matched to the
+	// next handle; a Node cluster worker also exits when its channel closes).
+	ErrAckTimeout = errors.New("nodeipc: timed out waiting for the child's acknowledgement")
+	// ErrLineTooLong: the child sent a line longer than Config.MaxLine; the channel is closed.
+	ErrLineTooLong = errors.New("nodeipc: line from the child exceeds the limit")
+	// ErrBadMessage: a line that is not JSON (channel closed), or a message that cannot be
+	// encoded (nothing sent).
+	ErrBadMessage = errors.New("nodeipc: malformed message")
+)
+
+// Config configures a Channel. The zero value is usable.
+type Config struct {
+	AckTimeout time.Duration // 0: 5s — a worker that does not ACK a handle in time is treated as hung
+	MaxResends int           // 0: 3 (on NACK); negative: no resend
+	MaxLine    int           // 0: 1 MiB; a longer line from the child closes the channel with ErrLineTooLong
+	Logger     *slog.Logger  // nil: slog.Default()
+}
+
+func (cfg Config) withDefaults() Config {
+	if cfg.AckTimeout <= 0 {
+		cfg.AckTimeout = 5 * time.Second
+	}
+	switch {
+	case cfg.MaxResends == 0:
+		cfg.MaxResends = 3
+	case cfg.MaxResends < 0:
+		cfg.MaxResends = 0
+	}
+	if cfg.MaxLine <= 0 {
+		cfg.MaxLine = 1 << 20
+	}
+	if cfg.Logger == nil {
+		cfg.Logger = slog.Default()
+	}
+	return cfg
+}
+
+// Message is one JSON line from the child (internal NODE_HANDLE_ACK/NACK are consumed by the
+// Channel).
+type Message struct {
+	Raw            json.RawMessage
+	Cmd, Act, Type string // top-level "cmd", "act", "type" when present (and strings)
+	Seq, Ack       *int   // "seq"/"ack" when present (and integers)
+	Data           string // "data" when a string
+}
+
+// Channel speaks Node's IPC protocol in JSON mode over the parent's end of the socketpair.
+// All methods are safe for concurrent use. The owner must keep calling Recv (Primary.Run
+// does): messages from the child are queued without bound until received.
+type Channel struct {
+	uc  *net.UnixConn
+	cfg Config
+	log *slog.Logger
+
+	turn chan struct{} // capacity 1: held while writing, and by a handle until its ACK
+	wmu  sync.Mutex    // serialises writes on uc (the reader writes ACKs without the turn)
+	ack  chan bool     // capacity 1: ACK (true) / NACK (false) of the handle in flight
+
+	mu       sync.Mutex
+	inflight bool // a handle is waiting for ACK/NACK
+	queue    []Message
+	head     int
+	notify   chan struct{} // capacity 1: queue grew or channel closed
+	err      error         // why the channel closed
+
+	done       chan struct{}
+	readerDone chan struct{}
+	closeOnce  sync.Once
+}
+
+// NewChannel takes ownership of uc (the parent's end of a SOCK_STREAM socketpair whose other
+// end is the child's NODE_CHANNEL_FD) and starts one reader goroutine. Close releases both.
+func NewChannel(uc *net.UnixConn, cfg Config) *Channel {
+	cfg = cfg.withDefaults()
+	c := &Channel{
+		uc:         uc,
+		cfg:        cfg,
+		log:        cfg.Logger,
+		turn:       make(chan struct{}, 1),
+		ack:        make(chan bool, 1),
+		notify:     make(chan struct{}, 1),
+		done:       make(chan struct{}),
+		readerDone: make(chan struct{}),
+	}
+	go readLoop(c)
+	return c
+}
+
+// Done is closed when the channel is closed (by Close or because the child went away).
+func (c *Channel) Done() <-chan struct{} { return c.done }
+
+// Err reports why the channel closed: nil while open, io.EOF when the child closed its end,
+// ErrClosed after Close, or an error wrapping ErrLineTooLong, ErrBadMessage, ErrAckTimeout or
+// a read/write error.
+func (c *Channel) Err() error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.err
+}
+
+// Close closes the channel and waits for the reader goroutine to exit. It is idempotent.
+// Pending and later calls fail with ErrClosed.
+func (c *Channel) Close() error {
+	c.closeWith(ErrClosed)
+	<-c.readerDone
+	return nil
+}
+
+func (c *Channel) closeWith(err error) {
+	c.closeOnce.Do(func() {
+		c.mu.Lock()
+		c.err = err
+		c.mu.Unlock()
+		close(c.done)
+		c.uc.Close()
+	})
+}
+
+// sendErr is the error for a send that failed because the channel is closed.
+func (c *Channel) sendErr() error {
+	err := c.Err()
+	if err == nil || errors.Is(err, ErrClosed) {
+		if err == nil {
+			err = ErrClosed
+		}
+		return err
+	}
+	return fmt.Errorf("%w: %w", ErrClosed, err)
+}
+
+// Recv returns the next message from the child. When the channel is closed and every queued
+// message has been returned it returns io.EOF (the child closed its end, e.g. it exited),
+// ErrClosed (after Close), or the error that closed the channel.
+func (c *Channel) Recv() (Message, error) {
+	return c.recv(nil)
+}
+
+func (c *Channel) recv(cancel <-chan struct{}) (Message, error) {
+	for {
+		c.mu.Lock()
+		if c.head < len(c.queue) {
+			m := c.queue[c.head]
+			c.queue[c.head] = Message{}
+			c.head++
+			if c.head == len(c.queue) {
+				c.queue, c.head = c.queue[:0], 0
+			}
+			c.mu.Unlock()
+			return m, nil
+		}
+		err := c.err
+		c.mu.Unlock()
+		if err != nil {
+			return Message{}, err
+		}
+		select {
+		case <-c.notify:
+		case <-c.done:
+		case <-cancel:
+			return Message{}, context.Canceled
+		}
+	}
+}
+
+func (c *Channel) enqueue(m Message) {
+	c.mu.Lock()
+	c.queue = append(c.queue, m)
+	c.mu.Unlock()
+	select {
+	case c.notify <- struct{}{}:
+	default:
+	}
+}
+
+func (c *Channel) acquire(ctx context.Context) error {
+	select {
+	case <-c.done:
+		return c.sendErr()
+	default:
+	}
+	select {
+	case c.turn <- struct{}{}:
+		return nil
+	case <-ctx.Done():
+		return fmt.Errorf("nodeipc: waiting for the channel: %w", ctx.Err())
+	case <-c.done:
+		return c.sendErr()
+	}
+}
+
+func (c *Channel) release() { <-c.turn }
+
+// Send writes msg as one JSON line. Like Node, it is ordered behind any handle in flight, so it
+// may wait up to Config.AckTimeout.
+func (c *Channel) Send(msg any) error {
+	line, err := marshalLine(msg)
+	if err != nil {
+		return err
+	}
+	if err := c.acquire(context.Background()); err != nil {
+		return err
+	}
+	defer c.release()
+	return c.writeLine(line, nil)
+}
+
+type handleEnvelope struct {
+	Cmd  string `json:"cmd"`
+	Type string `json:"type"`
+	Msg  any    `json:"msg"`
+}
+
+// SendHandle sends {"cmd":"NODE_HANDLE","type":typ,"msg":msg}\n with conn's fd in the same
+// sendmsg, waits for NODE_HANDLE_ACK, resends on NACK (bounded by Config.MaxResends) and
+// fails with ErrAckTimeout (closing the channel) when the child does not answer in time.
+//
+// It duplicates nothing and does not close conn: after success the child holds its own copy
+// and the caller closes its one; on error the caller still owns conn (to answer 503 or retry
+// elsewhere). ctx bounds only the wait for the channel (one handle in flight); once the line
+// is written the wait for the ACK is bounded by Config.AckTimeout, because abandoning it would
+// let a late ACK be matched to the next handle.
+func (c *Channel) SendHandle(ctx context.Context, typ string, msg any, conn syscall.Conn) error {
+	if conn == nil {
+		return fmt.Errorf("nodeipc: SendHandle: nil conn")
+	}
+	line, err := marshalLine(handleEnvelope{Cmd: "NODE_HANDLE", Type: typ, Msg: msg})
+	if err != nil {
+		return err
+	}
+	if err := c.acquire(ctx); err != nil {
+		return err
+	}
+	defer c.release()
+	var timer *time.Timer
+	defer func() {
+		if timer != nil {
+			timer.Stop()
+		}
+	}()
+	for attempt := 0; ; attempt++ {
+		c.mu.Lock()
+		c.inflight = true
+		c.mu.Unlock()
+		if err := c.writeLine(line, conn); err != nil {
+			c.mu.Lock()
+			c.inflight = false
+			c.mu.Unlock()
+			select { // an ACK cannot be pending for a line not written, but stay clean
+			case <-c.ack:
+			default:
+			}
+			return err
+		}
+		if timer == nil {
+			timer = time.NewTimer(c.cfg.AckTimeout)
+		} else {
+			timer.Reset(c.cfg.AckTimeout)
+		}
+		select {
+		case ok := <-c.ack:
+			if ok {
+				return nil
+			}
+			if attempt >= c.cfg.MaxResends {
+				return fmt.Errorf("nodeipc: %s handle after %d attempts: %w", typ, attempt+1, ErrNACK)
+			}
+			c.log.Warn("nodeipc: child NACKed a handle, resending", "type", typ, "attempt", attempt+1)
+		case <-timer.C:
+			err := fmt.Errorf("nodeipc: %s handle not acknowledged within %v: %w", typ, c.cfg.AckTimeout, ErrAckTimeout)
+			c.closeWith(err)
+			return err
+		case <-c.done:
+			return c.sendErr()
+		}
+	}
+}
+
+func marshalLine(msg any) ([]byte, error) {
+	b, err := json.Marshal(msg)
+	if err != nil {
+		return nil, fmt.Errorf("%w: %w", ErrBadMessage, err)
+	}
+	return append(b, '\n'), nil
+}
+
+// writeLine writes one line, with conn's fd attached to its first byte when conn is non-nil.
+// A failed write closes the channel (the stream position is unknown, or the child is gone or
+// not reading); an unusable conn closes nothing.
+func (c *Channel) writeLine(line []byte, conn syscall.Conn) error {
+	var rc syscall.RawConn
+	if conn != nil {
+		var err error
+		if rc, err = conn.SyscallConn(); err != nil {
+			return fmt.Errorf("nodeipc: handle: %w", err)
+		}
+	}
+	c.wmu.Lock()
+	defer c.wmu.Unlock()
+	select {
+	case <-c.done:
+		return c.sendErr()
+	default:
+	}
+	if err := c.uc.SetWriteDeadline(time.Now().Add(c.cfg.AckTimeout)); err != nil {
+		return c.sendErr()
+	}
+	var (
+		n    int
+		werr error
+	)
+	if rc != nil {
+		// The fd is valid only inside the callback, so sendmsg happens there; never File().
+		cerr := rc.Control(func(fd uintptr) {
+			n, _, werr = c.uc.WriteMsgUnix(line, unix.UnixRights(int(fd)), nil)
+		})
+		if cerr != nil {
+			return fmt.Errorf("nodeipc: handle: %w", cerr)
+		}
+	} else {
+		n, werr = c.uc.Write(line)
+	}
+	if werr == nil && n < len(line) {
+		// A stream socket may take a long line in parts; the fd went with the first part.
+		_, werr = c.uc.Write(line[n:])
+	}
+	if werr != nil {
+		err := fmt.Errorf("nodeipc: write to child: %w", werr)
+		c.closeWith(err)
+		return fmt.Errorf("%w: %w", ErrClosed, err)
+	}
+	return nil
+}
+
+// readLoop reads the child's lines, consumes NODE_HANDLE_ACK/NACK, queues everything else and
+// closes the channel when the child goes away or the stream is corrupt.
+func readLoop(c *Channel) {
+	defer close(c.readerDone)
+	buf := make([]byte, 64<<10)
+	oob := make([]byte, unix.CmsgSpace(4*4))
+	lr := lineReader{max: c.cfg.MaxLine}
+	var cause error
+	for cause == nil {
+		n, oobn, flags, _, err := c.uc.ReadMsgUnix(buf, oob)
+		if oobn > 0 || flags&unix.MSG_CTRUNC != 0 {
+			c.dropFDs(oob[:oobn], flags)
+		}
+		if n > 0 {
+			if perr := lr.push(buf[:n], c.handleLine); perr != nil {
+				cause = perr
+				break
+			}
+		}
+		switch {
+		case err == io.EOF || (err == nil && n == 0):
+			cause = io.EOF
+		case err != nil:
+			cause = fmt.Errorf("nodeipc: read from child: %w", err)
+		}
+	}
+	if errors.Is(cause, ErrLineTooLong) || errors.Is(cause, ErrBadMessage) {
+		c.log.Error("nodeipc: closing channel", "err", cause)
+	}
+	c.closeWith(cause)
+	c.mu.Lock()
+	if c.inflight {
+		c.inflight = false
+	}
+	c.mu.Unlock()
+	select {
+	case c.notify <- struct{}{}:
+	default:
+	}
+}
+
+// dropFDs closes every fd the child sent us: the parent accepts no handles.
+func (c *Channel) dropFDs(oob []byte, flags int) {
+	msgs, err := unix.ParseSocketControlMessage(oob)
+	if err == nil {
+		for i := range msgs {
+			fds, err := unix.ParseUnixRights(&msgs[i])
+			if err != nil {
+				continue
+			}
+			for _, fd := range fds {
+				unix.Close(fd)
+			}
+			if len(fds) > 0 {
+				c.log.Warn("nodeipc: child sent a handle; the parent does not accept handles, closed it", "fds", len(fds))
+			}
+		}
+	}
+	if flags&unix.MSG_CTRUNC != 0 {
+		c.log.Warn("nodeipc: control data truncated (MSG_CTRUNC) on the channel")
+	}
+}
+
+// handleLine is called by the reader for every complete line.
+func (c *Channel) handleLine(line []byte) error {
+	m, err := parseMessage(line)
+	if err != nil {
+		return err
+	}
+	if m.Raw == nil { // blank line
+		return nil
+	}
+	switch m.Cmd {
+	case "NODE_HANDLE_ACK", "NODE_HANDLE_NACK":
+		c.mu.Lock()
+		inflight := c.inflight
+		c.inflight = false
+		c.mu.Unlock()
+		if !inflight {
+			c.log.Warn("nodeipc: unexpected handle acknowledgement", "cmd", m.Cmd)
+			return nil
+		}
+		c.ack <- m.Cmd == "NODE_HANDLE_ACK" // capacity 1, one value per handle in flight
+		return nil
+	case "NODE_HANDLE":
+		// The child sent us a handle (its fd, if any, was closed in dropFDs). ACK it so that
+		// the child's own one-handle-in-flight queue moves on, then pass the message up.
+		if err := c.writeAck(); err != nil {
+			return nil // the channel is closed; the loop ends on the next read
+		}
+	}
+	c.enqueue(m)
+	return nil
+}
+
+var ackLine = []byte(`{"cmd":"NODE_HANDLE_ACK"}` + "\n")
+
+func (c *Channel) writeAck() error {
+	return c.writeLine(ackLine, nil)
+}
+
+// parseMessage decodes one line. A blank line gives a zero Message and no error.
+func parseMessage(line []byte) (Message, error) {
+	i := 0
+	for i < len(line) && (line[i] == ' ' || line[i] == '\t' || line[i] == '\r') {
+		i++
+	}
+	if i == len(line) {
+		return Message{}, nil
+	}
+	if !json.Valid(line) {
+		return Message{}, fmt.Errorf("%w: line of %d bytes is not JSON", ErrBadMessage, len(line))
+	}
+	m := Message{Raw: json.RawMessage(append([]byte(nil), line...))}
+	if line[i] != '{' {
+		return m, nil
+	}
+	var h struct {
+		Cmd, Act, Type, Data, Seq, Ack json.RawMessage
+	}
+	if err := json.Unmarshal(line, &h); err != nil {
+		return m, nil
+	}
+	m.Cmd = rawString(h.Cmd)
+	m.Act = rawString(h.Act)
+	m.Type = rawString(h.Type)
+	m.Data = rawString(h.Data)
+	m.Seq = rawInt(h.Seq)
+	m.Ack = rawInt(h.Ack)
+	return m, nil
+}
+
+func rawString(r json.RawMessage) string {
+	if len(r) == 0 || r[0] != '"' {
+		return ""
+	}
+	var s string
+	if json.Unmarshal(r, &s) != nil {
+		return ""
+	}
+	return s
+}
+
+func rawInt(r json.RawMessage) *int {
+	if len(r) == 0 {
+		return nil
+	}
+	var f float64
+	if json.Unmarshal(r, &f) != nil || f < -(1<<53) || f > 1<<53 || f != float64(int(f)) {
+		return nil
+	}
+	v := int(f)
+	return &v
+}
