@@ -1,0 +1,5 @@
+//go:build unix && !linux
+
+package upgrade
+
+func peerShutdown(fd uintptr) shutState { return shutUnknown }
