@@ -392,7 +392,7 @@ func readLoop(c *Channel) {
 			}
 		}
 		switch {
-		case err == io.EOF || (err == nil && n == 0):
+		case errors.Is(err, io.EOF) || (err == nil && n == 0):
 			cause = io.EOF
 		case err != nil:
 			cause = fmt.Errorf("nodeipc: read from child: %w", err)

@@ -178,7 +178,7 @@ func startWorker(t *testing.T, o workerOpts, script string, args ...string) *wor
 	w.ch = NewChannel(parent, o.cfg)
 	w.p = &Primary{Channel: w.ch, Shared: o.shared, Logger: o.cfg.Logger}
 	if !o.noRun {
-		go func() { w.runErr <- w.p.Run(context.Background()) }()
+		go func() { w.runErr <- w.p.Run(context.Background()); close(w.runErr) }()
 	} else {
 		close(w.runErr)
 	}
