@@ -46,13 +46,6 @@ func Score(key uint64, slot int) uint64 {
 	return mix64(key + (uint64(slot)+1)*golden)
 }
 
-// better reports whether score s for slot a ranks above score t for slot b.
-// Equal 64-bit scores are practically impossible; the slot tie-break only
-// keeps the result independent of candidate order.
-func better(s uint64, a int, t uint64, b int) bool {
-	return s > t || (s == t && a < b)
-}
-
 // Pick returns the index in cands of the highest-scoring candidate whose Load
 // is below the cap ceil((1+ε)·(sum(Load)+1)/len(cands)), the +1 counting the
 // session being placed. Walking down the HRW ranking past full candidates is
@@ -71,23 +64,25 @@ func (b Balance) Pick(key uint64, cands []Candidate) int {
 	for _, c := range cands {
 		sum += max(c.Load, 0)
 	}
-	// Float compare so an infinite epsilon (plain HRW) cannot overflow an int.
-	limit := math.Ceil((1 + eps) * float64(sum+1) / float64(len(cands)))
-	best, top := -1, -1
-	var bestScore, topScore uint64
-	for i, c := range cands {
-		s := Score(key, c.Slot)
-		if top < 0 || better(s, c.Slot, topScore, cands[top].Slot) {
-			top, topScore = i, s
+	limit := math.MaxInt // an infinite or huge epsilon: plain HRW
+	if f := math.Ceil((1 + eps) * float64(sum+1) / float64(len(cands))); f < math.MaxInt32 {
+		limit = int(f)
+	}
+	best, bestSlot := -1, 0
+	var bestScore uint64
+	for i := range cands {
+		c := &cands[i]
+		if c.Load >= limit {
+			continue // full: its keys spill down their HRW ranking
 		}
-		if float64(c.Load) < limit && (best < 0 || better(s, c.Slot, bestScore, cands[best].Slot)) {
-			best, bestScore = i, s
+		// Equal 64-bit scores are practically impossible; the slot
+		// tie-break only keeps the result independent of candidate order.
+		if s := Score(key, c.Slot); best < 0 || s > bestScore || (s == bestScore && c.Slot < bestSlot) {
+			best, bestScore, bestSlot = i, s, c.Slot
 		}
 	}
-	if best < 0 {
-		// Unreachable with non-negative loads; kept so odd input still routes.
-		return top
-	}
+	// best >= 0: limit > sum/n >= the smallest non-negative load, and a
+	// negative load is below any limit, so some candidate always qualifies.
 	return best
 }
 

@@ -308,7 +308,10 @@ func querySID(q string) (string, bool) {
 		var pair string
 		pair, q, _ = strings.Cut(q, "&")
 		k, v, _ := strings.Cut(pair, "=")
-		if strings.ContainsAny(k, "%+") {
+		if len(k) != 3 && !escaped(k) {
+			continue // neither "EIO" nor "sid", written plainly or escaped
+		}
+		if escaped(k) {
 			// Escaped names are rare enough that allocating for them is fine.
 			u, err := url.QueryUnescape(k)
 			if err != nil {
@@ -328,7 +331,7 @@ func querySID(q string) (string, bool) {
 	if !haveEIO || sid == "" || len(sid) > 3*MaxSIDLen {
 		return "", false
 	}
-	if strings.ContainsAny(sid, "%+") {
+	if escaped(sid) {
 		u, err := url.QueryUnescape(sid)
 		if err != nil {
 			return "", false
@@ -339,6 +342,16 @@ func querySID(q string) (string, bool) {
 		return "", false
 	}
 	return sid, true
+}
+
+// escaped reports whether s needs query unescaping.
+func escaped(s string) bool {
+	for i := 0; i < len(s); i++ {
+		if s[i] == '%' || s[i] == '+' {
+			return true
+		}
+	}
+	return false
 }
 
 // cookieValue returns the value of the first cookie called name. Pairs are
