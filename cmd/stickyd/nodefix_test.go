@@ -291,7 +291,7 @@ func runDemoPage(t testing.TB, ctx context.Context, url string, tabs int) demoPa
 	t.Helper()
 	dir := nodeFixtures(t)
 	chromium := chromiumPath(t)
-	cmd := exec.CommandContext(ctx, "node", "demo-page.js", "--url", url, "--tabs", strconv.Itoa(tabs), "--timeout-ms", "20000")
+	cmd := exec.CommandContext(ctx, "node", "demo-page.js", "--url", url, "--tabs", strconv.Itoa(tabs), "--timeout-ms", "45000")
 	cmd.Dir = dir
 	cmd.Env = append(os.Environ(), "CHROMIUM="+chromium)
 	cmd.WaitDelay = 5 * time.Second
