@@ -1,0 +1,518 @@
+// Package balancer is the stickyd edge: it accepts client connections, peeks at the
+// request head, picks the worker that owns the client's session, and either hands the
+// connection's descriptor to that worker (WebSocket upgrades: the edge then leaves the
+// data path) or proxies the connection's requests one by one, each to its own worker
+// (plain HTTP such as engine.io long-polling, where one keep-alive connection may carry
+// requests of several sessions).
+package balancer
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/netip"
+	"os"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"time"
+
+	"github.com/stickyd/stickyd/fdpass"
+	"github.com/stickyd/stickyd/metrics"
+	"github.com/stickyd/stickyd/sticky"
+	"github.com/stickyd/stickyd/upgrade"
+)
+
+// Config is the edge's configuration. The zero value is usable: every zero field takes
+// the default its comment names.
+type Config struct {
+	Rules   sticky.Rules   // identity sources; zero: sid, then client IP
+	Balance sticky.Balance // bounded-load factor; zero: ε = 0.25
+
+	SessionTTL  time.Duration // idle expiry of learned sessions; 0: 45 s (engine.io ping interval + timeout)
+	MaxSessions int           // bound on the session table; 0: 1,000,000
+
+	MaxHeadBytes    int           // request head size cap; 0: 16 KiB
+	HeadTimeout     time.Duration // time a client gets to send a request head; 0: 10 s
+	MaxPendingHeads int           // connections allowed to be mid-head at once; 0: 4096
+	HandoffTimeout  time.Duration // time a worker gets to take a connection; 0: 5 s
+	IdleTimeout     time.Duration // keep-alive idle time of proxied client connections; 0: 60 s
+	WorkerIdle      time.Duration // idle virtual connections to workers are retired after; 0: 4 s
+
+	Metrics *metrics.Metrics // nil: unregistered collectors
+	Logger  *slog.Logger     // nil: slog.Default()
+}
+
+func (c *Config) applyDefaults() {
+	def := func(d *time.Duration, v time.Duration) {
+		if *d <= 0 {
+			*d = v
+		}
+	}
+	def(&c.SessionTTL, 45*time.Second)
+	def(&c.HeadTimeout, 10*time.Second)
+	def(&c.HandoffTimeout, 5*time.Second)
+	def(&c.IdleTimeout, 60*time.Second)
+	def(&c.WorkerIdle, 4*time.Second)
+	if c.MaxSessions <= 0 {
+		c.MaxSessions = 1_000_000
+	}
+	if c.MaxHeadBytes <= 0 {
+		c.MaxHeadBytes = upgrade.DefaultMaxHeadBytes
+	}
+	if c.MaxPendingHeads <= 0 {
+		c.MaxPendingHeads = 4096
+	}
+	if c.Logger == nil {
+		c.Logger = slog.Default()
+	}
+}
+
+var (
+	// ErrClosed is returned by Serve after Shutdown.
+	ErrClosed = errors.New("balancer: closed")
+	// ErrWorkerTimeout means a worker did not take a connection in time.
+	ErrWorkerTimeout = errors.New("balancer: worker did not take the connection in time")
+	// ErrNoWorker means no worker is ready to take a connection.
+	ErrNoWorker = errors.New("balancer: no worker ready")
+)
+
+// Balancer is the edge. Create it with New; its methods are safe for concurrent use.
+type Balancer struct {
+	cfg      Config
+	log      *slog.Logger
+	m        *metrics.Metrics
+	sessions *sticky.Table
+	pending  chan struct{} // one token per connection in the head phase
+
+	workers atomic.Pointer[[]*Worker] // copy-on-write snapshot, indexed by nothing: search by Slot
+	connID  atomic.Uint64
+
+	mu        sync.Mutex
+	closing   bool
+	listeners map[net.Listener]struct{}
+	conns     map[*clientConn]struct{}
+	wg        sync.WaitGroup
+	done      chan struct{} // closed by Shutdown
+
+	tlsWarned atomic.Int64 // unix seconds of the last "TLS on a plain port" log line
+}
+
+// New returns an edge with no workers yet.
+func New(cfg Config) *Balancer {
+	cfg.applyDefaults()
+	m := cfg.Metrics
+	if m == nil {
+		m, _ = metrics.New(nil, false)
+	}
+	b := &Balancer{
+		cfg:       cfg,
+		log:       cfg.Logger,
+		m:         m,
+		sessions:  &sticky.Table{TTL: cfg.SessionTTL, MaxEntries: cfg.MaxSessions},
+		pending:   make(chan struct{}, cfg.MaxPendingHeads),
+		listeners: map[net.Listener]struct{}{},
+		conns:     map[*clientConn]struct{}{},
+		done:      make(chan struct{}),
+	}
+	b.workers.Store(&[]*Worker{})
+	go b.sweepSessions()
+	return b
+}
+
+// Sessions exposes the learned session table (for admin views and edge upgrades).
+func (b *Balancer) Sessions() *sticky.Table { return b.sessions }
+
+func (b *Balancer) sweepSessions() {
+	t := time.NewTicker(time.Second)
+	defer t.Stop()
+	for {
+		select {
+		case <-b.done:
+			return
+		case now := <-t.C:
+			if n := b.sessions.Sweep(now); n > 0 {
+				b.m.SessionEvictions.WithLabelValues("expired").Add(float64(n))
+			}
+			b.publishSessionGauges()
+		}
+	}
+}
+
+func (b *Balancer) publishSessionGauges() {
+	b.m.SessionTableSize.Set(float64(b.sessions.Len()))
+	for _, w := range *b.workers.Load() {
+		b.m.Sessions.WithLabelValues(w.label).Set(float64(b.sessions.Count(w.Slot)))
+	}
+}
+
+// clientConn is a client connection the edge still holds.
+type clientConn struct {
+	c     net.Conn
+	state atomic.Int32 // connHead, connIdle, connActive
+}
+
+const (
+	connHead   = iota // waiting for (the rest of) a request head
+	connIdle          // keep-alive connection between requests
+	connActive        // a request is being proxied
+)
+
+// Serve accepts connections on ln until Shutdown. Transient accept errors (EMFILE,
+// ENFILE, ECONNABORTED...) back off from 5 ms to 1 s instead of spinning or exiting.
+func (b *Balancer) Serve(ln net.Listener) error {
+	b.mu.Lock()
+	if b.closing {
+		b.mu.Unlock()
+		return ErrClosed
+	}
+	b.listeners[ln] = struct{}{}
+	b.mu.Unlock()
+	defer func() {
+		b.mu.Lock()
+		delete(b.listeners, ln)
+		b.mu.Unlock()
+	}()
+
+	var delay time.Duration
+	for {
+		c, err := ln.Accept()
+		if err != nil {
+			if b.isClosing() {
+				return ErrClosed
+			}
+			if temporaryAccept(err) {
+				delay = min(max(2*delay, 5*time.Millisecond), time.Second)
+				b.log.Warn("accept failed; retrying", "err", err, "retry_in", delay,
+					"hint", "raise the fd limit (LimitNOFILE) if this is EMFILE")
+				select {
+				case <-time.After(delay):
+				case <-b.done:
+					return ErrClosed
+				}
+				continue
+			}
+			return fmt.Errorf("balancer: accept on %s: %w", ln.Addr(), err)
+		}
+		delay = 0
+		cc := &clientConn{c: c}
+		if !b.track(cc) {
+			c.Close()
+			return ErrClosed
+		}
+		go b.serveConn(cc)
+	}
+}
+
+func temporaryAccept(err error) bool {
+	return errors.Is(err, syscall.EMFILE) || errors.Is(err, syscall.ENFILE) ||
+		errors.Is(err, syscall.ENOBUFS) || errors.Is(err, syscall.ENOMEM) ||
+		errors.Is(err, syscall.ECONNABORTED) || errors.Is(err, syscall.ECONNRESET) ||
+		errors.Is(err, syscall.EINTR)
+}
+
+func (b *Balancer) isClosing() bool {
+	select {
+	case <-b.done:
+		return true
+	default:
+		return false
+	}
+}
+
+func (b *Balancer) track(cc *clientConn) bool {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if b.closing {
+		return false
+	}
+	b.conns[cc] = struct{}{}
+	b.wg.Add(1)
+	return true
+}
+
+func (b *Balancer) untrack(cc *clientConn) {
+	b.mu.Lock()
+	delete(b.conns, cc)
+	b.mu.Unlock()
+	b.wg.Done()
+}
+
+// Shutdown stops accepting, ends connections that are mid-head or idle between
+// requests, lets proxied requests in flight finish (their responses carry
+// Connection: close), and waits for that until ctx ends; then it closes what is left.
+// Handed-off WebSockets live in the workers and are not touched.
+func (b *Balancer) Shutdown(ctx context.Context) error {
+	b.mu.Lock()
+	if !b.closing {
+		b.closing = true
+		close(b.done)
+	}
+	for ln := range b.listeners {
+		ln.Close()
+	}
+	b.wakeIdle()
+	b.mu.Unlock()
+
+	waited := make(chan struct{})
+	go func() { b.wg.Wait(); close(waited) }()
+	// Connections may go idle after the first sweep; keep waking them.
+	tick := time.NewTicker(50 * time.Millisecond)
+	defer tick.Stop()
+	for {
+		select {
+		case <-waited:
+			return nil
+		case <-tick.C:
+			b.mu.Lock()
+			b.wakeIdle()
+			b.mu.Unlock()
+		case <-ctx.Done():
+			b.mu.Lock()
+			for cc := range b.conns {
+				cc.c.Close()
+			}
+			b.mu.Unlock()
+			<-waited
+			return ctx.Err()
+		}
+	}
+}
+
+// wakeIdle makes blocked reads of idle and mid-head connections return now. b.mu held.
+func (b *Balancer) wakeIdle() {
+	past := time.Unix(1, 0)
+	for cc := range b.conns {
+		if s := cc.state.Load(); s == connHead || s == connIdle {
+			cc.c.SetReadDeadline(past)
+		}
+	}
+}
+
+// serveConn is one client connection's life in the edge; named for goroutine dumps.
+func (b *Balancer) serveConn(cc *clientConn) {
+	defer b.untrack(cc)
+	c := cc.c
+	sc, ok := c.(syscall.Conn)
+	if !ok {
+		c.Close()
+		return
+	}
+	select {
+	case b.pending <- struct{}{}:
+	default:
+		b.m.Rejections.WithLabelValues("overload").Inc()
+		b.reject(c, 503, "too many connections are sending their request head; try again", false)
+		return
+	}
+	c.SetReadDeadline(time.Now().Add(b.cfg.HeadTimeout))
+	raw, err := sc.SyscallConn()
+	if err != nil {
+		<-b.pending
+		c.Close()
+		return
+	}
+	bp := getBuf(b.cfg.MaxHeadBytes)
+	head, _, err := upgrade.Peek(raw, *bp)
+	<-b.pending
+	if err != nil {
+		putBuf(bp)
+		b.rejectHead(c, err)
+		return
+	}
+	if head.WebSocket {
+		// Nothing has been read from the socket: the worker sees the original bytes.
+		c.SetReadDeadline(time.Time{})
+		b.handoff(cc, &head, nil)
+		putBuf(bp)
+		return
+	}
+	putBuf(bp)
+	b.proxyConn(cc)
+}
+
+func (b *Balancer) rejectHead(c net.Conn, err error) {
+	switch {
+	case errors.Is(err, io.EOF), errors.Is(err, io.ErrUnexpectedEOF), errors.Is(err, syscall.ECONNRESET):
+		b.m.Rejections.WithLabelValues("client_closed").Inc()
+		c.Close()
+		return
+	case errors.Is(err, upgrade.ErrTLS):
+		b.m.Rejections.WithLabelValues("tls").Inc()
+		if now := time.Now().Unix(); b.tlsWarned.Swap(now) < now-60 {
+			b.log.Warn("client sent a TLS handshake to a plain-HTTP port: TLS is not enabled on this port; terminate TLS in front of stickyd",
+				"client", c.RemoteAddr().String())
+		}
+		c.Close()
+		return
+	case isTimeout(err):
+		b.m.Rejections.WithLabelValues("head_timeout").Inc()
+		if b.isClosing() {
+			c.Close()
+			return
+		}
+		b.reject(c, 408, "request head not received in time", true)
+		return
+	}
+	status := upgrade.StatusOf(err)
+	reason := "bad_request"
+	switch {
+	case errors.Is(err, upgrade.ErrHeadTooLarge):
+		reason = "head_too_large"
+	case errors.Is(err, upgrade.ErrSmuggling):
+		reason = "smuggling"
+	case errors.Is(err, upgrade.ErrVersion):
+		reason = "version"
+	}
+	b.m.Rejections.WithLabelValues(reason).Inc()
+	b.log.Debug("rejected request head", "client", c.RemoteAddr().String(), "status", status, "err", err)
+	b.reject(c, status, err.Error(), true)
+}
+
+func isTimeout(err error) bool {
+	var ne net.Error
+	return errors.Is(err, os.ErrDeadlineExceeded) || errors.Is(err, upgrade.ErrTimeout) ||
+		(errors.As(err, &ne) && ne.Timeout())
+}
+
+// reject answers status and closes. Closing a socket with unread input makes the kernel
+// send a reset that can destroy the answer before the client reads it, so when input
+// may be pending the edge half-closes first and drains briefly, as net/http does.
+func (b *Balancer) reject(c net.Conn, status int, msg string, drain bool) {
+	body := msg + "\n"
+	c.SetWriteDeadline(time.Now().Add(time.Second))
+	fmt.Fprintf(c, "HTTP/1.1 %d %s\r\nConnection: close\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: %d\r\n\r\n%s",
+		status, statusText(status), len(body), body)
+	closeGracefully(c, drain)
+}
+
+func closeGracefully(c net.Conn, drain bool) {
+	if drain {
+		if cw, ok := c.(interface{ CloseWrite() error }); ok {
+			cw.CloseWrite()
+			c.SetReadDeadline(time.Now().Add(500 * time.Millisecond))
+			io.CopyN(io.Discard, c, 256<<10)
+		}
+	}
+	c.Close()
+}
+
+// handoff gives a WebSocket upgrade to its worker. consumed is nil when the head was
+// only peeked; otherwise it holds every byte the edge read from the connection.
+func (b *Balancer) handoff(cc *clientConn, h *upgrade.Head, consumed []byte) {
+	c := cc.c
+	peer := addrPort(c.RemoteAddr())
+	meta := fdpass.Meta{
+		Kind:     fdpass.KindConn,
+		ConnID:   b.connID.Add(1),
+		Remote:   peer,
+		Local:    addrPort(c.LocalAddr()),
+		Consumed: consumed,
+	}
+	var tried uint64
+	for attempt := 0; attempt < 3; attempt++ {
+		r := b.route(h, peer.Addr(), tried)
+		if r.unknownSID {
+			b.answerUnknownSession(c)
+			closeGracefully(c, false)
+			return
+		}
+		if r.w == nil {
+			break
+		}
+		if consumed != nil && !r.w.ch.CanReplay() {
+			b.tunnel(cc, r.w, consumed)
+			return
+		}
+		start := time.Now()
+		ctx, cancel := context.WithTimeout(context.Background(), b.cfg.HandoffTimeout)
+		err := r.w.ch.Deliver(ctx, c.(syscall.Conn), meta)
+		cancel()
+		b.m.HandoffDuration.Observe(time.Since(start).Seconds())
+		if err == nil {
+			// The worker holds its own descriptor now; the edge keeps nothing.
+			c.Close()
+			b.m.Handoffs.WithLabelValues(r.w.label, "ok").Inc()
+			b.m.ConnectionsAccepted.WithLabelValues("handed_off").Inc()
+			return
+		}
+		result := "error"
+		if errors.Is(err, ErrWorkerTimeout) {
+			result = "timeout"
+		}
+		b.m.Handoffs.WithLabelValues(r.w.label, result).Inc()
+		b.log.Warn("handoff failed", "worker", r.w.Slot, "err", err)
+		if r.key.Kind == sticky.KindSID {
+			break // the session exists only on that worker
+		}
+		if r.tableKey != "" {
+			b.sessions.Delete(r.tableKey)
+		}
+		tried |= slotBit(r.w.Slot)
+		b.m.Handoffs.WithLabelValues(r.w.label, "retried").Inc()
+	}
+	b.m.Rejections.WithLabelValues("no_worker").Inc()
+	b.reject(c, 503, "no worker could take the connection; try again", consumed == nil)
+}
+
+func slotBit(slot int) uint64 {
+	if slot < 0 || slot >= 64 {
+		return 0
+	}
+	return 1 << slot
+}
+
+func addrPort(a net.Addr) netip.AddrPort {
+	if ta, ok := a.(*net.TCPAddr); ok {
+		ap := ta.AddrPort()
+		return netip.AddrPortFrom(ap.Addr().Unmap(), ap.Port())
+	}
+	return netip.AddrPort{}
+}
+
+func (b *Balancer) answerUnknownSession(c net.Conn) {
+	b.m.UnknownSessions.Inc()
+	c.SetWriteDeadline(time.Now().Add(time.Second))
+	fmt.Fprintf(c, "HTTP/1.1 400 Bad Request\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s",
+		len(upgrade.SessionUnknownBody), upgrade.SessionUnknownBody)
+	c.SetWriteDeadline(time.Time{})
+}
+
+var bufPool sync.Pool
+
+func getBuf(n int) *[]byte {
+	if bp, ok := bufPool.Get().(*[]byte); ok && len(*bp) == n {
+		return bp
+	}
+	b := make([]byte, n)
+	return &b
+}
+
+func putBuf(bp *[]byte) { bufPool.Put(bp) }
+
+func statusText(code int) string {
+	switch code {
+	case 400:
+		return "Bad Request"
+	case 405:
+		return "Method Not Allowed"
+	case 408:
+		return "Request Timeout"
+	case 413:
+		return "Content Too Large"
+	case 431:
+		return "Request Header Fields Too Large"
+	case 501:
+		return "Not Implemented"
+	case 502:
+		return "Bad Gateway"
+	case 503:
+		return "Service Unavailable"
+	case 505:
+		return "HTTP Version Not Supported"
+	}
+	return "Error"
+}

@@ -1,0 +1,182 @@
+package balancer
+
+import (
+	"math/rand/v2"
+	"net/netip"
+	"slices"
+	"time"
+
+	"github.com/stickyd/stickyd/sticky"
+	"github.com/stickyd/stickyd/upgrade"
+)
+
+// AddWorker puts w into routing (replacing whatever held its slot before).
+func (b *Balancer) AddWorker(w *Worker) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	old := *b.workers.Load()
+	next := make([]*Worker, 0, len(old)+1)
+	for _, o := range old {
+		if o.Slot != w.Slot {
+			next = append(next, o)
+		}
+	}
+	next = append(next, w)
+	slices.SortFunc(next, func(a, c *Worker) int { return a.Slot - c.Slot })
+	b.workers.Store(&next)
+	b.publishWorkerGauges(next)
+}
+
+// RemoveWorker takes w out of routing at once and forgets its sessions: their clients
+// get engine.io's "Session ID unknown" and reconnect to a survivor.
+func (b *Balancer) RemoveWorker(w *Worker) {
+	b.mu.Lock()
+	old := *b.workers.Load()
+	next := make([]*Worker, 0, len(old))
+	for _, o := range old {
+		if o != w {
+			next = append(next, o)
+		}
+	}
+	b.workers.Store(&next)
+	b.publishWorkerGauges(next)
+	b.mu.Unlock()
+	w.state.Store(int32(StateGone))
+	if n := b.sessions.ForgetSlot(w.Slot); n > 0 {
+		b.m.SessionEvictions.WithLabelValues("worker_gone").Add(float64(n))
+	}
+	b.m.Sessions.WithLabelValues(w.label).Set(0)
+	w.transport.CloseIdleConnections()
+}
+
+// Drain stops routing new sessions to the worker in slot; its existing sessions stay.
+func (b *Balancer) Drain(slot int) bool {
+	w := b.worker(slot)
+	if w == nil {
+		return false
+	}
+	w.state.CompareAndSwap(int32(StateReady), int32(StateDraining))
+	b.mu.Lock()
+	b.publishWorkerGauges(*b.workers.Load())
+	b.mu.Unlock()
+	return true
+}
+
+// Workers returns the workers in routing, by slot.
+func (b *Balancer) Workers() []*Worker { return *b.workers.Load() }
+
+// Ready reports whether at least one worker takes new sessions and the edge is open.
+func (b *Balancer) Ready() bool {
+	if b.isClosing() {
+		return false
+	}
+	for _, w := range *b.workers.Load() {
+		if w.State() == StateReady {
+			return true
+		}
+	}
+	return false
+}
+
+func (b *Balancer) publishWorkerGauges(ws []*Worker) {
+	var ready, draining float64
+	for _, w := range ws {
+		switch w.State() {
+		case StateReady:
+			ready++
+		case StateDraining:
+			draining++
+		}
+	}
+	b.m.Workers.WithLabelValues("ready").Set(ready)
+	b.m.Workers.WithLabelValues("draining").Set(draining)
+}
+
+func (b *Balancer) worker(slot int) *Worker {
+	for _, w := range *b.workers.Load() {
+		if w.Slot == slot {
+			return w
+		}
+	}
+	return nil
+}
+
+// route is the routing decision for one request.
+type route struct {
+	w          *Worker
+	key        sticky.Key
+	tableKey   string // the session-table entry that pins key to w, if any
+	unknownSID bool   // the request names an engine.io session no live worker holds
+}
+
+// route picks the worker for a request head. Workers whose slot bit is set in tried
+// are skipped (they just failed a handoff).
+func (b *Balancer) route(h *upgrade.Head, peer netip.Addr, tried uint64) route {
+	key := b.cfg.Rules.Identify(sticky.Request{Peer: peer, Query: h.RawQuery, Header: h.Header})
+	now := time.Now()
+	if key.Kind == sticky.KindSID {
+		tk := key.String()
+		if slot, ok := b.sessions.Get(tk, now); ok {
+			if w := b.worker(slot); w != nil && w.State() != StateGone && tried&slotBit(slot) == 0 {
+				return route{w: w, key: key, tableKey: tk}
+			}
+		}
+		return route{key: key, unknownSID: true}
+	}
+	if key.Kind == sticky.KindNone || (isHandshake(h) && (key.Kind == sticky.KindIP || key.Kind == sticky.KindXFF)) {
+		// A new engine.io session is not tied to an address: many clients share one
+		// behind NAT or a proxy. Its sid, learned from the answer, pins it from then on.
+		return route{w: b.leastLoaded(tried), key: sticky.Key{}}
+	}
+	tk := key.String()
+	if slot, ok := b.sessions.Get(tk, now); ok {
+		if w := b.worker(slot); w != nil && w.State() == StateReady && tried&slotBit(slot) == 0 {
+			return route{w: w, key: key, tableKey: tk}
+		}
+	}
+	w := b.pick(key.Hash(), tried)
+	if w == nil {
+		return route{key: key}
+	}
+	if n := b.sessions.Put(tk, w.Slot, now); n > 0 {
+		b.m.SessionEvictions.WithLabelValues("capacity").Add(float64(n))
+	}
+	return route{w: w, key: key, tableKey: tk}
+}
+
+func isHandshake(h *upgrade.Head) bool {
+	eio, ok := upgrade.ParseEngineIO(h.RawQuery)
+	return ok && eio.SID == ""
+}
+
+// candidates lists the workers that take new sessions, with their loads.
+func (b *Balancer) candidates(buf []sticky.Candidate, ws []*Worker, tried uint64) []sticky.Candidate {
+	for _, w := range ws {
+		if w.State() == StateReady && tried&slotBit(w.Slot) == 0 {
+			buf = append(buf, sticky.Candidate{Slot: w.Slot, Load: b.sessions.Count(w.Slot)})
+		}
+	}
+	return buf
+}
+
+func (b *Balancer) pick(hash uint64, tried uint64) *Worker {
+	ws := *b.workers.Load()
+	var arr [64]sticky.Candidate
+	cands := b.candidates(arr[:0], ws, tried)
+	i := b.cfg.Balance.Pick(hash, cands)
+	if i < 0 {
+		return nil
+	}
+	return b.worker(cands[i].Slot)
+}
+
+func (b *Balancer) leastLoaded(tried uint64) *Worker {
+	ws := *b.workers.Load()
+	var arr [64]sticky.Candidate
+	cands := b.candidates(arr[:0], ws, tried)
+	i := sticky.LeastLoaded(cands, rand.Uint64())
+	if i < 0 {
+		return nil
+	}
+	return b.worker(cands[i].Slot)
+}

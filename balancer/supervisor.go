@@ -1,0 +1,405 @@
+package balancer
+
+import (
+	"bufio"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"runtime"
+	"strconv"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/stickyd/stickyd/fdpass"
+	"github.com/stickyd/stickyd/fdpass/nodeipc"
+)
+
+// Supervisor runs worker processes for a Balancer: it spawns them with their channel,
+// puts them into routing once ready, takes them out the moment they exit, and restarts
+// them with backoff.
+type Supervisor struct {
+	Balancer *Balancer
+	Command  []string // the worker's argv; required
+	Workers  int      // number of workers; 0: the number of CPUs
+	// Node selects Node's IPC handle protocol; it is implied when Command[0] is "node".
+	Node bool
+	// AppPort chooses, for Node apps that listen on several ports, the one that gets the
+	// edge's traffic; 0: the first server the app listens on.
+	AppPort int
+	Env     []string // extra environment for workers
+
+	SpawnTimeout         time.Duration // a worker must be ready within this; 0: 30 s
+	GracePeriod          time.Duration // SIGTERM to SIGKILL on shutdown; 0: 30 s
+	MaxRestartsPerMinute int           // then the slot is marked failed; 0: 10
+
+	Stdout, Stderr io.Writer   // worker output, each line prefixed "[worker N] "; nil: os.Stdout/os.Stderr
+	Logger         *slog.Logger // nil: the Balancer's
+
+	mu       sync.Mutex
+	procs    map[int]*proc
+	ready    chan struct{} // closed when every slot has been ready once
+	nReady   atomic.Int32
+	preload  string
+	shared   *nodeipc.SharedListeners
+	failed   atomic.Int32
+	restarts atomic.Int64
+}
+
+// ErrSpawnTimeout means a worker never became ready.
+var ErrSpawnTimeout = errors.New("balancer: worker did not become ready in time")
+
+type proc struct {
+	slot   int
+	cmd    *exec.Cmd
+	ch     Channel
+	w      *Worker
+	exited chan struct{}
+	err    error // set before exited closes
+}
+
+func (s *Supervisor) init() error {
+	if len(s.Command) == 0 {
+		return errors.New("balancer: no worker command: give one after --, e.g. `stickyd run -- node server.js`")
+	}
+	if s.Workers <= 0 {
+		s.Workers = runtime.NumCPU()
+	}
+	if s.SpawnTimeout <= 0 {
+		s.SpawnTimeout = 30 * time.Second
+	}
+	if s.GracePeriod <= 0 {
+		s.GracePeriod = 30 * time.Second
+	}
+	if s.MaxRestartsPerMinute <= 0 {
+		s.MaxRestartsPerMinute = 10
+	}
+	if s.Stdout == nil {
+		s.Stdout = os.Stdout
+	}
+	if s.Stderr == nil {
+		s.Stderr = os.Stderr
+	}
+	if s.Logger == nil {
+		s.Logger = s.Balancer.log
+	}
+	if filepath.Base(s.Command[0]) == "node" || filepath.Base(s.Command[0]) == "nodejs" {
+		s.Node = true
+	}
+	s.procs = map[int]*proc{}
+	if s.Node {
+		dir, err := os.MkdirTemp("", "stickyd-node-")
+		if err != nil {
+			return err
+		}
+		s.preload = filepath.Join(dir, "preload.js")
+		if err := os.WriteFile(s.preload, []byte(nodeipc.PreloadScript()), 0o600); err != nil {
+			return err
+		}
+		s.shared = &nodeipc.SharedListeners{}
+	}
+	return nil
+}
+
+// Ready is closed once every worker has been ready at least once.
+func (s *Supervisor) Ready() <-chan struct{} {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.ready == nil {
+		s.ready = make(chan struct{})
+	}
+	return s.ready
+}
+
+// Run starts the workers and keeps them running until ctx ends; then it stops them
+// (channel closed and SIGTERM, SIGKILL after GracePeriod) and returns.
+func (s *Supervisor) Run(ctx context.Context) error {
+	s.Ready() // creates the channel before init, so earlier callers see the same one
+	if err := s.init(); err != nil {
+		return err
+	}
+	defer func() {
+		if s.preload != "" {
+			os.RemoveAll(filepath.Dir(s.preload))
+		}
+		if s.shared != nil {
+			s.shared.Close()
+		}
+	}()
+	var wg sync.WaitGroup
+	for slot := range s.Workers {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			s.runSlot(ctx, slot)
+		}()
+	}
+	wg.Wait()
+	return nil
+}
+
+// Restart drains the worker in slot (no new sessions), stops it within the grace period,
+// and lets its slot start a fresh one.
+func (s *Supervisor) Restart(ctx context.Context, slot int) error {
+	s.mu.Lock()
+	p := s.procs[slot]
+	s.mu.Unlock()
+	if p == nil {
+		return fmt.Errorf("balancer: no worker in slot %d", slot)
+	}
+	s.Balancer.Drain(slot)
+	return s.stop(p)
+}
+
+// Pids returns the pid of every running worker by slot (for tests and admin views).
+func (s *Supervisor) Pids() map[int]int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	out := map[int]int{}
+	for slot, p := range s.procs {
+		out[slot] = p.cmd.Process.Pid
+	}
+	return out
+}
+
+func (s *Supervisor) runSlot(ctx context.Context, slot int) {
+	backoff := 100 * time.Millisecond
+	var starts []time.Time
+	for {
+		started := time.Now()
+		p, err := s.spawn(ctx, slot)
+		if err == nil {
+			s.mu.Lock()
+			s.procs[slot] = p
+			s.mu.Unlock()
+			s.Balancer.AddWorker(p.w)
+			if s.nReady.Add(1) == int32(s.Workers) {
+				close(s.ready)
+			}
+			s.Logger.Info("worker ready", "worker", slot, "pid", p.cmd.Process.Pid)
+			select {
+			case <-p.exited:
+			case <-ctx.Done():
+			}
+			s.Balancer.RemoveWorker(p.w)
+			s.mu.Lock()
+			delete(s.procs, slot)
+			s.mu.Unlock()
+			if ctx.Err() != nil {
+				s.stop(p)
+				return
+			}
+			err = p.err
+			s.Logger.Warn("worker exited; restarting", "worker", slot, "pid", p.cmd.Process.Pid, "err", err)
+		} else {
+			if ctx.Err() != nil {
+				return
+			}
+			s.Logger.Error("worker failed to start", "worker", slot, "err", err)
+		}
+		s.restarts.Add(1)
+		s.Balancer.m.WorkerRestarts.WithLabelValues(strconv.Itoa(slot)).Inc()
+		if time.Since(started) > time.Minute {
+			backoff = 100 * time.Millisecond
+		}
+		now := time.Now()
+		starts = append(starts, now)
+		for len(starts) > 0 && now.Sub(starts[0]) > time.Minute {
+			starts = starts[1:]
+		}
+		if len(starts) > s.MaxRestartsPerMinute {
+			s.failed.Add(1)
+			s.Balancer.m.Workers.WithLabelValues("failed").Set(float64(s.failed.Load()))
+			s.Logger.Error("worker keeps failing; giving up on this slot",
+				"worker", slot, "restarts_last_minute", len(starts), "command", s.Command,
+				"hint", "run the command by hand to see why it exits")
+			return
+		}
+		select {
+		case <-time.After(backoff):
+		case <-ctx.Done():
+			return
+		}
+		backoff = min(2*backoff, 10*time.Second)
+	}
+}
+
+// spawn starts one worker and waits until it is ready.
+func (s *Supervisor) spawn(ctx context.Context, slot int) (*proc, error) {
+	cmd := exec.Command(s.Command[0], s.Command[1:]...)
+	cmd.Env = append(os.Environ(), s.Env...)
+	cmd.Env = append(cmd.Env, fdpass.EnvWorkerID+"="+strconv.Itoa(slot))
+	// Workers get their own process group, so a terminal's Ctrl-C reaches the edge only
+	// and the edge shuts them down in order; Pdeathsig keeps an edge that is killed
+	// outright from leaving orphans behind.
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
+	prefix := fmt.Sprintf("[worker %d] ", slot)
+	stdout, stderr := prefixWriter(s.Stdout, prefix), prefixWriter(s.Stderr, prefix)
+	cmd.Stdout, cmd.Stderr = stdout, stderr
+
+	var (
+		ch      Channel
+		readyC  <-chan struct{}
+		pid     = func() int { return cmd.Process.Pid }
+		primary *nodeipc.Primary
+		goch    *GoChannel
+	)
+	if s.Node {
+		parent, child, err := nodeipc.NewPair()
+		if err != nil {
+			return nil, err
+		}
+		cmd.ExtraFiles = []*os.File{child}
+		cmd.Env = append(cmd.Env, nodeipc.Env(3, slot+1)...)
+		cmd.Env = append(cmd.Env, nodeipc.PreloadEnv(s.preload)...)
+		if err := cmd.Start(); err != nil {
+			child.Close()
+			parent.Close()
+			return nil, fmt.Errorf("start %q: %w", s.Command, err)
+		}
+		child.Close()
+		nch := nodeipc.NewChannel(parent, nodeipc.Config{AckTimeout: s.Balancer.cfg.HandoffTimeout, Logger: s.Logger})
+		primary = &nodeipc.Primary{Channel: nch, Shared: s.shared, Logger: s.Logger.With("worker", slot)}
+		if s.AppPort != 0 {
+			port := s.AppPort
+			primary.OnQueryServer = func(q nodeipc.QueryServer) bool { return q.Port == port }
+		}
+		go primary.Run(context.Background())
+		ch = &nodeChannel{p: primary, ch: nch}
+		readyC = primary.Ready()
+	} else {
+		edge, child, err := fdpass.SocketPair(unix.SOCK_SEQPACKET)
+		if err != nil {
+			return nil, err
+		}
+		cmd.ExtraFiles = []*os.File{child}
+		cmd.Env = append(cmd.Env, fdpass.EnvFD+"=3")
+		if err := cmd.Start(); err != nil {
+			child.Close()
+			edge.Close()
+			return nil, fmt.Errorf("start %q: %w", s.Command, err)
+		}
+		child.Close()
+		gauge := s.Balancer.m.WebSockets.WithLabelValues(strconv.Itoa(slot))
+		goch = NewGoChannel(edge, s.Balancer.cfg.HandoffTimeout, func(n int64) { gauge.Set(float64(n)) })
+		ch = goch
+		helloReady := make(chan struct{})
+		go func() {
+			select {
+			case <-goch.Hello():
+				close(helloReady)
+			case <-goch.Done():
+			}
+		}()
+		readyC = helloReady
+	}
+
+	p := &proc{slot: slot, cmd: cmd, ch: ch, exited: make(chan struct{})}
+	go func() {
+		p.err = cmd.Wait()
+		stdout.Flush()
+		stderr.Flush()
+		ch.Close()
+		close(p.exited)
+	}()
+
+	timer := time.NewTimer(s.SpawnTimeout)
+	defer timer.Stop()
+	select {
+	case <-readyC:
+		p.w = newWorker(slot, pid(), ch, s.Balancer.cfg.WorkerIdle)
+		return p, nil
+	case <-p.exited:
+		return nil, fmt.Errorf("worker %d (%q) exited before it was ready: %v", slot, s.Command, p.err)
+	case <-timer.C:
+		s.stop(p)
+		hint := "check that the command starts a stickyd worker (fdpass.Listen)"
+		if s.Node {
+			hint = "the app never called server.listen() or @socket.io/sticky's setupWorker(): check the start file (Express generator apps listen in bin/www, not app.js)"
+		}
+		return nil, fmt.Errorf("%w: worker %d (%q) not ready after %v; %s", ErrSpawnTimeout, slot, s.Command, s.SpawnTimeout, hint)
+	case <-ctx.Done():
+		s.stop(p)
+		return nil, ctx.Err()
+	}
+}
+
+// stop ends a worker: its channel closes (a Go worker then drains and exits on its own),
+// SIGTERM follows, and SIGKILL after the grace period.
+func (s *Supervisor) stop(p *proc) error {
+	p.ch.Close()
+	p.cmd.Process.Signal(syscall.SIGTERM)
+	select {
+	case <-p.exited:
+		return nil
+	case <-time.After(s.GracePeriod):
+		s.Logger.Warn("worker did not stop within the grace period; killing it", "worker", p.slot, "grace", s.GracePeriod)
+		p.cmd.Process.Kill()
+		<-p.exited
+		return nil
+	}
+}
+
+// nodeChannel adapts a Node worker (cluster-primary emulation) to Channel.
+type nodeChannel struct {
+	p  *nodeipc.Primary
+	ch *nodeipc.Channel
+}
+
+func (n *nodeChannel) Deliver(ctx context.Context, conn syscall.Conn, _ fdpass.Meta) error {
+	return n.p.Deliver(ctx, conn)
+}
+func (n *nodeChannel) CanReplay() bool       { return false }
+func (n *nodeChannel) Done() <-chan struct{} { return n.ch.Done() }
+func (n *nodeChannel) Close() error          { return n.ch.Close() }
+
+// lineWriter prefixes every line of a worker's output, so interleaved logs stay readable.
+type lineWriter struct {
+	mu     sync.Mutex
+	dst    io.Writer
+	prefix string
+	buf    *bufio.Writer
+	atBOL  bool
+}
+
+func prefixWriter(dst io.Writer, prefix string) *lineWriter {
+	return &lineWriter{dst: dst, prefix: prefix, atBOL: true}
+}
+
+func (l *lineWriter) Write(p []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	out := make([]byte, 0, len(p)+len(l.prefix))
+	for _, c := range p {
+		if l.atBOL {
+			out = append(out, l.prefix...)
+			l.atBOL = false
+		}
+		out = append(out, c)
+		if c == '\n' {
+			l.atBOL = true
+		}
+	}
+	if _, err := l.dst.Write(out); err != nil {
+		return 0, err
+	}
+	return len(p), nil
+}
+
+// Flush ends a last line that had no newline.
+func (l *lineWriter) Flush() {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if !l.atBOL {
+		l.dst.Write([]byte("\n"))
+		l.atBOL = true
+	}
+}

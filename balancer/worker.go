@@ -1,0 +1,185 @@
+package balancer
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"net/http"
+	"os"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/stickyd/stickyd/fdpass"
+)
+
+// Channel delivers connections to one worker process.
+type Channel interface {
+	// Deliver hands conn to the worker. On success the worker owns the connection and
+	// the caller closes its own copy; on error the caller still owns it.
+	Deliver(ctx context.Context, conn syscall.Conn, meta fdpass.Meta) error
+	// CanReplay reports whether Deliver honours meta.Consumed (Go workers do; Node's
+	// handle protocol has no place for bytes the edge already read).
+	CanReplay() bool
+	// Done is closed when the worker's channel is gone (the process exited or hung up).
+	Done() <-chan struct{}
+	Close() error
+}
+
+// WorkerState is where a worker is in its life.
+type WorkerState int32
+
+const (
+	StateStarting WorkerState = iota
+	StateReady
+	StateDraining
+	StateGone
+)
+
+func (s WorkerState) String() string {
+	switch s {
+	case StateStarting:
+		return "starting"
+	case StateReady:
+		return "ready"
+	case StateDraining:
+		return "draining"
+	case StateGone:
+		return "gone"
+	}
+	return "unknown"
+}
+
+// Worker is one worker process as the edge sees it.
+type Worker struct {
+	Slot int
+	PID  int
+
+	ch        Channel
+	state     atomic.Int32
+	transport *http.Transport // pooled virtual connections for proxied requests
+	label     string
+}
+
+func newWorker(slot, pid int, ch Channel, idle time.Duration) *Worker {
+	w := &Worker{Slot: slot, PID: pid, ch: ch, label: fmt.Sprint(slot)}
+	w.state.Store(int32(StateReady))
+	w.transport = &http.Transport{
+		DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
+			return w.dialVirtual(ctx)
+		},
+		// The edge forwards bytes; it must not ask for or undo compression.
+		DisableCompression: true,
+		MaxIdleConnsPerHost: 256,
+		// Shorter than Node's default keepAliveTimeout (5 s), so the edge retires an idle
+		// virtual connection before the worker closes it under a request in flight.
+		IdleConnTimeout: idle,
+		// Proxying plain HTTP/1.1 to a local worker: no proxy, no HTTP/2.
+		Proxy:             nil,
+		ForceAttemptHTTP2: false,
+	}
+	return w
+}
+
+// State returns the worker's current state.
+func (w *Worker) State() WorkerState { return WorkerState(w.state.Load()) }
+
+// dialVirtual creates a socketpair, hands one end to the worker like a client connection,
+// and returns the other end for the edge's per-request proxy.
+func (w *Worker) dialVirtual(ctx context.Context) (net.Conn, error) {
+	mine, theirs, err := fdpass.SocketPair(unix.SOCK_STREAM)
+	if err != nil {
+		return nil, err
+	}
+	defer theirs.Close()
+	if err := w.ch.Deliver(ctx, theirs, fdpass.Meta{Kind: fdpass.KindVirtual}); err != nil {
+		mine.Close()
+		return nil, fmt.Errorf("worker %d: virtual connection: %w", w.Slot, err)
+	}
+	return mine, nil
+}
+
+// GoChannel speaks stickyd's own protocol (package fdpass) with a Go worker.
+type GoChannel struct {
+	uc      *net.UnixConn
+	timeout time.Duration
+	hello   chan int // the worker's pid, once
+	done    chan struct{}
+	once    sync.Once
+
+	// WebSockets is the count the worker last reported.
+	WebSockets atomic.Int64
+	onStats    func(n int64)
+}
+
+// NewGoChannel wraps the edge's end of a worker's SEQPACKET channel. timeout bounds each
+// handoff (0: 5 s); onStats, if set, is called with each WebSocket count the worker reports.
+func NewGoChannel(uc *net.UnixConn, timeout time.Duration, onStats func(n int64)) *GoChannel {
+	if timeout <= 0 {
+		timeout = 5 * time.Second
+	}
+	c := &GoChannel{uc: uc, timeout: timeout, hello: make(chan int, 1), done: make(chan struct{}), onStats: onStats}
+	go c.receive()
+	return c
+}
+
+func (c *GoChannel) receive() {
+	defer c.Close()
+	for {
+		conn, m, err := fdpass.Recv(c.uc)
+		if conn != nil {
+			conn.Close() // workers never send connections back
+		}
+		if err != nil {
+			if errors.Is(err, fdpass.ErrBadMeta) || errors.Is(err, fdpass.ErrTruncated) {
+				continue
+			}
+			return
+		}
+		switch m.Kind {
+		case fdpass.KindHello:
+			select {
+			case c.hello <- int(m.Value):
+			default:
+			}
+		case fdpass.KindStats:
+			c.WebSockets.Store(int64(m.Value))
+			if c.onStats != nil {
+				c.onStats(int64(m.Value))
+			}
+		}
+	}
+}
+
+// Hello returns the worker's pid once it has announced itself.
+func (c *GoChannel) Hello() <-chan int { return c.hello }
+
+// Deliver sends conn with one sendmsg. The write deadline turns a worker that stopped
+// reading its channel into an error instead of a blocked edge.
+func (c *GoChannel) Deliver(ctx context.Context, conn syscall.Conn, meta fdpass.Meta) error {
+	deadline := time.Now().Add(c.timeout)
+	if d, ok := ctx.Deadline(); ok && d.Before(deadline) {
+		deadline = d
+	}
+	c.uc.SetWriteDeadline(deadline)
+	err := fdpass.Send(c.uc, conn, meta)
+	if errors.Is(err, os.ErrDeadlineExceeded) {
+		return fmt.Errorf("%w: worker did not take the connection within %v", ErrWorkerTimeout, c.timeout)
+	}
+	return err
+}
+
+func (c *GoChannel) CanReplay() bool       { return true }
+func (c *GoChannel) Done() <-chan struct{} { return c.done }
+
+func (c *GoChannel) Close() error {
+	c.once.Do(func() {
+		close(c.done)
+		c.uc.Close()
+	})
+	return nil
+}

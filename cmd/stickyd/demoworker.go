@@ -1,0 +1,144 @@
+package main
+
+import (
+	"context"
+	_ "embed"
+	"encoding/json"
+	"errors"
+	"flag"
+	"fmt"
+	"html/template"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"strconv"
+	"time"
+
+	"github.com/gorilla/websocket"
+
+	"github.com/stickyd/stickyd/fdpass"
+	"github.com/stickyd/stickyd/upgrade"
+)
+
+//go:embed demo.html
+var demoHTML string
+
+var demoPage = template.Must(template.New("demo").Parse(demoHTML))
+
+// runDemoWorker is the built-in Go worker of `stickyd demo`: an echo WebSocket at /ws,
+// a page at / that shows which worker serves its WebSocket, and /whoami. It is an
+// ordinary http.Server on the listener fdpass.Listen returns.
+func runDemoWorker(ctx context.Context, args []string, log *slog.Logger) error {
+	fs := flag.NewFlagSet("demo-worker", flag.ContinueOnError)
+	control := fs.String("control", os.Getenv(fdpass.EnvControl), "edge control socket to dial (sidecar mode); default: the channel inherited from `stickyd run`")
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	var ln *fdpass.Listener
+	var err error
+	if *control != "" && os.Getenv(fdpass.EnvFD) == "" {
+		ln, err = fdpass.Dial(*control)
+	} else {
+		ln, err = fdpass.Listen()
+	}
+	if err != nil {
+		return err
+	}
+	id := os.Getenv(fdpass.EnvWorkerID)
+	pid := os.Getpid()
+	var tracker upgrade.Tracker
+	up := websocket.Upgrader{ReadBufferSize: 1024, WriteBufferSize: 1024}
+
+	mux := http.NewServeMux()
+	mux.HandleFunc("GET /{$}", func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Content-Type", "text/html; charset=utf-8")
+		demoPage.Execute(w, struct {
+			Worker string
+			PID    int
+		}{id, pid})
+	})
+	mux.HandleFunc("GET /whoami", func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Content-Type", "application/json")
+		json.NewEncoder(w).Encode(map[string]any{"worker": id, "pid": pid, "remote": r.RemoteAddr})
+	})
+	mux.HandleFunc("/ws", func(w http.ResponseWriter, r *http.Request) {
+		c, err := up.Upgrade(w, r, nil)
+		if err != nil {
+			return // the Upgrader has answered the client
+		}
+		done := tracker.Add(c)
+		defer done()
+		defer c.Close()
+		echo(c, id, pid, r.RemoteAddr)
+	})
+	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second, ErrorLog: slog.NewLogLogger(log.Handler(), slog.LevelDebug)}
+	srv.RegisterOnShutdown(tracker.GoingAway)
+	go reportWebSockets(ctx, ln, &tracker)
+
+	errc := make(chan error, 1)
+	go func() { errc <- srv.Serve(ln) }()
+	select {
+	case <-ctx.Done():
+	case <-ln.Done(): // the edge went away
+	case err := <-errc:
+		if !errors.Is(err, net.ErrClosed) && !errors.Is(err, http.ErrServerClosed) {
+			return err
+		}
+	}
+	ln.Close()
+	sctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	// Shutdown runs the tracker's hook: every WebSocket gets close code 1001.
+	srv.Shutdown(sctx)
+	tracker.Shutdown(sctx)
+	return nil
+}
+
+// echo sends a hello naming this worker, then returns every message to its sender with
+// the same type.
+func echo(c *websocket.Conn, id string, pid int, remote string) {
+	const pongWait = 60 * time.Second
+	c.SetReadLimit(1 << 20)
+	c.SetReadDeadline(time.Now().Add(pongWait))
+	c.SetPongHandler(func(string) error { return c.SetReadDeadline(time.Now().Add(pongWait)) })
+	hello, _ := json.Marshal(map[string]any{"type": "hello", "worker": id, "pid": pid, "remote": remote})
+	if err := c.WriteMessage(websocket.TextMessage, hello); err != nil {
+		return
+	}
+	for {
+		typ, msg, err := c.ReadMessage()
+		if err != nil {
+			return
+		}
+		c.SetReadDeadline(time.Now().Add(pongWait))
+		if err := c.WriteMessage(typ, msg); err != nil {
+			return
+		}
+	}
+}
+
+// reportWebSockets tells the edge how many WebSockets this worker holds whenever the
+// number changes (at most once a second).
+func reportWebSockets(ctx context.Context, ln *fdpass.Listener, t *upgrade.Tracker) {
+	tick := time.NewTicker(time.Second)
+	defer tick.Stop()
+	last := -1
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-ln.Done():
+			return
+		case <-tick.C:
+			if n := t.Len(); n != last {
+				if ln.ReportWebSockets(n) == nil {
+					last = n
+				}
+			}
+		}
+	}
+}
+
+var _ = fmt.Sprint
+var _ = strconv.Itoa

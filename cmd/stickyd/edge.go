@@ -1,0 +1,269 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"os/signal"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/stickyd/stickyd/balancer"
+	"github.com/stickyd/stickyd/metrics"
+	"github.com/stickyd/stickyd/sticky"
+)
+
+// edgeFlags are the flags of `stickyd demo` and `stickyd run`.
+type edgeFlags struct {
+	listen, metricsAddr, key, trusted  string
+	logFormat, logLevel                string
+	workers, appPort, maxHead          int
+	node                               bool
+	shutdownTimeout, headTimeout       time.Duration
+	spawnTimeout, sessionTTL, idleTime time.Duration
+	epsilon                            float64
+}
+
+func (f *edgeFlags) register(fs *flag.FlagSet, mode string) {
+	defWorkers := 0
+	if mode == "demo" {
+		defWorkers = 4
+	}
+	fs.StringVar(&f.listen, "listen", ":8080", "client address: host:port (a host name binds every address it resolves to), :port binds IPv4 and IPv6")
+	fs.StringVar(&f.metricsAddr, "metrics", ":9090", "address of /metrics, /healthz, /readyz and /admin/ (empty: off)")
+	fs.IntVar(&f.workers, "workers", defWorkers, "number of workers (0: one per CPU)")
+	fs.StringVar(&f.key, "key", "sid,ip", "identity sources in order: sid, cookie:NAME, header:NAME, xff, ip")
+	fs.StringVar(&f.trusted, "trusted-proxies", "", "CIDRs whose X-Forwarded-For/Forwarded is believed, e.g. 10.0.0.0/8,::1")
+	fs.Float64Var(&f.epsilon, "balance-factor", 0.25, "bounded load: no worker gets more than (1+ε)× the mean of active sessions")
+	fs.DurationVar(&f.sessionTTL, "session-ttl", 45*time.Second, "forget a session idle this long (engine.io pingInterval + pingTimeout)")
+	fs.DurationVar(&f.headTimeout, "head-timeout", 10*time.Second, "time a client gets to send its request head")
+	fs.IntVar(&f.maxHead, "max-head-bytes", 16<<10, "request head size limit")
+	fs.DurationVar(&f.idleTime, "idle-timeout", 60*time.Second, "keep-alive idle time of proxied client connections")
+	fs.DurationVar(&f.shutdownTimeout, "shutdown-timeout", 30*time.Second, "grace period on SIGTERM for requests in flight and workers")
+	fs.DurationVar(&f.spawnTimeout, "spawn-timeout", 30*time.Second, "a worker must be ready within this")
+	fs.BoolVar(&f.node, "node", false, "speak Node's IPC protocol to the workers (implied when CMD is node)")
+	fs.IntVar(&f.appPort, "app-port", 0, "Node apps with several servers: the port whose server gets the edge's traffic (0: the first to listen)")
+	fs.StringVar(&f.logFormat, "log-format", "text", "text or json")
+	fs.StringVar(&f.logLevel, "log-level", "info", "debug, info, warn or error")
+}
+
+// applyEnv fills flags not given on the command line from STICKYD_* variables.
+func applyEnv(fs *flag.FlagSet) error {
+	set := map[string]bool{}
+	fs.Visit(func(f *flag.Flag) { set[f.Name] = true })
+	var errs []error
+	fs.VisitAll(func(f *flag.Flag) {
+		if set[f.Name] {
+			return
+		}
+		env := "STICKYD_" + strings.ToUpper(strings.ReplaceAll(f.Name, "-", "_"))
+		if v, ok := os.LookupEnv(env); ok {
+			if err := f.Value.Set(v); err != nil {
+				errs = append(errs, fmt.Errorf("%s=%q (for -%s): %v", env, v, f.Name, err))
+			}
+		}
+	})
+	return errors.Join(errs...)
+}
+
+func runEdge(ctx context.Context, mode string, args []string, stderr io.Writer) error {
+	fs := flag.NewFlagSet(mode, flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	var f edgeFlags
+	f.register(fs, mode)
+	if err := fs.Parse(args); err != nil {
+		return fmt.Errorf("%w: %v", errUsage, err)
+	}
+	if err := applyEnv(fs); err != nil {
+		return fmt.Errorf("%w: %v", errUsage, err)
+	}
+	command := fs.Args()
+	switch mode {
+	case "demo":
+		if len(command) > 0 {
+			return fmt.Errorf("%w: demo takes no command (use `stickyd run -- CMD`)", errUsage)
+		}
+		self, err := os.Executable()
+		if err != nil {
+			return fmt.Errorf("find own executable for the demo workers: %w", err)
+		}
+		command = []string{self, "demo-worker"}
+	case "run":
+		if len(command) == 0 {
+			return fmt.Errorf("%w: no worker command: stickyd run [flags] -- CMD ARGS... (e.g. -- node server.js)", errUsage)
+		}
+	}
+	log, err := newLogger(stderr, f.logFormat, f.logLevel)
+	if err != nil {
+		return fmt.Errorf("%w: %v", errUsage, err)
+	}
+	sources, err := sticky.ParseSources(f.key)
+	if err != nil {
+		return fmt.Errorf("-key: %w", err)
+	}
+	trusted, err := sticky.ParsePrefixes(f.trusted)
+	if err != nil {
+		return fmt.Errorf("-trusted-proxies: %w", err)
+	}
+
+	reg := prometheus.NewRegistry()
+	m, err := metrics.New(reg, true)
+	if err != nil {
+		return err
+	}
+	b := balancer.New(balancer.Config{
+		Rules:        sticky.Rules{Sources: sources, TrustedProxies: trusted},
+		Balance:      sticky.Balance{Epsilon: f.epsilon},
+		SessionTTL:   f.sessionTTL,
+		MaxHeadBytes: f.maxHead,
+		HeadTimeout:  f.headTimeout,
+		IdleTimeout:  f.idleTime,
+		Metrics:      m,
+		Logger:       log,
+	})
+	lns, err := balancer.ListenConfig{}.Listen(ctx, f.listen)
+	if err != nil {
+		return fmt.Errorf("-listen: %w", err)
+	}
+	var metricsLn net.Listener
+	if f.metricsAddr != "" {
+		metricsLn, err = net.Listen("tcp", f.metricsAddr)
+		if err != nil {
+			for _, ln := range lns {
+				ln.Close()
+			}
+			return fmt.Errorf("-metrics %s: %w", f.metricsAddr, err)
+		}
+	}
+
+	sup := &balancer.Supervisor{
+		Balancer:     b,
+		Command:      command,
+		Workers:      f.workers,
+		Node:         f.node,
+		AppPort:      f.appPort,
+		SpawnTimeout: f.spawnTimeout,
+		GracePeriod:  f.shutdownTimeout,
+		Logger:       log,
+	}
+	supCtx, stopWorkers := context.WithCancel(context.Background())
+	defer stopWorkers()
+	supDone := make(chan error, 1)
+	go func() { supDone <- sup.Run(supCtx) }()
+
+	var adminSrv *http.Server
+	if metricsLn != nil {
+		adminSrv = &http.Server{Handler: adminHandler(b, sup, reg), ReadHeaderTimeout: 5 * time.Second}
+		go adminSrv.Serve(metricsLn)
+		log.Info("metrics listening", "addr", metricsLn.Addr().String())
+	}
+
+	// Clients that connect before the workers are ready wait in the listen backlog.
+	select {
+	case <-sup.Ready():
+	case <-ctx.Done():
+	case <-time.After(f.spawnTimeout):
+		log.Warn("not every worker is ready; serving with those that are")
+	}
+	var serveWG sync.WaitGroup
+	for _, ln := range lns {
+		serveWG.Add(1)
+		go func() {
+			defer serveWG.Done()
+			if err := b.Serve(ln); err != nil && !errors.Is(err, balancer.ErrClosed) {
+				log.Error("serve", "addr", ln.Addr().String(), "err", err)
+			}
+		}()
+		log.Info("edge listening", "addr", ln.Addr().String(), "mode", mode, "workers", sup.Workers)
+	}
+
+	<-ctx.Done()
+	log.Info("shutting down", "grace", f.shutdownTimeout)
+	// A second signal means now.
+	now := make(chan os.Signal, 1)
+	signal.Notify(now, os.Interrupt, syscall.SIGTERM)
+	defer signal.Stop(now)
+	sctx, cancel := context.WithTimeout(context.Background(), f.shutdownTimeout)
+	defer cancel()
+	go func() {
+		select {
+		case <-now:
+			log.Warn("second signal: stopping now")
+			cancel()
+		case <-sctx.Done():
+		}
+	}()
+	if err := b.Shutdown(sctx); err != nil {
+		log.Warn("edge shutdown cut short", "err", err)
+	}
+	serveWG.Wait()
+	stopWorkers()
+	select {
+	case <-supDone:
+	case <-sctx.Done():
+		// Workers past the grace period are killed by the supervisor; wait for that.
+		<-supDone
+	}
+	if adminSrv != nil {
+		adminSrv.Close()
+	}
+	log.Info("stopped")
+	return nil
+}
+
+// adminHandler serves metrics, health and the admin API.
+func adminHandler(b *balancer.Balancer, sup *balancer.Supervisor, g prometheus.Gatherer) http.Handler {
+	mux := http.NewServeMux()
+	mux.Handle("GET /metrics", metrics.Handler(g))
+	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, r *http.Request) {
+		io.WriteString(w, "ok\n")
+	})
+	mux.HandleFunc("GET /readyz", func(w http.ResponseWriter, r *http.Request) {
+		if !b.Ready() {
+			http.Error(w, "not ready: no worker takes new sessions, or the edge is shutting down", http.StatusServiceUnavailable)
+			return
+		}
+		io.WriteString(w, "ready\n")
+	})
+	mux.HandleFunc("GET /admin/workers", func(w http.ResponseWriter, r *http.Request) {
+		type info struct {
+			Slot     int    `json:"slot"`
+			PID      int    `json:"pid"`
+			State    string `json:"state"`
+			Sessions int    `json:"sessions"`
+		}
+		var out []info
+		for _, wk := range b.Workers() {
+			out = append(out, info{wk.Slot, wk.PID, wk.State().String(), b.Sessions().Count(wk.Slot)})
+		}
+		w.Header().Set("Content-Type", "application/json")
+		json.NewEncoder(w).Encode(map[string]any{"workers": out, "sessions": b.Sessions().Len()})
+	})
+	mux.HandleFunc("POST /admin/restart/{slot}", func(w http.ResponseWriter, r *http.Request) {
+		slot, err := strconv.Atoi(r.PathValue("slot"))
+		if err != nil {
+			http.Error(w, "slot must be a number", http.StatusBadRequest)
+			return
+		}
+		if err := sup.Restart(r.Context(), slot); err != nil {
+			http.Error(w, err.Error(), http.StatusNotFound)
+			return
+		}
+		io.WriteString(w, "restarted\n")
+	})
+	return mux
+}
+
+var _ = slog.Default

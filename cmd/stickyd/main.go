@@ -1,0 +1,112 @@
+// Command stickyd is a sticky-session WebSocket load balancer for one host.
+//
+//	stickyd demo                         edge on :8080 with 4 built-in Go echo workers
+//	stickyd run [flags] -- CMD ARGS...   spawn workers (Go, or Node apps unmodified)
+//	stickyd health -url URL              exit 0 when URL answers 200 (container health checks)
+//
+// Every flag has an environment equivalent: -listen is STICKYD_LISTEN, -shutdown-timeout
+// is STICKYD_SHUTDOWN_TIMEOUT, and so on. A flag on the command line wins.
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"log/slog"
+	"net/http"
+	"os"
+	"os/signal"
+	"strings"
+	"syscall"
+	"time"
+)
+
+func main() {
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	if err := run(ctx, os.Args[1:], os.Stderr); err != nil {
+		fmt.Fprintln(os.Stderr, "stickyd:", err)
+		if errors.Is(err, errUsage) {
+			os.Exit(2)
+		}
+		os.Exit(1)
+	}
+}
+
+var errUsage = errors.New("usage")
+
+const usage = `stickyd — sticky-session WebSocket load balancer
+
+Usage:
+  stickyd demo [flags]                 edge on :8080, 4 built-in Go echo workers, metrics on :9090
+  stickyd run [flags] -- CMD ARGS...   spawn -workers copies of CMD as workers (Go or Node)
+  stickyd health -url URL              exit 0 when URL answers 200 OK
+
+Run "stickyd run -h" for the flags.`
+
+func run(ctx context.Context, args []string, stderr io.Writer) error {
+	if len(args) == 0 {
+		fmt.Fprintln(stderr, usage)
+		return fmt.Errorf("%w: no subcommand", errUsage)
+	}
+	switch args[0] {
+	case "demo":
+		return runEdge(ctx, "demo", args[1:], stderr)
+	case "run":
+		return runEdge(ctx, "run", args[1:], stderr)
+	case "demo-worker":
+		log, err := newLogger(stderr, "text", "info")
+		if err != nil {
+			return err
+		}
+		return runDemoWorker(ctx, args[1:], log)
+	case "health":
+		return runHealth(ctx, args[1:])
+	case "-h", "-help", "--help", "help":
+		fmt.Fprintln(stderr, usage)
+		return nil
+	}
+	fmt.Fprintln(stderr, usage)
+	return fmt.Errorf("%w: unknown subcommand %q", errUsage, args[0])
+}
+
+func runHealth(ctx context.Context, args []string) error {
+	fs := flag.NewFlagSet("health", flag.ContinueOnError)
+	url := fs.String("url", "http://127.0.0.1:9090/healthz", "URL to check")
+	timeout := fs.Duration("timeout", 3*time.Second, "how long to wait for the answer")
+	if err := fs.Parse(args); err != nil {
+		return fmt.Errorf("%w: %v", errUsage, err)
+	}
+	ctx, cancel := context.WithTimeout(ctx, *timeout)
+	defer cancel()
+	req, err := http.NewRequestWithContext(ctx, "GET", *url, nil)
+	if err != nil {
+		return err
+	}
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		return fmt.Errorf("health: %w", err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		return fmt.Errorf("health: %s answered %s", *url, resp.Status)
+	}
+	return nil
+}
+
+func newLogger(w io.Writer, format, level string) (*slog.Logger, error) {
+	var lv slog.Level
+	if err := lv.UnmarshalText([]byte(level)); err != nil {
+		return nil, fmt.Errorf("-log-level %q: want debug, info, warn or error", level)
+	}
+	opts := &slog.HandlerOptions{Level: lv}
+	switch strings.ToLower(format) {
+	case "text", "":
+		return slog.New(slog.NewTextHandler(w, opts)), nil
+	case "json":
+		return slog.New(slog.NewJSONHandler(w, opts)), nil
+	}
+	return nil, fmt.Errorf("-log-format %q: want text or json", format)
+}
