@@ -41,7 +41,7 @@ type Supervisor struct {
 	GracePeriod          time.Duration // SIGTERM to SIGKILL on shutdown; 0: 30 s
 	MaxRestartsPerMinute int           // then the slot is marked failed; 0: 10
 
-	Stdout, Stderr io.Writer   // worker output, each line prefixed "[worker N] "; nil: os.Stdout/os.Stderr
+	Stdout, Stderr io.Writer    // worker output, each line prefixed "[worker N] "; nil: os.Stdout/os.Stderr
 	Logger         *slog.Logger // nil: the Balancer's
 
 	mu       sync.Mutex

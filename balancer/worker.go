@@ -73,7 +73,7 @@ func newWorker(slot, pid int, ch Channel, idle time.Duration) *Worker {
 			return w.dialVirtual(ctx)
 		},
 		// The edge forwards bytes; it must not ask for or undo compression.
-		DisableCompression: true,
+		DisableCompression:  true,
 		MaxIdleConnsPerHost: 256,
 		// Shorter than Node's default keepAliveTimeout (5 s), so the edge retires an idle
 		// virtual connection before the worker closes it under a request in flight.
