@@ -14,6 +14,21 @@
 // Channel is the transport; Primary emulates Node's cluster primary on top of it (queryServer,
 // newconn, @socket.io/sticky's sticky:connection); SharedListeners owns the listening sockets
 // of servers the app listens on besides the one that receives the edge's traffic.
+//
+// Spawning a worker (error handling elided):
+//
+//	os.WriteFile(preloadPath, []byte(nodeipc.PreloadScript()), 0o644) // once per edge
+//	parent, child, _ := nodeipc.NewPair()
+//	cmd := exec.Command("node", "server.js")
+//	cmd.ExtraFiles = []*os.File{child} // fd 3 in the child
+//	cmd.Env = append(os.Environ(), nodeipc.Env(3, workerID)...)
+//	cmd.Env = append(cmd.Env, nodeipc.PreloadEnv(preloadPath)...)
+//	cmd.Start()
+//	child.Close()
+//	p := &nodeipc.Primary{Channel: nodeipc.NewChannel(parent, nodeipc.Config{}), Shared: appShared}
+//	go p.Run(ctx)  // returns when the worker exits
+//	<-p.Ready()    // with a spawn timeout
+//	err := p.Deliver(ctx, tcpConn) // then tcpConn.Close() on success; keep it on error
 package nodeipc
 
 import (
@@ -183,10 +198,17 @@ func (c *Channel) recv(cancel <-chan struct{}) (Message, error) {
 			m := c.queue[c.head]
 			c.queue[c.head] = Message{}
 			c.head++
-			if c.head == len(c.queue) {
+			more := c.head < len(c.queue)
+			if !more {
 				c.queue, c.head = c.queue[:0], 0
 			}
 			c.mu.Unlock()
+			if more { // pass the wake-up on, in case several goroutines call Recv
+				select {
+				case c.notify <- struct{}{}:
+				default:
+				}
+			}
 			return m, nil
 		}
 		err := c.err
