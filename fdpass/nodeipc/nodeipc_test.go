@@ -373,3 +373,32 @@ func BenchmarkDeliver(b *testing.B) {
 		b.ReportMetric(float64(b.N)/time.Since(start).Seconds(), "handoffs/s")
 	})
 }
+
+func TestPreloadIgnoresOtherMessageListeners(t *testing.T) {
+	checkFDs(t)
+	w := startWorker(t, workerOpts{}, "listenmsg.js", "3000")
+	w.waitReady(t)
+	if s := w.p.Style(); s != StyleListen {
+		t.Fatalf("style = %v, want listen", s)
+	}
+	// The app's own message listener still works: a plain message reaches it.
+	if err := w.ch.Send("shutdown"); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case <-w.waitErr:
+		w.waitErr <- nil // for the cleanup
+	case <-time.After(10 * time.Second):
+		t.Fatal("app did not receive the plain message")
+	}
+	for {
+		select {
+		case e := <-w.p.Events():
+			if e.Kind == EventStickyReady {
+				t.Fatal("preload reported sticky-ready for a non-sticky app")
+			}
+		default:
+			return
+		}
+	}
+}
