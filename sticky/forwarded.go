@@ -185,6 +185,9 @@ func forwardedElement(h string, p int) (forVal string, st elemState, next int) {
 		var val string
 		if p < len(h) && h[p] == '=' {
 			p++
+			if name == "" {
+				ok = false // "=value" without a parameter name
+			}
 			if p < len(h) && h[p] == '"' {
 				p++
 				vs := p

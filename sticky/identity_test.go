@@ -133,6 +133,7 @@ func TestIdentify(t *testing.T) {
 		{"fwd junk after quote", all, trusted, Request{Peer: proxy, Header: hdr("Forwarded", `for="192.0.2.1"junk, for=10.0.0.2`)}, "ip:10.0.0.1"},
 		{"fwd junk element left of client ignored", all, trusted, Request{Peer: proxy, Header: hdr("Forwarded", `for="x"junk, for=192.0.2.9`)}, "xff:192.0.2.9"},
 		{"fwd unbracketed v6 accepted", all, trusted, Request{Peer: proxy, Header: hdr("Forwarded", `for="2001:db8::9"`)}, "xff:2001:db8::9"},
+		{"fwd nameless pair", all, trusted, Request{Peer: proxy, Header: hdr("Forwarded", `for=192.0.2.1, =10.0.0.2`)}, "ip:10.0.0.1"},
 		{"fwd empty for", all, trusted, Request{Peer: proxy, Header: hdr("Forwarded", `for=""`)}, "ip:10.0.0.1"},
 		{"fwd over 64 elements gives up", all, trusted, Request{Peer: proxy, Header: hdr("Forwarded", "for=192.0.2.1"+strings.Repeat(",for=10.0.0.2", 64))}, "ip:10.0.0.1"},
 		{"fwd 100 elements, client near", all, trusted, Request{Peer: proxy, Header: hdr("Forwarded", strings.Repeat("for=1.1.1.1,", 100)+"for=192.0.2.1,for=10.0.0.2")}, "xff:192.0.2.1"},

@@ -226,6 +226,9 @@ func (t *Table) Snapshot() []Entry {
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	out := make([]Entry, 0, len(t.index))
+	if t.index == nil {
+		return out // never used: head is not yet nilIdx
+	}
 	for i := t.head; i != nilIdx; i = t.ents[i].next {
 		e := &t.ents[i]
 		out = append(out, Entry{Key: e.key, Slot: e.slot, Expires: t.base.Add(time.Duration(e.exp))})

@@ -69,6 +69,33 @@ func check(tb testing.TB, t *Table) {
 
 var t0 = time.Date(2025, 1, 1, 0, 0, 0, 0, time.UTC)
 
+// Every method must work on a fresh zero Table.
+func TestTableZeroValue(t *testing.T) {
+	calls := map[string]func(*Table){
+		"Get":        func(tb *Table) { tb.Get("a", t0) },
+		"Delete":     func(tb *Table) { tb.Delete("a") },
+		"ForgetSlot": func(tb *Table) { tb.ForgetSlot(1) },
+		"Count":      func(tb *Table) { tb.Count(1) },
+		"Len":        func(tb *Table) { tb.Len() },
+		"Sweep":      func(tb *Table) { tb.Sweep(t0) },
+		"Snapshot":   func(tb *Table) { tb.Snapshot() },
+		"Restore":    func(tb *Table) { tb.Restore(nil, t0) },
+		"Put":        func(tb *Table) { tb.Put("a", 1, t0) },
+	}
+	for name, call := range calls {
+		var tb Table
+		call(&tb)
+		if name != "Put" && tb.Len() != 0 {
+			t.Errorf("%s on zero Table: Len %d", name, tb.Len())
+		}
+		tb.Put("b", 2, t0)
+		if s, ok := tb.Get("b", t0); !ok || s != 2 || len(tb.Snapshot()) != tb.Len() {
+			t.Errorf("%s on zero Table broke it", name)
+		}
+		check(t, &tb)
+	}
+}
+
 func TestTableTTL(t *testing.T) {
 	var tb Table // zero value: 45s
 	tb.Put("a", 1, t0)
