@@ -1,7 +1,9 @@
 package upgrade
 
 import (
+	"bufio"
 	"bytes"
+	"net/http"
 	"slices"
 	"testing"
 )
@@ -69,6 +71,24 @@ func FuzzParse(f *testing.F) {
 		}
 		_ = h.Header("host")
 		_ = h.Header("Cookie")
+
+		// Differential: what we accept, net/http accepts too, with the same
+		// framing (we are stricter, never looser).
+		raw := bytes.TrimLeft(b[:h.Size], "\r\n")
+		req, rerr := http.ReadRequest(bufio.NewReader(bytes.NewReader(raw)))
+		if rerr != nil {
+			t.Fatalf("accepted %q, net/http rejects: %v", raw, rerr)
+		}
+		if req.Method != h.Method || req.ProtoMinor != h.ProtoMinor || req.Host != h.Host {
+			t.Fatalf("net/http disagrees on %q: %s %d %q", raw, req.Method, req.ProtoMinor, req.Host)
+		}
+		wantCL := h.ContentLength
+		if wantCL < 0 && !h.Chunked && req.ContentLength == 0 {
+			wantCL = 0
+		}
+		if req.ContentLength != wantCL || (len(req.TransferEncoding) > 0) != h.Chunked {
+			t.Fatalf("net/http framing differs on %q: CL %d TE %v", raw, req.ContentLength, req.TransferEncoding)
+		}
 	})
 }
 

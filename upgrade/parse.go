@@ -420,6 +420,9 @@ func parseRequestLine(h *Head, line []byte) error {
 		if !isTargetChar[line[e]] {
 			return errTarget
 		}
+		if line[e] == '%' && (e+2 >= len(line) || !isHex(line[e+1]) || !isHex(line[e+2])) {
+			return errTarget // malformed percent-encoding
+		}
 		e++
 	}
 	if e == t || e == len(line) {
@@ -459,7 +462,7 @@ func parseRequestLine(h *Head, line []byte) error {
 		for a < len(rest) && rest[a] != '/' && rest[a] != '?' {
 			a++
 		}
-		if a == 0 || !validHost(str(rest[:a])) {
+		if a == 0 || !validHost(str(rest[:a])) || bytes.IndexByte(rest[:a], '%') >= 0 {
 			return errTarget
 		}
 		h.Host = str(rest[:a])
@@ -469,6 +472,10 @@ func parseRequestLine(h *Head, line []byte) error {
 		}
 	}
 	return nil
+}
+
+func isHex(c byte) bool {
+	return '0' <= c && c <= '9' || 'a' <= c && c <= 'f' || 'A' <= c && c <= 'F'
 }
 
 func splitQuery(t []byte) (path, query string) {

@@ -37,6 +37,9 @@ func Peek(rc syscall.RawConn, buf []byte) (Head, int, error) {
 // so h is valid only while buf[:h.Size] is unchanged (do not return buf to a
 // pool while h is in use; h.Clone() keeps it).
 func PeekInto(rc syscall.RawConn, h *Head, buf []byte) (int, error) {
+	if len(buf) == 0 {
+		return 0, errTooLarge
+	}
 	p := peeker{h: h, buf: buf}
 	if err := rc.Read(p.try); err != nil {
 		if errors.Is(err, os.ErrDeadlineExceeded) {
