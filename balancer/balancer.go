@@ -21,6 +21,7 @@ import (
 	"time"
 
 	"github.com/stickyd/stickyd/fdpass"
+	"github.com/stickyd/stickyd/fdpass/nodeipc"
 	"github.com/stickyd/stickyd/metrics"
 	"github.com/stickyd/stickyd/sticky"
 	"github.com/stickyd/stickyd/upgrade"
@@ -440,8 +441,11 @@ func (b *Balancer) handoff(cc *clientConn, h *upgrade.Head, consumed []byte) {
 			return
 		}
 		result := "error"
-		if errors.Is(err, ErrWorkerTimeout) {
+		if errors.Is(err, ErrWorkerTimeout) || errors.Is(err, nodeipc.ErrAckTimeout) {
 			result = "timeout"
+			// A worker that does not take connections gets no new sessions for a while;
+			// the ones it already holds are not moved.
+			r.w.stuckUntil.Store(time.Now().Add(5 * time.Second).UnixNano())
 		}
 		b.m.Handoffs.WithLabelValues(r.w.label, result).Inc()
 		b.log.Warn("handoff failed", "worker", r.w.Slot, "err", err)

@@ -130,7 +130,7 @@ func (b *Balancer) route(h *upgrade.Head, peer netip.Addr, tried uint64) route {
 	}
 	tk := key.String()
 	if slot, ok := b.sessions.Get(tk, now); ok {
-		if w := b.worker(slot); w != nil && w.State() == StateReady && tried&slotBit(slot) == 0 {
+		if w := b.worker(slot); w != nil && w.takesNew(now) && tried&slotBit(slot) == 0 {
 			return route{w: w, key: key, tableKey: tk}
 		}
 	}
@@ -151,8 +151,9 @@ func isHandshake(h *upgrade.Head) bool {
 
 // candidates lists the workers that take new sessions, with their loads.
 func (b *Balancer) candidates(buf []sticky.Candidate, ws []*Worker, tried uint64) []sticky.Candidate {
+	now := time.Now()
 	for _, w := range ws {
-		if w.State() == StateReady && tried&slotBit(w.Slot) == 0 {
+		if w.takesNew(now) && tried&slotBit(w.Slot) == 0 {
 			buf = append(buf, sticky.Candidate{Slot: w.Slot, Load: b.sessions.Count(w.Slot)})
 		}
 	}

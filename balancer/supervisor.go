@@ -44,6 +44,8 @@ type Supervisor struct {
 	Stdout, Stderr io.Writer    // worker output, each line prefixed "[worker N] "; nil: os.Stdout/os.Stderr
 	Logger         *slog.Logger // nil: the Balancer's
 
+	slotEnv func(slot int) []string // per-slot environment (tests)
+
 	mu       sync.Mutex
 	procs    map[int]*proc
 	ready    chan struct{} // closed when every slot has been ready once
@@ -237,6 +239,9 @@ func (s *Supervisor) spawn(ctx context.Context, slot int) (*proc, error) {
 	cmd := exec.Command(s.Command[0], s.Command[1:]...)
 	cmd.Env = append(os.Environ(), s.Env...)
 	cmd.Env = append(cmd.Env, fdpass.EnvWorkerID+"="+strconv.Itoa(slot))
+	if s.slotEnv != nil {
+		cmd.Env = append(cmd.Env, s.slotEnv(slot)...)
+	}
 	// Workers get their own process group, so a terminal's Ctrl-C reaches the edge only
 	// and the edge shuts them down in order; Pdeathsig keeps an edge that is killed
 	// outright from leaving orphans behind.

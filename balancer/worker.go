@@ -59,10 +59,11 @@ type Worker struct {
 	Slot int
 	PID  int
 
-	ch        Channel
-	state     atomic.Int32
-	transport *http.Transport // pooled virtual connections for proxied requests
-	label     string
+	ch         Channel
+	state      atomic.Int32
+	stuckUntil atomic.Int64    // unix nanos: a handoff timed out; skip the worker until then
+	transport  *http.Transport // pooled virtual connections for proxied requests
+	label      string
 }
 
 func newWorker(slot, pid int, ch Channel, idle time.Duration) *Worker {
@@ -83,6 +84,11 @@ func newWorker(slot, pid int, ch Channel, idle time.Duration) *Worker {
 		ForceAttemptHTTP2: false,
 	}
 	return w
+}
+
+// takesNew reports whether the worker may get new sessions now.
+func (w *Worker) takesNew(now time.Time) bool {
+	return w.State() == StateReady && now.UnixNano() >= w.stuckUntil.Load()
 }
 
 // State returns the worker's current state.
@@ -122,6 +128,9 @@ func NewGoChannel(uc *net.UnixConn, timeout time.Duration, onStats func(n int64)
 	if timeout <= 0 {
 		timeout = 5 * time.Second
 	}
+	// A small send buffer bounds how many connections can queue for a worker that stopped
+	// reading its channel before handoffs to it start timing out and go elsewhere.
+	uc.SetWriteBuffer(32 << 10)
 	c := &GoChannel{uc: uc, timeout: timeout, hello: make(chan int, 1), done: make(chan struct{}), onStats: onStats}
 	go c.receive()
 	return c

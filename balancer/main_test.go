@@ -1,0 +1,131 @@
+package balancer
+
+import (
+	"context"
+	"encoding/json"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"strconv"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/gorilla/websocket"
+
+	"github.com/stickyd/stickyd/fdpass"
+	"github.com/stickyd/stickyd/upgrade"
+)
+
+// The test binary doubles as a Go worker: the supervisor re-executes it with
+// BALANCER_TEST_WORKER set, so the tests run real child processes.
+const workerEnv = "BALANCER_TEST_WORKER"
+
+func TestMain(m *testing.M) {
+	if mode := os.Getenv(workerEnv); mode != "" {
+		os.Exit(testWorker(mode))
+	}
+	os.Exit(m.Run())
+}
+
+// testWorker is a small Go worker. Modes: "echo" serves; "stuck" announces itself and
+// never reads its channel again; "crash" exits as soon as a connection arrives.
+func testWorker(mode string) int {
+	if mode == "stuck" {
+		ln, err := fdpass.Listen()
+		if err != nil {
+			return 1
+		}
+		_ = ln
+		select {} // the receive goroutine blocks on the unbuffered channel: nobody accepts
+	}
+	ln, err := fdpass.Listen()
+	if err != nil {
+		os.Stderr.WriteString(err.Error() + "\n")
+		return 1
+	}
+	id := os.Getenv(fdpass.EnvWorkerID)
+	if mode == "crash" {
+		ln.Accept()
+		os.Exit(3)
+	}
+	var tracker upgrade.Tracker
+	var up websocket.Upgrader
+	mux := http.NewServeMux()
+	mux.HandleFunc("/ws", func(w http.ResponseWriter, r *http.Request) {
+		c, err := up.Upgrade(w, r, nil)
+		if err != nil {
+			return
+		}
+		defer tracker.Add(c)()
+		defer c.Close()
+		hello, _ := json.Marshal(map[string]any{"worker": id, "pid": os.Getpid(), "remote": r.RemoteAddr})
+		c.WriteMessage(websocket.TextMessage, hello)
+		for {
+			typ, msg, err := c.ReadMessage()
+			if err != nil {
+				return
+			}
+			c.WriteMessage(typ, msg)
+		}
+	})
+	mux.HandleFunc("/whoami", func(w http.ResponseWriter, r *http.Request) {
+		json.NewEncoder(w).Encode(map[string]any{"worker": id, "pid": os.Getpid(), "xff": r.Header.Get("X-Forwarded-For")})
+	})
+	mux.HandleFunc("/echo-body", func(w http.ResponseWriter, r *http.Request) {
+		n, _ := io.Copy(w, r.Body)
+		_ = n
+	})
+	mux.HandleFunc("/slow", func(w http.ResponseWriter, r *http.Request) {
+		ms, _ := strconv.Atoi(r.URL.Query().Get("ms"))
+		time.Sleep(time.Duration(ms) * time.Millisecond)
+		io.WriteString(w, "slow "+id)
+	})
+	mux.HandleFunc("/close", func(w http.ResponseWriter, r *http.Request) {
+		// Like @socket.io/sticky 2.x workers: every answer closes the connection.
+		w.Header().Set("Connection", "close")
+		io.WriteString(w, "closed "+id)
+	})
+	mux.HandleFunc("/socket.io/", engineIOStandIn(id))
+	srv := &http.Server{Handler: mux}
+	srv.RegisterOnShutdown(tracker.GoingAway)
+	go srv.Serve(ln)
+	<-ln.Done()
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	srv.Shutdown(ctx)
+	tracker.Shutdown(ctx)
+	return 0
+}
+
+// engineIOStandIn answers like engine.io v4 polling: a handshake mints a sid owned by
+// this worker; a request naming a sid this worker did not mint gets engine.io's 400.
+func engineIOStandIn(id string) http.HandlerFunc {
+	var mu sync.Mutex
+	sids := map[string]bool{}
+	var n int
+	return func(w http.ResponseWriter, r *http.Request) {
+		mu.Lock()
+		defer mu.Unlock()
+		sid := r.URL.Query().Get("sid")
+		if sid == "" {
+			n++
+			sid = "w" + id + "s" + strconv.Itoa(n) + strings.Repeat("x", 12)
+			sids[sid] = true
+			w.Header().Set("Content-Type", "text/plain; charset=UTF-8")
+			io.WriteString(w, `0{"sid":"`+sid+`","upgrades":["websocket"],"pingInterval":25000,"pingTimeout":20000,"maxPayload":1000000}`)
+			return
+		}
+		if !sids[sid] {
+			w.Header().Set("Content-Type", "application/json")
+			w.WriteHeader(400)
+			io.WriteString(w, upgrade.SessionUnknownBody)
+			return
+		}
+		io.WriteString(w, "6:worker"+id)
+	}
+}
+
+var _ = net.Dial
