@@ -56,7 +56,7 @@ func (b *Balancer) proxyConn(cc *clientConn) {
 		}
 	}()
 	peer := addrPort(c.RemoteAddr())
-	first := true
+	first, counted := true, false
 	for {
 		if !first {
 			cc.state.Store(connIdle)
@@ -90,10 +90,13 @@ func (b *Balancer) proxyConn(cc *clientConn) {
 			b.handoff(cc, &head, consumed)
 			return
 		}
+		if !counted {
+			counted = true
+			b.m.ConnectionsAccepted.WithLabelValues("proxied").Inc()
+		}
 		if !b.proxyRequest(c, br, bw, &head, peer) {
 			return
 		}
-		b.m.ConnectionsAccepted.WithLabelValues("proxied").Inc()
 	}
 }
 

@@ -1,0 +1,328 @@
+package main
+
+import (
+	"bufio"
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"regexp"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/gorilla/websocket"
+)
+
+// stickydBin is the daemon built once per test binary run: the end-to-end tests run it
+// as users do, as a separate process with its own workers.
+var (
+	buildOnce sync.Once
+	binPath   string
+	buildErr  error
+)
+
+func stickydBinary(t testing.TB) string {
+	t.Helper()
+	buildOnce.Do(func() {
+		dir, err := os.MkdirTemp("", "stickyd-e2e-")
+		if err != nil {
+			buildErr = err
+			return
+		}
+		binPath = filepath.Join(dir, "stickyd")
+		out, err := exec.Command("go", "build", "-o", binPath, ".").CombinedOutput()
+		if err != nil {
+			buildErr = fmt.Errorf("go build: %v\n%s", err, out)
+		}
+	})
+	if buildErr != nil {
+		t.Fatal(buildErr)
+	}
+	return binPath
+}
+
+// daemon is a running stickyd process.
+type daemon struct {
+	cmd     *exec.Cmd
+	addr    string // client address
+	metrics string // metrics address
+	logs    *syncBuffer
+	exited  chan struct{}
+	err     error
+}
+
+var listenRE = regexp.MustCompile(`msg="edge listening" addr=(\S+)`)
+var metricsRE = regexp.MustCompile(`msg="metrics listening" addr=(\S+)`)
+
+// startDaemon runs `stickyd ARGS` on loopback ports chosen by the kernel and waits until
+// it serves. dir is the working directory ("" for the package dir).
+func startDaemon(t *testing.T, dir string, args ...string) *daemon {
+	t.Helper()
+	bin := stickydBinary(t)
+	full := append([]string{args[0], "-listen", "127.0.0.1:0", "-metrics", "127.0.0.1:0"}, args[1:]...)
+	cmd := exec.Command(bin, full...)
+	cmd.Dir = dir
+	d := &daemon{cmd: cmd, logs: &syncBuffer{}, exited: make(chan struct{})}
+	pr, pw := io.Pipe()
+	cmd.Stdout = d.logs
+	cmd.Stderr = io.MultiWriter(d.logs, pw)
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	go func() {
+		d.err = cmd.Wait()
+		pw.Close()
+		close(d.exited)
+	}()
+	t.Cleanup(func() {
+		d.signal(syscall.SIGTERM)
+		select {
+		case <-d.exited:
+		case <-time.After(20 * time.Second):
+			cmd.Process.Kill()
+			<-d.exited
+		}
+		if t.Failed() {
+			t.Logf("stickyd logs:\n%s", d.logs.String())
+		}
+	})
+	found := make(chan struct{})
+	go func() {
+		sc := bufio.NewScanner(pr)
+		for sc.Scan() {
+			line := sc.Text()
+			if m := metricsRE.FindStringSubmatch(line); m != nil {
+				d.metrics = m[1]
+			}
+			if m := listenRE.FindStringSubmatch(line); m != nil && d.addr == "" {
+				d.addr = m[1]
+				close(found)
+			}
+		}
+		io.Copy(io.Discard, pr)
+	}()
+	select {
+	case <-found:
+	case <-d.exited:
+		t.Fatalf("stickyd exited before serving: %v\n%s", d.err, d.logs.String())
+	case <-time.After(60 * time.Second):
+		t.Fatalf("stickyd did not start serving\n%s", d.logs.String())
+	}
+	return d
+}
+
+func (d *daemon) signal(sig syscall.Signal) {
+	select {
+	case <-d.exited:
+	default:
+		d.cmd.Process.Signal(sig)
+	}
+}
+
+// workerPids lists the pids of the daemon's workers from its admin API.
+func (d *daemon) workers(t *testing.T) []adminWorker {
+	t.Helper()
+	resp, err := http.Get("http://" + d.metrics + "/admin/workers")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	var out struct{ Workers []adminWorker }
+	if err := json.NewDecoder(resp.Body).Decode(&out); err != nil {
+		t.Fatal(err)
+	}
+	return out.Workers
+}
+
+type adminWorker struct {
+	Slot, PID, Sessions int
+	State               string
+}
+
+func alive(pid int) bool { return syscall.Kill(pid, 0) == nil }
+
+func TestDemo1000ConcurrentWebSockets(t *testing.T) {
+	d := startDaemon(t, "", "demo")
+	const n = 1000
+	var wg sync.WaitGroup
+	errs := make(chan error, n)
+	workers := sync.Map{}
+	conns := make([]*websocket.Conn, n)
+	for i := range n {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			dl := websocket.Dialer{HandshakeTimeout: 20 * time.Second}
+			c, _, err := dl.Dial("ws://"+d.addr+"/ws", nil)
+			if err != nil {
+				errs <- fmt.Errorf("client %d dial: %w", i, err)
+				return
+			}
+			conns[i] = c
+			c.SetReadDeadline(time.Now().Add(20 * time.Second))
+			var h struct{ Type, Worker string }
+			if err := c.ReadJSON(&h); err != nil || h.Type != "hello" {
+				errs <- fmt.Errorf("client %d hello: %+v %v", i, h, err)
+				return
+			}
+			workers.Store(h.Worker, true)
+			for j := range 3 {
+				msg := fmt.Sprintf("client %d message %d", i, j)
+				typ := websocket.TextMessage
+				if j == 2 {
+					typ = websocket.BinaryMessage
+				}
+				if err := c.WriteMessage(typ, []byte(msg)); err != nil {
+					errs <- err
+					return
+				}
+				gt, got, err := c.ReadMessage()
+				if err != nil || string(got) != msg || gt != typ {
+					errs <- fmt.Errorf("client %d echo %d: %q type %d, %v", i, j, got, gt, err)
+					return
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	close(errs)
+	var failed int
+	for err := range errs {
+		if failed < 5 {
+			t.Error(err)
+		}
+		failed++
+	}
+	if failed > 0 {
+		t.Fatalf("%d of %d clients failed", failed, n)
+	}
+	// All 1000 were connected at once and they are all in the workers now: the edge
+	// process holds none of them.
+	fds, err := os.ReadDir(fmt.Sprintf("/proc/%d/fd", d.cmd.Process.Pid))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(fds) > 100 {
+		t.Errorf("the edge holds %d fds with %d WebSockets open; they should live in the workers", len(fds), n)
+	}
+	for _, c := range conns {
+		if c != nil {
+			c.Close()
+		}
+	}
+}
+
+func TestDemoPageInChromium(t *testing.T) {
+	d := startDaemon(t, "", "demo")
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	res := runDemoPage(t, ctx, "http://"+d.addr+"/", 4)
+	if res.Connected != 4 || res.Echoed != 4 {
+		t.Fatalf("demo page: %+v", res)
+	}
+	re := regexp.MustCompile(`^worker \d+ \(pid \d+\)$`)
+	for _, w := range res.Workers {
+		if !re.MatchString(w) {
+			t.Errorf("tab shows %q", w)
+		}
+	}
+}
+
+func TestDemoShutdownIsClean(t *testing.T) {
+	d := startDaemon(t, "", "demo")
+	ws := d.workers(t)
+	if len(ws) != 4 {
+		t.Fatalf("demo runs %d workers, want 4", len(ws))
+	}
+	c, _, err := websocket.DefaultDialer.Dial("ws://"+d.addr+"/ws", nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	c.ReadMessage() // hello
+	// An idle keep-alive client must not hold shutdown up.
+	idle, err := http.Get("http://" + d.addr + "/whoami")
+	if err != nil {
+		t.Fatal(err)
+	}
+	io.ReadAll(idle.Body)
+	idle.Body.Close()
+
+	start := time.Now()
+	d.signal(syscall.SIGINT)
+	// The WebSocket's worker closes it with 1001 (going away).
+	c.SetReadDeadline(time.Now().Add(10 * time.Second))
+	_, _, err = c.ReadMessage()
+	if !websocket.IsCloseError(err, websocket.CloseGoingAway) {
+		t.Errorf("WebSocket ended with %v, want close 1001", err)
+	}
+	select {
+	case <-d.exited:
+	case <-time.After(15 * time.Second):
+		t.Fatal("stickyd did not exit after SIGINT")
+	}
+	if d.err != nil {
+		t.Errorf("stickyd exit: %v", d.err)
+	}
+	if el := time.Since(start); el > 5*time.Second {
+		t.Errorf("shutdown took %v", el)
+	}
+	for _, w := range ws {
+		if alive(w.PID) {
+			t.Errorf("worker %d (pid %d) outlived the edge", w.Slot, w.PID)
+		}
+	}
+}
+
+func TestListenRefusesTakenAddress(t *testing.T) {
+	d := startDaemon(t, "", "demo", "-workers", "1")
+	bin := stickydBinary(t)
+	out, err := exec.Command(bin, "demo", "-workers", "1", "-listen", d.addr, "-metrics", "").CombinedOutput()
+	if err == nil {
+		t.Fatal("a second stickyd started on a taken address")
+	}
+	if !strings.Contains(string(out), d.addr) || !strings.Contains(string(out), "address already in use") {
+		t.Fatalf("error does not name the address: %s", out)
+	}
+}
+
+func TestBadFlagsNameTheFix(t *testing.T) {
+	bin := stickydBinary(t)
+	for _, tc := range []struct {
+		args []string
+		want string
+	}{
+		{[]string{"run"}, "no worker command"},
+		{[]string{"run", "-key", "bogus", "--", "true"}, `-key item "bogus"`},
+		{[]string{"run", "-trusted-proxies", "10.0.0.0/99", "--", "true"}, "-trusted-proxies"},
+		{[]string{"frobnicate"}, "unknown subcommand"},
+		{[]string{"run", "-log-level", "loud", "--", "true"}, "-log-level"},
+	} {
+		cmd := exec.Command(bin, tc.args...)
+		cmd.Env = append(os.Environ(), "STICKYD_LISTEN=127.0.0.1:0", "STICKYD_METRICS=")
+		out, err := cmd.CombinedOutput()
+		if err == nil || !strings.Contains(string(out), tc.want) {
+			t.Errorf("stickyd %v: %v\n%s\nwant an error mentioning %q", tc.args, err, out, tc.want)
+		}
+	}
+}
+
+func TestEnvironmentConfiguresFlags(t *testing.T) {
+	bin := stickydBinary(t)
+	cmd := exec.Command(bin, "run", "--", "true")
+	cmd.Env = append(os.Environ(), "STICKYD_WORKERS=notanumber")
+	out, err := cmd.CombinedOutput()
+	if err == nil || !strings.Contains(string(out), "STICKYD_WORKERS") {
+		t.Fatalf("bad STICKYD_WORKERS: %v %s", err, out)
+	}
+}
+
+var _ = strconv.Itoa
