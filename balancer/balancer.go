@@ -100,6 +100,7 @@ type Balancer struct {
 	done      chan struct{} // closed by Shutdown
 
 	tlsWarned atomic.Int64 // unix seconds of the last "TLS on a plain port" log line
+	draining  atomic.Bool
 }
 
 // New returns an edge with no workers yet.

@@ -65,9 +65,14 @@ func (b *Balancer) Drain(slot int) bool {
 // Workers returns the workers in routing, by slot.
 func (b *Balancer) Workers() []*Worker { return *b.workers.Load() }
 
+// SetDraining marks the whole edge as draining (for example from a Kubernetes preStop
+// hook): Ready turns false so the orchestrator stops sending new clients, while the edge
+// keeps serving those that still arrive and every session it has.
+func (b *Balancer) SetDraining(on bool) { b.draining.Store(on) }
+
 // Ready reports whether at least one worker takes new sessions and the edge is open.
 func (b *Balancer) Ready() bool {
-	if b.isClosing() {
+	if b.isClosing() || b.draining.Load() {
 		return false
 	}
 	for _, w := range *b.workers.Load() {

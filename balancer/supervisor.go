@@ -38,6 +38,7 @@ type Supervisor struct {
 	Env     []string // extra environment for workers
 
 	SpawnTimeout         time.Duration // a worker must be ready within this; 0: 30 s
+	DrainGrace           time.Duration // a draining worker's sessions get this long; 0: 30 s
 	GracePeriod          time.Duration // SIGTERM to SIGKILL on shutdown; 0: 30 s
 	MaxRestartsPerMinute int           // then the slot is marked failed; 0: 10
 
@@ -54,6 +55,8 @@ type Supervisor struct {
 	shared   *nodeipc.SharedListeners
 	failed   atomic.Int32
 	restarts atomic.Int64
+	changed  chan struct{} // closed and replaced whenever a worker becomes ready
+	rolling  sync.Mutex    // one rolling restart at a time
 }
 
 // ErrSpawnTimeout means a worker never became ready.
@@ -65,7 +68,8 @@ type proc struct {
 	ch     Channel
 	w      *Worker
 	exited chan struct{}
-	err    error // set before exited closes
+	err    error       // set before exited closes
+	asked  atomic.Bool // stopped on request (rolling restart): not a crash
 }
 
 func (s *Supervisor) init() error {
@@ -80,6 +84,9 @@ func (s *Supervisor) init() error {
 	}
 	if s.GracePeriod <= 0 {
 		s.GracePeriod = 30 * time.Second
+	}
+	if s.DrainGrace <= 0 {
+		s.DrainGrace = 30 * time.Second
 	}
 	if s.MaxRestartsPerMinute <= 0 {
 		s.MaxRestartsPerMinute = 10
@@ -148,8 +155,9 @@ func (s *Supervisor) Run(ctx context.Context) error {
 	return nil
 }
 
-// Restart drains the worker in slot (no new sessions), stops it within the grace period,
-// and lets its slot start a fresh one.
+// Restart drains the worker in slot — it gets no new sessions, and the sessions and
+// WebSockets it holds get up to DrainGrace to end — then stops it and waits until its
+// slot runs a fresh, ready worker.
 func (s *Supervisor) Restart(ctx context.Context, slot int) error {
 	s.mu.Lock()
 	p := s.procs[slot]
@@ -158,7 +166,71 @@ func (s *Supervisor) Restart(ctx context.Context, slot int) error {
 		return fmt.Errorf("balancer: no worker in slot %d", slot)
 	}
 	s.Balancer.Drain(slot)
-	return s.stop(p)
+	p.asked.Store(true)
+	s.Logger.Info("draining worker", "worker", slot, "pid", p.cmd.Process.Pid, "grace", s.DrainGrace)
+	deadline := time.Now().Add(s.DrainGrace)
+	tick := time.NewTicker(100 * time.Millisecond)
+	defer tick.Stop()
+	for time.Now().Before(deadline) && !s.drained(p) {
+		select {
+		case <-tick.C:
+		case <-p.exited:
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+	}
+	s.stop(p)
+	for {
+		s.mu.Lock()
+		np, changed := s.procs[slot], s.changedC()
+		s.mu.Unlock()
+		if np != nil && np != p {
+			return nil
+		}
+		select {
+		case <-changed:
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+	}
+}
+
+// drained reports whether a draining worker holds nothing the edge knows of.
+func (s *Supervisor) drained(p *proc) bool {
+	select {
+	case <-p.exited:
+		return true
+	default:
+	}
+	if s.Balancer.sessions.Count(p.slot) > 0 {
+		return false
+	}
+	if g, ok := p.ch.(*GoChannel); ok {
+		return g.WebSockets.Load() == 0
+	}
+	return true
+}
+
+// RollingRestart restarts every worker, one at a time, each drained first (SIGHUP).
+func (s *Supervisor) RollingRestart(ctx context.Context) error {
+	if !s.rolling.TryLock() {
+		return errors.New("balancer: a rolling restart is already running")
+	}
+	defer s.rolling.Unlock()
+	for slot := range s.Workers {
+		if err := s.Restart(ctx, slot); err != nil {
+			return fmt.Errorf("rolling restart, worker %d: %w", slot, err)
+		}
+	}
+	return nil
+}
+
+// changedC returns the channel closed at the next worker readiness. s.mu held.
+func (s *Supervisor) changedC() chan struct{} {
+	if s.changed == nil {
+		s.changed = make(chan struct{})
+	}
+	return s.changed
 }
 
 // Pids returns the pid of every running worker by slot (for tests and admin views).
@@ -179,10 +251,12 @@ func (s *Supervisor) runSlot(ctx context.Context, slot int) {
 		started := time.Now()
 		p, err := s.spawn(ctx, slot)
 		if err == nil {
+			s.Balancer.AddWorker(p.w)
 			s.mu.Lock()
 			s.procs[slot] = p
+			close(s.changedC())
+			s.changed = make(chan struct{})
 			s.mu.Unlock()
-			s.Balancer.AddWorker(p.w)
 			if s.nReady.Add(1) == int32(s.Workers) {
 				close(s.ready)
 			}
@@ -198,6 +272,10 @@ func (s *Supervisor) runSlot(ctx context.Context, slot int) {
 			if ctx.Err() != nil {
 				s.stop(p)
 				return
+			}
+			if p.asked.Load() {
+				s.Logger.Info("worker stopped for restart", "worker", slot, "pid", p.cmd.Process.Pid)
+				continue
 			}
 			err = p.err
 			s.Logger.Warn("worker exited; restarting", "worker", slot, "pid", p.cmd.Process.Pid, "err", err)

@@ -91,6 +91,14 @@ func (w *Worker) takesNew(now time.Time) bool {
 	return w.State() == StateReady && now.UnixNano() >= w.stuckUntil.Load()
 }
 
+// WebSockets is the number of WebSockets the worker last reported holding (Go workers).
+func (w *Worker) WebSockets() int64 {
+	if g, ok := w.ch.(*GoChannel); ok {
+		return g.WebSockets.Load()
+	}
+	return 0
+}
+
 // State returns the worker's current state.
 func (w *Worker) State() WorkerState { return WorkerState(w.state.Load()) }
 
@@ -119,7 +127,7 @@ type GoChannel struct {
 
 	// WebSockets is the count the worker last reported.
 	WebSockets atomic.Int64
-	onStats    func(n int64)
+	onStats    atomic.Pointer[func(n int64)]
 }
 
 // NewGoChannel wraps the edge's end of a worker's SEQPACKET channel. timeout bounds each
@@ -131,7 +139,8 @@ func NewGoChannel(uc *net.UnixConn, timeout time.Duration, onStats func(n int64)
 	// A small send buffer bounds how many connections can queue for a worker that stopped
 	// reading its channel before handoffs to it start timing out and go elsewhere.
 	uc.SetWriteBuffer(32 << 10)
-	c := &GoChannel{uc: uc, timeout: timeout, hello: make(chan int, 1), done: make(chan struct{}), onStats: onStats}
+	c := &GoChannel{uc: uc, timeout: timeout, hello: make(chan int, 1), done: make(chan struct{})}
+	c.SetOnStats(onStats)
 	go c.receive()
 	return c
 }
@@ -157,12 +166,15 @@ func (c *GoChannel) receive() {
 			}
 		case fdpass.KindStats:
 			c.WebSockets.Store(int64(m.Value))
-			if c.onStats != nil {
-				c.onStats(int64(m.Value))
+			if f := c.onStats.Load(); f != nil && *f != nil {
+				(*f)(int64(m.Value))
 			}
 		}
 	}
 }
+
+// SetOnStats sets the function called with each WebSocket count the worker reports.
+func (c *GoChannel) SetOnStats(f func(n int64)) { c.onStats.Store(&f) }
 
 // Hello returns the worker's pid once it has announced itself.
 func (c *GoChannel) Hello() <-chan int { return c.hello }

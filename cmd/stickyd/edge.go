@@ -29,6 +29,8 @@ import (
 type edgeFlags struct {
 	listen, metricsAddr, key, trusted  string
 	logFormat, logLevel                string
+	control, allowUIDs                 string
+	adminRemote                        bool
 	workers, appPort, maxHead          int
 	node                               bool
 	shutdownTimeout, headTimeout       time.Duration
@@ -55,6 +57,11 @@ func (f *edgeFlags) register(fs *flag.FlagSet, mode string) {
 	fs.DurationVar(&f.spawnTimeout, "spawn-timeout", 30*time.Second, "a worker must be ready within this")
 	fs.BoolVar(&f.node, "node", false, "speak Node's IPC protocol to the workers (implied when CMD is node)")
 	fs.IntVar(&f.appPort, "app-port", 0, "Node apps with several servers: the port whose server gets the edge's traffic (0: the first to listen)")
+	if mode == "serve" {
+		fs.StringVar(&f.control, "control", "/run/stickyd/ctl.sock", "control socket Go workers connect to (created 0600 in a 0700 directory)")
+		fs.StringVar(&f.allowUIDs, "allow-uid", "", "peer uids allowed on the control socket besides stickyd's own, e.g. 1000,1001")
+	}
+	fs.BoolVar(&f.adminRemote, "admin-remote", false, "serve /admin/ to non-loopback clients too (it can drain and restart workers)")
 	fs.StringVar(&f.logFormat, "log-format", "text", "text or json")
 	fs.StringVar(&f.logLevel, "log-level", "info", "debug, info, warn or error")
 }
@@ -104,6 +111,21 @@ func runEdge(ctx context.Context, mode string, args []string, stderr io.Writer) 
 		if len(command) == 0 {
 			return fmt.Errorf("%w: no worker command: stickyd run [flags] -- CMD ARGS... (e.g. -- node server.js)", errUsage)
 		}
+	case "serve":
+		if len(command) > 0 {
+			return fmt.Errorf("%w: serve takes no command: workers connect to -control (use `stickyd run -- CMD` to spawn them)", errUsage)
+		}
+	}
+	var allowUIDs []int
+	for _, u := range strings.Split(f.allowUIDs, ",") {
+		if u = strings.TrimSpace(u); u == "" {
+			continue
+		}
+		n, err := strconv.Atoi(u)
+		if err != nil || n < 0 {
+			return fmt.Errorf("%w: -allow-uid %q: want numeric uids separated by commas", errUsage, f.allowUIDs)
+		}
+		allowUIDs = append(allowUIDs, n)
 	}
 	log, err := newLogger(stderr, f.logFormat, f.logLevel)
 	if err != nil {
@@ -148,34 +170,72 @@ func runEdge(ctx context.Context, mode string, args []string, stderr io.Writer) 
 		}
 	}
 
-	sup := &balancer.Supervisor{
-		Balancer:     b,
-		Command:      command,
-		Workers:      f.workers,
-		Node:         f.node,
-		AppPort:      f.appPort,
-		SpawnTimeout: f.spawnTimeout,
-		GracePeriod:  f.shutdownTimeout,
-		Logger:       log,
-	}
+	var sup *balancer.Supervisor
 	supCtx, stopWorkers := context.WithCancel(context.Background())
 	defer stopWorkers()
 	supDone := make(chan error, 1)
-	go func() { supDone <- sup.Run(supCtx) }()
+	if mode == "serve" {
+		ctl, err := balancer.ListenControl(f.control)
+		if err != nil {
+			for _, ln := range lns {
+				ln.Close()
+			}
+			return fmt.Errorf("-control: %w", err)
+		}
+		cs := &balancer.ControlServer{Balancer: b, AllowUIDs: allowUIDs, Logger: log}
+		go func() { supDone <- cs.Serve(ctl) }()
+		go func() { <-supCtx.Done(); ctl.Close() }()
+		log.Info("control socket listening", "path", f.control)
+	} else {
+		sup = &balancer.Supervisor{
+			Balancer:     b,
+			Command:      command,
+			Workers:      f.workers,
+			Node:         f.node,
+			AppPort:      f.appPort,
+			SpawnTimeout: f.spawnTimeout,
+			GracePeriod:  f.shutdownTimeout,
+			DrainGrace:   f.shutdownTimeout,
+			Logger:       log,
+		}
+		go func() { supDone <- sup.Run(supCtx) }()
+	}
 
 	var adminSrv *http.Server
 	if metricsLn != nil {
-		adminSrv = &http.Server{Handler: adminHandler(b, sup, reg), ReadHeaderTimeout: 5 * time.Second}
+		adminSrv = &http.Server{Handler: adminHandler(b, sup, reg, f.adminRemote, log), ReadHeaderTimeout: 5 * time.Second}
 		go adminSrv.Serve(metricsLn)
 		log.Info("metrics listening", "addr", metricsLn.Addr().String())
 	}
 
-	// Clients that connect before the workers are ready wait in the listen backlog.
-	select {
-	case <-sup.Ready():
-	case <-ctx.Done():
-	case <-time.After(f.spawnTimeout):
-		log.Warn("not every worker is ready; serving with those that are")
+	if sup != nil {
+		// Clients that connect before the workers are ready wait in the listen backlog.
+		select {
+		case <-sup.Ready():
+		case <-ctx.Done():
+		case <-time.After(f.spawnTimeout):
+			log.Warn("not every worker is ready; serving with those that are")
+		}
+		hup := make(chan os.Signal, 1)
+		signal.Notify(hup, syscall.SIGHUP)
+		defer signal.Stop(hup)
+		go func() {
+			for {
+				select {
+				case <-hup:
+					log.Info("SIGHUP: rolling restart of the workers")
+					go func() {
+						if err := sup.RollingRestart(supCtx); err != nil {
+							log.Warn("rolling restart", "err", err)
+						} else {
+							log.Info("rolling restart done")
+						}
+					}()
+				case <-supCtx.Done():
+					return
+				}
+			}
+		}()
 	}
 	var serveWG sync.WaitGroup
 	for _, ln := range lns {
@@ -186,7 +246,7 @@ func runEdge(ctx context.Context, mode string, args []string, stderr io.Writer) 
 				log.Error("serve", "addr", ln.Addr().String(), "err", err)
 			}
 		}()
-		log.Info("edge listening", "addr", ln.Addr().String(), "mode", mode, "workers", sup.Workers)
+		log.Info("edge listening", "addr", ln.Addr().String(), "mode", mode)
 	}
 
 	<-ctx.Done()
@@ -223,8 +283,9 @@ func runEdge(ctx context.Context, mode string, args []string, stderr io.Writer) 
 	return nil
 }
 
-// adminHandler serves metrics, health and the admin API.
-func adminHandler(b *balancer.Balancer, sup *balancer.Supervisor, g prometheus.Gatherer) http.Handler {
+// adminHandler serves metrics, health and the admin API. /admin/ answers loopback
+// clients only unless remote is set: it can drain and restart workers.
+func adminHandler(b *balancer.Balancer, sup *balancer.Supervisor, g prometheus.Gatherer, remote bool, log *slog.Logger) http.Handler {
 	mux := http.NewServeMux()
 	mux.Handle("GET /metrics", metrics.Handler(g))
 	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, r *http.Request) {
@@ -232,29 +293,63 @@ func adminHandler(b *balancer.Balancer, sup *balancer.Supervisor, g prometheus.G
 	})
 	mux.HandleFunc("GET /readyz", func(w http.ResponseWriter, r *http.Request) {
 		if !b.Ready() {
-			http.Error(w, "not ready: no worker takes new sessions, or the edge is shutting down", http.StatusServiceUnavailable)
+			http.Error(w, "not ready: no worker takes new sessions, or the edge is draining or shutting down", http.StatusServiceUnavailable)
 			return
 		}
 		io.WriteString(w, "ready\n")
 	})
-	mux.HandleFunc("GET /admin/workers", func(w http.ResponseWriter, r *http.Request) {
+	admin := http.NewServeMux()
+	admin.HandleFunc("GET /admin/workers", func(w http.ResponseWriter, r *http.Request) {
 		type info struct {
-			Slot     int    `json:"slot"`
-			PID      int    `json:"pid"`
-			State    string `json:"state"`
-			Sessions int    `json:"sessions"`
+			Slot       int    `json:"slot"`
+			PID        int    `json:"pid"`
+			State      string `json:"state"`
+			Sessions   int    `json:"sessions"`
+			WebSockets int64  `json:"websockets"`
 		}
-		var out []info
+		out := []info{}
 		for _, wk := range b.Workers() {
-			out = append(out, info{wk.Slot, wk.PID, wk.State().String(), b.Sessions().Count(wk.Slot)})
+			out = append(out, info{wk.Slot, wk.PID, wk.State().String(), b.Sessions().Count(wk.Slot), wk.WebSockets()})
 		}
 		w.Header().Set("Content-Type", "application/json")
-		json.NewEncoder(w).Encode(map[string]any{"workers": out, "sessions": b.Sessions().Len()})
+		json.NewEncoder(w).Encode(map[string]any{"workers": out, "sessions": b.Sessions().Len(), "ready": b.Ready()})
 	})
-	mux.HandleFunc("POST /admin/restart/{slot}", func(w http.ResponseWriter, r *http.Request) {
+	admin.HandleFunc("POST /admin/drain", func(w http.ResponseWriter, r *http.Request) {
+		b.SetDraining(true)
+		log.Info("edge draining: /readyz now fails; existing sessions keep being served")
+		io.WriteString(w, "draining\n")
+	})
+	admin.HandleFunc("POST /admin/undrain", func(w http.ResponseWriter, r *http.Request) {
+		b.SetDraining(false)
+		io.WriteString(w, "ready\n")
+	})
+	admin.HandleFunc("POST /admin/drain/{slot}", func(w http.ResponseWriter, r *http.Request) {
+		slot, err := strconv.Atoi(r.PathValue("slot"))
+		if err != nil || !b.Drain(slot) {
+			http.Error(w, "no worker in that slot", http.StatusNotFound)
+			return
+		}
+		io.WriteString(w, "draining\n")
+	})
+	admin.HandleFunc("POST /admin/restart", func(w http.ResponseWriter, r *http.Request) {
+		if sup == nil {
+			http.Error(w, "workers are not spawned by this edge (serve mode): restart them where they run", http.StatusConflict)
+			return
+		}
+		if err := sup.RollingRestart(r.Context()); err != nil {
+			http.Error(w, err.Error(), http.StatusConflict)
+			return
+		}
+		io.WriteString(w, "restarted\n")
+	})
+	admin.HandleFunc("POST /admin/restart/{slot}", func(w http.ResponseWriter, r *http.Request) {
 		slot, err := strconv.Atoi(r.PathValue("slot"))
 		if err != nil {
 			http.Error(w, "slot must be a number", http.StatusBadRequest)
+			return
+		}
+		if sup == nil {
+			http.Error(w, "workers are not spawned by this edge (serve mode)", http.StatusConflict)
 			return
 		}
 		if err := sup.Restart(r.Context(), slot); err != nil {
@@ -263,7 +358,21 @@ func adminHandler(b *balancer.Balancer, sup *balancer.Supervisor, g prometheus.G
 		}
 		io.WriteString(w, "restarted\n")
 	})
+	mux.HandleFunc("/admin/", func(w http.ResponseWriter, r *http.Request) {
+		if !remote && !isLoopback(r.RemoteAddr) {
+			http.Error(w, "admin API is for loopback clients (start with -admin-remote to change that)", http.StatusForbidden)
+			return
+		}
+		admin.ServeHTTP(w, r)
+	})
 	return mux
 }
 
-var _ = slog.Default
+func isLoopback(hostport string) bool {
+	host, _, err := net.SplitHostPort(hostport)
+	if err != nil {
+		return false
+	}
+	ip := net.ParseIP(host)
+	return ip != nil && ip.IsLoopback()
+}

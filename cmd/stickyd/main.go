@@ -42,7 +42,9 @@ const usage = `stickyd — sticky-session WebSocket load balancer
 Usage:
   stickyd demo [flags]                 edge on :8080, 4 built-in Go echo workers, metrics on :9090
   stickyd run [flags] -- CMD ARGS...   spawn -workers copies of CMD as workers (Go or Node)
+  stickyd serve -control PATH [flags]  sidecar: Go workers started elsewhere connect to PATH
   stickyd health -url URL              exit 0 when URL answers 200 OK
+  stickyd drain -url URL               ask a running edge to drain (e.g. a Kubernetes preStop hook)
 
 Run "stickyd run -h" for the flags.`
 
@@ -56,6 +58,10 @@ func run(ctx context.Context, args []string, stderr io.Writer) error {
 		return runEdge(ctx, "demo", args[1:], stderr)
 	case "run":
 		return runEdge(ctx, "run", args[1:], stderr)
+	case "serve":
+		return runEdge(ctx, "serve", args[1:], stderr)
+	case "drain":
+		return runPost(ctx, "drain", "http://127.0.0.1:9090/admin/drain", args[1:])
 	case "demo-worker":
 		log, err := newLogger(stderr, "text", "info")
 		if err != nil {
@@ -92,6 +98,32 @@ func runHealth(ctx context.Context, args []string) error {
 	resp.Body.Close()
 	if resp.StatusCode != http.StatusOK {
 		return fmt.Errorf("health: %s answered %s", *url, resp.Status)
+	}
+	return nil
+}
+
+// runPost POSTs to an admin URL and succeeds on 200 (drain, restart).
+func runPost(ctx context.Context, name, def string, args []string) error {
+	fs := flag.NewFlagSet(name, flag.ContinueOnError)
+	url := fs.String("url", def, "admin URL")
+	timeout := fs.Duration("timeout", 60*time.Second, "how long to wait for the answer")
+	if err := fs.Parse(args); err != nil {
+		return fmt.Errorf("%w: %v", errUsage, err)
+	}
+	ctx, cancel := context.WithTimeout(ctx, *timeout)
+	defer cancel()
+	req, err := http.NewRequestWithContext(ctx, "POST", *url, nil)
+	if err != nil {
+		return err
+	}
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		return fmt.Errorf("%s: %w", name, err)
+	}
+	body, _ := io.ReadAll(io.LimitReader(resp.Body, 4096))
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		return fmt.Errorf("%s: %s answered %s: %s", name, *url, resp.Status, strings.TrimSpace(string(body)))
 	}
 	return nil
 }

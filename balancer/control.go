@@ -1,0 +1,153 @@
+package balancer
+
+import (
+	"errors"
+	"fmt"
+	"io/fs"
+	"log/slog"
+	"net"
+	"os"
+	"path/filepath"
+	"slices"
+	"sync"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+// ControlServer accepts Go workers started elsewhere (sidecar mode: another container
+// sharing a volume) on a Unix SEQPACKET control socket. A worker's channel is the
+// connection itself; it is routed once it announces itself and removed when it hangs up.
+type ControlServer struct {
+	Balancer *Balancer
+	// AllowUIDs lists peer uids allowed besides the edge's own (SO_PEERCRED is checked on
+	// every connection).
+	AllowUIDs    []int
+	HelloTimeout time.Duration // 0: 10 s
+	Logger       *slog.Logger  // nil: the Balancer's
+
+	mu    sync.Mutex
+	slots map[int]*Worker
+}
+
+// ListenControl creates the control socket at path: its directory is created 0700 if
+// missing, a stale socket left by a previous run is removed, and the socket is 0600.
+func ListenControl(path string) (*net.UnixListener, error) {
+	dir := filepath.Dir(path)
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return nil, fmt.Errorf("control socket directory %s: %w", dir, err)
+	}
+	if fi, err := os.Lstat(path); err == nil {
+		if fi.Mode()&fs.ModeSocket == 0 {
+			return nil, fmt.Errorf("control socket %s: exists and is not a socket; remove it or choose another -control path", path)
+		}
+		// A live edge answers; only a dead one's socket may be removed.
+		if c, err := net.Dial("unixpacket", path); err == nil {
+			c.Close()
+			return nil, fmt.Errorf("control socket %s: another stickyd is serving it", path)
+		}
+		os.Remove(path)
+	}
+	old := unix.Umask(0o177) // the socket is born 0600: no window with wider access
+	ln, err := net.ListenUnix("unixpacket", &net.UnixAddr{Name: path, Net: "unixpacket"})
+	unix.Umask(old)
+	if err != nil {
+		return nil, fmt.Errorf("control socket %s: %w", path, err)
+	}
+	return ln, nil
+}
+
+// Serve accepts workers until ln is closed.
+func (s *ControlServer) Serve(ln *net.UnixListener) error {
+	if s.Logger == nil {
+		s.Logger = s.Balancer.log
+	}
+	if s.HelloTimeout <= 0 {
+		s.HelloTimeout = 10 * time.Second
+	}
+	s.mu.Lock()
+	if s.slots == nil {
+		s.slots = map[int]*Worker{}
+	}
+	s.mu.Unlock()
+	var delay time.Duration
+	for {
+		c, err := ln.AcceptUnix()
+		if err != nil {
+			if errors.Is(err, net.ErrClosed) {
+				return nil
+			}
+			if temporaryAccept(err) {
+				delay = min(max(2*delay, 5*time.Millisecond), time.Second)
+				time.Sleep(delay)
+				continue
+			}
+			return err
+		}
+		delay = 0
+		go s.admit(c)
+	}
+}
+
+// admit checks the peer, waits for its hello and puts it into routing.
+func (s *ControlServer) admit(c *net.UnixConn) {
+	uid, pid, err := peerCred(c)
+	if err != nil {
+		s.Logger.Warn("control connection without peer credentials; closed", "err", err)
+		c.Close()
+		return
+	}
+	if uid != os.Getuid() && !slices.Contains(s.AllowUIDs, uid) {
+		s.Logger.Warn("control connection from a uid that is not allowed; closed",
+			"uid", uid, "pid", pid, "hint", "run the worker as the edge's user or add -allow-uid "+fmt.Sprint(uid))
+		c.Close()
+		return
+	}
+	ch := NewGoChannel(c, s.Balancer.cfg.HandoffTimeout, nil)
+	select {
+	case <-ch.Hello():
+	case <-ch.Done():
+		return
+	case <-time.After(s.HelloTimeout):
+		s.Logger.Warn("control connection did not announce a worker in time; closed", "pid", pid)
+		ch.Close()
+		return
+	}
+	s.mu.Lock()
+	slot := 0
+	for s.slots[slot] != nil {
+		slot++
+	}
+	w := newWorker(slot, pid, ch, s.Balancer.cfg.WorkerIdle)
+	s.slots[slot] = w
+	s.mu.Unlock()
+	gauge := s.Balancer.m.WebSockets.WithLabelValues(w.label)
+	ch.SetOnStats(func(n int64) { gauge.Set(float64(n)) })
+	s.Balancer.AddWorker(w)
+	s.Logger.Info("worker connected", "worker", slot, "pid", pid)
+	<-ch.Done()
+	s.Balancer.RemoveWorker(w)
+	s.mu.Lock()
+	delete(s.slots, slot)
+	s.mu.Unlock()
+	s.Logger.Warn("worker disconnected", "worker", slot, "pid", pid)
+}
+
+func peerCred(c *net.UnixConn) (uid, pid int, err error) {
+	raw, err := c.SyscallConn()
+	if err != nil {
+		return 0, 0, err
+	}
+	var cred *unix.Ucred
+	var cerr error
+	err = raw.Control(func(fd uintptr) {
+		cred, cerr = unix.GetsockoptUcred(int(fd), unix.SOL_SOCKET, unix.SO_PEERCRED)
+	})
+	if err == nil {
+		err = cerr
+	}
+	if err != nil {
+		return 0, 0, err
+	}
+	return int(cred.Uid), int(cred.Pid), nil
+}
