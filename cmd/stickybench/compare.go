@@ -1,0 +1,8 @@
+package main
+
+import (
+	"context"
+	"io"
+)
+
+func runCompare(ctx context.Context, args []string, out io.Writer) error { return nil }
