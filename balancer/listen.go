@@ -7,6 +7,7 @@ import (
 	"net"
 	"net/netip"
 	"strconv"
+	"strings"
 	"syscall"
 
 	"golang.org/x/sys/unix"
@@ -42,6 +43,10 @@ func (lc ListenConfig) Listen(ctx context.Context, addr string) ([]net.Listener,
 		addrs = []netip.Addr{netip.IPv4Unspecified(), netip.IPv6Unspecified()}
 	case perr == nil:
 		addrs = []netip.Addr{ip}
+	case strings.EqualFold(strings.TrimSuffix(host, "."), "localhost"):
+		// RFC 6761 §6.3: localhost is the loopback, whatever /etc/hosts lists (many
+		// container images map it to 127.0.0.1 only). An IPv6-less host skips ::1 below.
+		addrs = []netip.Addr{netip.IPv6Loopback(), netip.AddrFrom4([4]byte{127, 0, 0, 1})}
 	default:
 		addrs, err = net.DefaultResolver.LookupNetIP(ctx, "ip", host)
 		if err != nil {
@@ -86,7 +91,7 @@ func (lc ListenConfig) Listen(ctx context.Context, addr string) ([]net.Listener,
 				hint = " (another process, perhaps an earlier stickyd, holds it; stop it or choose another -listen)"
 			}
 			if errors.Is(err, syscall.EADDRNOTAVAIL) || errors.Is(err, syscall.EAFNOSUPPORT) {
-				if host == "" && a.Is6() {
+				if a.Is6() && (host == "" || a.IsLoopback()) {
 					continue // no IPv6 on this host: the IPv4 socket still serves
 				}
 			}
