@@ -57,6 +57,8 @@ type Supervisor struct {
 	restarts atomic.Int64
 	changed  chan struct{} // closed and replaced whenever a worker becomes ready
 	rolling  sync.Mutex    // one rolling restart at a time
+
+	appLogged sync.Once
 }
 
 // ErrSpawnTimeout means a worker never became ready.
@@ -350,11 +352,7 @@ func (s *Supervisor) spawn(ctx context.Context, slot int) (*proc, error) {
 		}
 		child.Close()
 		nch := nodeipc.NewChannel(parent, nodeipc.Config{AckTimeout: s.Balancer.cfg.HandoffTimeout, Logger: s.Logger})
-		primary = &nodeipc.Primary{Channel: nch, Shared: s.shared, Logger: s.Logger.With("worker", slot)}
-		if s.AppPort != 0 {
-			port := s.AppPort
-			primary.OnQueryServer = func(q nodeipc.QueryServer) bool { return q.Port == port }
-		}
+		primary = &nodeipc.Primary{Channel: nch, Shared: s.shared, Logger: s.Logger.With("worker", slot), OnQueryServer: s.chooseAppServer}
 		go primary.Run(context.Background())
 		ch = &nodeChannel{p: primary, ch: nch}
 		readyC = primary.Ready()
@@ -429,6 +427,23 @@ func (s *Supervisor) stop(p *proc) error {
 		<-p.exited
 		return nil
 	}
+}
+
+// chooseAppServer decides which of a Node app's servers receives the edge's traffic;
+// every other server the app listens on is bound and served as it would be without
+// stickyd. The choice is logged once per edge with the rule that made it.
+func (s *Supervisor) chooseAppServer(q nodeipc.QueryServer) bool {
+	app, rule := true, "the first server the app listens on (choose another with -app-port)"
+	if s.AppPort != 0 {
+		app, rule = q.Port == s.AppPort, fmt.Sprintf("-app-port %d", s.AppPort)
+	}
+	if app {
+		s.appLogged.Do(func() {
+			s.Logger.Info("Node app server chosen: it receives the edge's traffic; other servers of the app serve their own ports",
+				"port", q.Port, "address", q.Address, "rule", rule)
+		})
+	}
+	return app
 }
 
 // nodeChannel adapts a Node worker (cluster-primary emulation) to Channel.
