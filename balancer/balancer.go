@@ -40,6 +40,10 @@ type Config struct {
 	HeadTimeout     time.Duration // time a client gets to send a request head; 0: 10 s
 	MaxPendingHeads int           // connections allowed to be mid-head at once; 0: 4096
 	HandoffTimeout  time.Duration // time a worker gets to take a connection; 0: 5 s
+	MaxConns        int           // client connections the edge holds at once (beyond: 503 and close); 0: 100,000
+	MaxConnsPerIP   int           // per client IP (beyond: 429 and close); 0: no limit
+	MaxBodyBytes    int64         // request body limit for proxied requests (413); 0: 100 MiB
+	BodyTimeout     time.Duration // a request body must make progress this often; 0: HeadTimeout
 	IdleTimeout     time.Duration // keep-alive idle time of proxied client connections; 0: 60 s
 	WorkerIdle      time.Duration // idle virtual connections to workers are retired after; 0: 4 s
 
@@ -67,6 +71,13 @@ func (c *Config) applyDefaults() {
 	if c.MaxPendingHeads <= 0 {
 		c.MaxPendingHeads = 4096
 	}
+	if c.MaxConns <= 0 {
+		c.MaxConns = 100_000
+	}
+	if c.MaxBodyBytes <= 0 {
+		c.MaxBodyBytes = 100 << 20
+	}
+	def(&c.BodyTimeout, c.HeadTimeout)
 	if c.Logger == nil {
 		c.Logger = slog.Default()
 	}
@@ -96,6 +107,7 @@ type Balancer struct {
 	closing   bool
 	listeners map[net.Listener]struct{}
 	conns     map[*clientConn]struct{}
+	perIP     map[netip.Addr]int // only with MaxConnsPerIP
 	wg        sync.WaitGroup
 	done      chan struct{} // closed by Shutdown
 
@@ -118,6 +130,7 @@ func New(cfg Config) *Balancer {
 		pending:   make(chan struct{}, cfg.MaxPendingHeads),
 		listeners: map[net.Listener]struct{}{},
 		conns:     map[*clientConn]struct{}{},
+		perIP:     map[netip.Addr]int{},
 		done:      make(chan struct{}),
 	}
 	b.workers.Store(&[]*Worker{})
@@ -154,6 +167,7 @@ func (b *Balancer) publishSessionGauges() {
 // clientConn is a client connection the edge still holds.
 type clientConn struct {
 	c     net.Conn
+	ip    netip.Addr   // counted in perIP
 	state atomic.Int32 // connHead, connIdle, connActive
 }
 
@@ -201,9 +215,22 @@ func (b *Balancer) Serve(ln net.Listener) error {
 		}
 		delay = 0
 		cc := &clientConn{c: c}
-		if !b.track(cc) {
+		switch b.track(cc) {
+		case trackClosed:
 			c.Close()
 			return ErrClosed
+		case trackTooMany:
+			// Keep accepting: a full edge answers and closes instead of leaving clients
+			// in the backlog where they cannot tell a slow edge from a dead one.
+			b.m.Rejections.WithLabelValues(metrics.RejectMaxConns).Inc()
+			b.m.ConnectionsAccepted.WithLabelValues(metrics.AcceptRejected).Inc()
+			go b.reject(c, 503, "the edge is at its connection limit; try again", false)
+			continue
+		case trackPerIP:
+			b.m.Rejections.WithLabelValues(metrics.RejectPerIP).Inc()
+			b.m.ConnectionsAccepted.WithLabelValues(metrics.AcceptRejected).Inc()
+			go b.reject(c, 429, "too many connections from this address", false)
+			continue
 		}
 		go b.serveConn(cc)
 	}
@@ -225,20 +252,43 @@ func (b *Balancer) isClosing() bool {
 	}
 }
 
-func (b *Balancer) track(cc *clientConn) bool {
+const (
+	trackOK = iota
+	trackClosed
+	trackTooMany
+	trackPerIP
+)
+
+func (b *Balancer) track(cc *clientConn) int {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	if b.closing {
-		return false
+		return trackClosed
+	}
+	if len(b.conns) >= b.cfg.MaxConns {
+		return trackTooMany
+	}
+	if b.cfg.MaxConnsPerIP > 0 {
+		ip := addrPort(cc.c.RemoteAddr()).Addr()
+		if b.perIP[ip] >= b.cfg.MaxConnsPerIP {
+			return trackPerIP
+		}
+		b.perIP[ip]++
+		cc.ip = ip
 	}
 	b.conns[cc] = struct{}{}
 	b.wg.Add(1)
-	return true
+	return trackOK
 }
 
 func (b *Balancer) untrack(cc *clientConn) {
 	b.mu.Lock()
 	delete(b.conns, cc)
+	if cc.ip.IsValid() {
+		if b.perIP[cc.ip]--; b.perIP[cc.ip] <= 0 {
+			delete(b.perIP, cc.ip)
+		}
+	}
 	b.mu.Unlock()
 	b.wg.Done()
 }
@@ -306,7 +356,8 @@ func (b *Balancer) serveConn(cc *clientConn) {
 	select {
 	case b.pending <- struct{}{}:
 	default:
-		b.m.Rejections.WithLabelValues("overload").Inc()
+		b.m.Rejections.WithLabelValues(metrics.RejectOverload).Inc()
+		b.m.ConnectionsAccepted.WithLabelValues(metrics.AcceptRejected).Inc()
 		b.reject(c, 503, "too many connections are sending their request head; try again", false)
 		return
 	}
@@ -337,6 +388,7 @@ func (b *Balancer) serveConn(cc *clientConn) {
 }
 
 func (b *Balancer) rejectHead(c net.Conn, err error) {
+	b.m.ConnectionsAccepted.WithLabelValues(metrics.AcceptRejected).Inc()
 	switch {
 	case errors.Is(err, io.EOF), errors.Is(err, io.ErrUnexpectedEOF), errors.Is(err, syscall.ECONNRESET):
 		b.m.Rejections.WithLabelValues("client_closed").Inc()

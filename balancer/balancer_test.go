@@ -548,3 +548,188 @@ func fdList() string {
 	}
 	return strings.Join(out, " ")
 }
+
+func TestLimits(t *testing.T) {
+	e := startEdge(t, Config{
+		MaxConns:      20,
+		MaxConnsPerIP: 5,
+		MaxBodyBytes:  1 << 20,
+		BodyTimeout:   300 * time.Millisecond,
+	}, 1)
+	status := func(c net.Conn) string {
+		c.SetReadDeadline(time.Now().Add(5 * time.Second))
+		line, _ := bufio.NewReader(c).ReadString('\n')
+		return strings.TrimSpace(line)
+	}
+	t.Run("per-IP cap", func(t *testing.T) {
+		var held []net.Conn
+		for range 5 {
+			c, err := net.Dial("tcp", e.addr)
+			if err != nil {
+				t.Fatal(err)
+			}
+			held = append(held, c)
+		}
+		waitFor(t, "5 held connections", 5*time.Second, func() bool {
+			e.b.mu.Lock()
+			defer e.b.mu.Unlock()
+			return len(e.b.conns) == 5
+		})
+		c, err := net.Dial("tcp", e.addr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got := status(c); !strings.HasPrefix(got, "HTTP/1.1 429") {
+			t.Fatalf("6th connection from one IP: %q, want 429", got)
+		}
+		c.Close()
+		// Another loopback address is another client.
+		d := net.Dialer{LocalAddr: &net.TCPAddr{IP: net.IPv4(127, 0, 0, 2)}}
+		c2, err := d.Dial("tcp", e.addr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		fmt.Fprintf(c2, "GET /whoami HTTP/1.1\r\nHost: x\r\n\r\n")
+		if got := status(c2); got != "HTTP/1.1 200 OK" {
+			t.Fatalf("other client: %q", got)
+		}
+		c2.Close()
+		for _, c := range held {
+			c.Close()
+		}
+		waitFor(t, "slots freed", 5*time.Second, func() bool {
+			e.b.mu.Lock()
+			defer e.b.mu.Unlock()
+			return len(e.b.perIP) == 0
+		})
+	})
+	t.Run("body too large", func(t *testing.T) {
+		c, err := net.Dial("tcp", e.addr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		fmt.Fprintf(c, "POST /echo-body HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n", 2<<20)
+		if got := status(c); !strings.HasPrefix(got, "HTTP/1.1 413") {
+			t.Fatalf("got %q, want 413", got)
+		}
+	})
+	t.Run("chunked body too large", func(t *testing.T) {
+		c, err := net.Dial("tcp", e.addr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		go func() {
+			fmt.Fprintf(c, "POST /echo-body HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n")
+			chunk := strings.Repeat("x", 64<<10)
+			for range 40 {
+				if _, err := fmt.Fprintf(c, "%x\r\n%s\r\n", len(chunk), chunk); err != nil {
+					return
+				}
+			}
+			fmt.Fprintf(c, "0\r\n\r\n")
+		}()
+		c.SetReadDeadline(time.Now().Add(10 * time.Second))
+		got, _ := io.ReadAll(c)
+		// The worker may have started answering before the limit was hit; either way
+		// the edge must not deliver a complete echo of an over-limit body.
+		if len(got) >= 40*64<<10 {
+			t.Fatalf("over-limit chunked body was echoed whole (%d bytes)", len(got))
+		}
+	})
+	t.Run("slow body", func(t *testing.T) {
+		c, err := net.Dial("tcp", e.addr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		fmt.Fprintf(c, "POST /echo-body HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\nabc")
+		start := time.Now()
+		if got := status(c); !strings.HasPrefix(got, "HTTP/1.1 408") {
+			t.Fatalf("got %q, want 408", got)
+		}
+		if el := time.Since(start); el > 3*time.Second {
+			t.Fatalf("slow body held the connection %v", el)
+		}
+	})
+	t.Run("connection cap", func(t *testing.T) {
+		var held []net.Conn
+		for i := range 20 {
+			d := net.Dialer{LocalAddr: &net.TCPAddr{IP: net.IPv4(127, 0, 1, byte(i+1))}}
+			c, err := d.Dial("tcp", e.addr)
+			if err != nil {
+				t.Fatal(err)
+			}
+			held = append(held, c)
+		}
+		waitFor(t, "20 held connections", 5*time.Second, func() bool {
+			e.b.mu.Lock()
+			defer e.b.mu.Unlock()
+			return len(e.b.conns) == 20
+		})
+		d := net.Dialer{LocalAddr: &net.TCPAddr{IP: net.IPv4(127, 0, 2, 1)}}
+		c, err := d.Dial("tcp", e.addr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got := status(c); !strings.HasPrefix(got, "HTTP/1.1 503") {
+			t.Fatalf("connection over the cap: %q, want 503", got)
+		}
+		c.Close()
+		for _, c := range held {
+			c.Close()
+		}
+		// Below the cap again, the edge serves.
+		waitFor(t, "connections released", 5*time.Second, func() bool {
+			e.b.mu.Lock()
+			defer e.b.mu.Unlock()
+			return len(e.b.conns) == 0
+		})
+		cw, _ := dialWS(t, e.addr, nil)
+		echoOnce(t, cw, "after the cap")
+		cw.Close()
+	})
+}
+
+// TestCookieIdentityLearnedFromSetCookie runs a Go worker with the engine.io stand-in
+// keyed by cookie only: the edge learns cookie → worker from the handshake's Set-Cookie.
+func TestCookieIdentityLearnedFromSetCookie(t *testing.T) {
+	e := startEdge(t, Config{Rules: sticky.Rules{Sources: []sticky.Source{{Kind: sticky.KindCookie, Name: "io"}}}}, 4)
+	cl := httpClient()
+	for i := range 12 {
+		resp, err := cl.Get("http://" + e.addr + "/socket.io/?EIO=4&transport=polling&cookie=1")
+		if err != nil {
+			t.Fatal(err)
+		}
+		body, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		var open struct{ Sid string }
+		json.Unmarshal(body[1:], &open)
+		var cookie string
+		for _, c := range resp.Cookies() {
+			if c.Name == "io" {
+				cookie = c.Value
+			}
+		}
+		if cookie != open.Sid {
+			t.Fatalf("handshake %d: cookie %q, sid %q", i, cookie, open.Sid)
+		}
+		owner := open.Sid[1:strings.Index(open.Sid, "s")]
+		// Follow-ups carry only the cookie (no sid in the query): plain requests.
+		for range 3 {
+			req, _ := http.NewRequest("GET", "http://"+e.addr+"/whoami", nil)
+			req.AddCookie(&http.Cookie{Name: "io", Value: cookie})
+			resp, err := cl.Do(req)
+			if err != nil {
+				t.Fatal(err)
+			}
+			var who struct{ Worker string }
+			json.NewDecoder(resp.Body).Decode(&who)
+			resp.Body.Close()
+			if who.Worker != owner {
+				t.Fatalf("cookie of worker %s's session reached worker %s", owner, who.Worker)
+			}
+		}
+	}
+}

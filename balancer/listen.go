@@ -75,13 +75,24 @@ func (lc ListenConfig) Listen(ctx context.Context, addr string) ([]net.Listener,
 			return serr
 		},
 	}
+	// With port 0 the first socket picks the port and the others must get the same one;
+	// another process may hold it on their address, so try a few fresh ports.
+	for try := 0; ; try++ {
+		lns, err := lc.bindAll(ctx, nlc, addrs, host, uint16(port))
+		if err == nil || port != 0 || try == 8 || !errors.Is(err, syscall.EADDRINUSE) {
+			return lns, err
+		}
+	}
+}
+
+func (lc ListenConfig) bindAll(ctx context.Context, nlc net.ListenConfig, addrs []netip.Addr, host string, port uint16) ([]net.Listener, error) {
 	var lns []net.Listener
 	for _, a := range addrs {
 		network := "tcp4"
 		if a.Is6() && !a.Is4In6() {
 			network = "tcp6"
 		}
-		ln, err := nlc.Listen(ctx, network, netip.AddrPortFrom(a, uint16(port)).String())
+		ln, err := nlc.Listen(ctx, network, netip.AddrPortFrom(a, port).String())
 		if err != nil {
 			for _, l := range lns {
 				l.Close()
@@ -95,12 +106,12 @@ func (lc ListenConfig) Listen(ctx context.Context, addr string) ([]net.Listener,
 					continue // no IPv6 on this host: the IPv4 socket still serves
 				}
 			}
-			return nil, fmt.Errorf("listen on %s: %w%s", netip.AddrPortFrom(a, uint16(port)), err, hint)
+			return nil, fmt.Errorf("listen on %s: %w%s", netip.AddrPortFrom(a, port), err, hint)
 		}
 		lns = append(lns, ln)
 		if port == 0 {
 			// The other families must share the port the kernel picked for the first.
-			port = uint64(ln.Addr().(*net.TCPAddr).Port)
+			port = uint16(ln.Addr().(*net.TCPAddr).Port)
 		}
 	}
 	return lns, nil

@@ -114,6 +114,9 @@ func engineIOStandIn(id string) http.HandlerFunc {
 			n++
 			sid = "w" + id + "s" + strconv.Itoa(n) + strings.Repeat("x", 12)
 			sids[sid] = true
+			if r.URL.Query().Get("cookie") != "" {
+				http.SetCookie(w, &http.Cookie{Name: "io", Value: sid, Path: "/", HttpOnly: true})
+			}
 			w.Header().Set("Content-Type", "text/plain; charset=UTF-8")
 			io.WriteString(w, `0{"sid":"`+sid+`","upgrades":["websocket"],"pingInterval":25000,"pingTimeout":20000,"maxPayload":1000000}`)
 			return

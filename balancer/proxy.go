@@ -139,20 +139,33 @@ func (b *Balancer) proxyRequest(c net.Conn, br *bufio.Reader, bw *bufio.Writer, 
 	// Read small bodies whole so a request can be retried on a fresh connection.
 	var small []byte
 	var body io.Reader
+	if h.ContentLength > b.cfg.MaxBodyBytes {
+		b.m.Rejections.WithLabelValues(metrics.RejectBodyTooLarge).Inc()
+		b.reject(c, 413, fmt.Sprintf("request body over the %d-byte limit", b.cfg.MaxBodyBytes), true)
+		return false
+	}
+	// Every read of a body must make progress within BodyTimeout: a client that trickles
+	// its body cannot hold a worker connection forever.
+	paced := &pacedReader{r: br, c: c, d: b.cfg.BodyTimeout}
 	switch {
 	case h.Chunked:
-		body = &chunkedBody{r: httputil.NewChunkedReader(br), br: br}
+		// The chunked reader must read br itself: wrapped in anything else it would add a
+		// buffer of its own and swallow the next request's bytes.
+		body = &limitedBody{r: &chunkedBody{r: httputil.NewChunkedReader(br), br: br, pace: paced}, n: b.cfg.MaxBodyBytes}
 	case h.ContentLength > replayableBody:
-		body = io.LimitReader(br, h.ContentLength)
+		body = io.LimitReader(paced, h.ContentLength)
 	case h.ContentLength > 0:
 		small = make([]byte, h.ContentLength)
-		c.SetReadDeadline(time.Now().Add(b.cfg.HeadTimeout))
-		_, err := io.ReadFull(br, small)
-		c.SetReadDeadline(time.Time{})
-		if err != nil {
+		if _, err := io.ReadFull(paced, small); err != nil {
+			c.SetReadDeadline(time.Time{})
+			if isTimeout(err) {
+				b.m.Rejections.WithLabelValues(metrics.RejectBodyTimeout).Inc()
+				b.reject(c, 408, "request body not received in time", false)
+			}
 			return false
 		}
 	}
+	defer c.SetReadDeadline(time.Time{})
 
 	var tried uint64
 	for attempt := 0; ; attempt++ {
@@ -169,6 +182,16 @@ func (b *Balancer) proxyRequest(c net.Conn, br *bufio.Reader, bw *bufio.Writer, 
 		req := buildRequest(h, peer, small, body)
 		resp, err := r.w.transport.RoundTrip(req)
 		if err != nil {
+			if errors.Is(err, errBodyTooLarge) {
+				b.m.Rejections.WithLabelValues(metrics.RejectBodyTooLarge).Inc()
+				b.reject(c, 413, fmt.Sprintf("request body over the %d-byte limit", b.cfg.MaxBodyBytes), false)
+				return false
+			}
+			if isTimeout(err) {
+				b.m.Rejections.WithLabelValues(metrics.RejectBodyTimeout).Inc()
+				b.reject(c, 408, "request body not received in time", false)
+				return false
+			}
 			b.log.Warn("proxied request failed", "worker", r.w.Slot, "err", err)
 			// Retry elsewhere only when nothing of the body was lost and the request is
 			// not bound to this worker's session.
@@ -183,7 +206,7 @@ func (b *Balancer) proxyRequest(c net.Conn, br *bufio.Reader, bw *bufio.Writer, 
 		b.m.RequestsProxied.WithLabelValues(r.w.label, metrics.StatusClass(resp.StatusCode)).Inc()
 		keep := b.writeResponse(bw, h, resp, r.w)
 		resp.Body.Close()
-		if cb, ok := body.(*chunkedBody); ok && !cb.done {
+		if lb, ok := body.(*limitedBody); ok && !lb.r.done {
 			return false
 		}
 		if lr, ok := body.(*io.LimitedReader); ok && lr.N > 0 {
@@ -270,11 +293,40 @@ func hasToken(list, token string) bool {
 	return false
 }
 
+// pacedReader extends the connection's read deadline before every read.
+type pacedReader struct {
+	r io.Reader
+	c net.Conn
+	d time.Duration
+}
+
+func (p *pacedReader) Read(b []byte) (int, error) {
+	p.c.SetReadDeadline(time.Now().Add(p.d))
+	return p.r.Read(b)
+}
+
+var errBodyTooLarge = errors.New("balancer: request body over the limit")
+
+// limitedBody fails a chunked body that grows past the limit.
+type limitedBody struct {
+	r *chunkedBody
+	n int64
+}
+
+func (l *limitedBody) Read(p []byte) (int, error) {
+	n, err := l.r.Read(p)
+	if l.n -= int64(n); l.n < 0 {
+		return n, errBodyTooLarge
+	}
+	return n, err
+}
+
 // chunkedBody decodes a chunked request body and consumes its trailer section, so the
 // next request on the connection starts where it should.
 type chunkedBody struct {
 	r    io.Reader
 	br   *bufio.Reader
+	pace *pacedReader
 	done bool
 }
 
@@ -282,6 +334,7 @@ func (cb *chunkedBody) Read(p []byte) (int, error) {
 	if cb.done {
 		return 0, io.EOF
 	}
+	cb.pace.c.SetReadDeadline(time.Now().Add(cb.pace.d))
 	n, err := cb.r.Read(p)
 	if err == io.EOF {
 		// Trailer fields up to the empty line; bounded like a head.
@@ -408,7 +461,7 @@ func (b *Balancer) learnSession(h *upgrade.Head, resp *http.Response, w *Worker)
 	for _, sc := range resp.Cookies() {
 		for _, s := range b.cfg.Rules.Sources {
 			if s.Kind == sticky.KindCookie && s.Name == sc.Name && sc.Value != "" {
-				b.sessions.Put(sticky.Key{Kind: sticky.KindCookie, Value: sc.Value}.String(), w.Slot, now)
+				b.sessions.Put(sticky.NamedKey(sticky.KindCookie, sc.Name, sc.Value).String(), w.Slot, now)
 			}
 		}
 	}

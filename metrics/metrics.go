@@ -57,6 +57,10 @@ const (
 	RejectNoWorker     = "no_worker"
 	RejectOverload     = "overload"
 	RejectClientClosed = "client_closed"
+	RejectMaxConns     = "max_connections"
+	RejectPerIP        = "per_ip_limit"
+	RejectBodyTooLarge = "body_too_large"
+	RejectBodyTimeout  = "body_timeout"
 )
 
 // Values of the result label of stickyd_handoffs_total.
@@ -87,7 +91,7 @@ const (
 // them before the first event.
 var (
 	acceptResults   = []string{AcceptHandedOff, AcceptProxied, AcceptRejected, AcceptTunneled}
-	rejectReasons   = []string{RejectHeadTimeout, RejectHeadTooLarge, RejectBadRequest, RejectSmuggling, RejectTLS, RejectVersion, RejectNoWorker, RejectOverload, RejectClientClosed}
+	rejectReasons   = []string{RejectHeadTimeout, RejectHeadTooLarge, RejectBadRequest, RejectSmuggling, RejectTLS, RejectVersion, RejectNoWorker, RejectOverload, RejectClientClosed, RejectMaxConns, RejectPerIP, RejectBodyTooLarge, RejectBodyTimeout}
 	handoffResults  = []string{HandoffOK, HandoffError, HandoffRetried, HandoffTimeout}
 	workerStates    = []string{WorkerStarting, WorkerReady, WorkerDraining, WorkerFailed}
 	evictionReasons = []string{EvictExpired, EvictCapacity, EvictWorkerGone}

@@ -147,8 +147,8 @@ func TestScrapeExactValues(t *testing.T) {
 		wantRej["reason="+r] = 0
 	}
 	wantRej["reason=smuggling"] = 2
-	if len(wantRej) != 9 {
-		t.Fatalf("rejection reasons: %d, want 9", len(wantRej))
+	if len(wantRej) != 13 {
+		t.Fatalf("rejection reasons: %d, want 13", len(wantRej))
 	}
 	assertSeries(t, NameRejections, values(t, mfs, NameRejections, C), wantRej)
 	assertSeries(t, NameHandoffs, values(t, mfs, NameHandoffs, C), map[string]float64{

@@ -113,8 +113,10 @@ func LeastLoaded(cands []Candidate, r uint64) int {
 	if j >= i {
 		j++
 	}
-	a, b := cands[i], cands[j]
-	if b.Load < a.Load || (b.Load == a.Load && b.Slot < a.Slot) {
+	// On a tie the first draw wins: it is uniformly random, so equally loaded workers
+	// share a burst of new sessions evenly (a fixed tie-break would favour low slots
+	// until their loads caught up).
+	if cands[j].Load < cands[i].Load {
 		return int(j)
 	}
 	return int(i)

@@ -201,11 +201,16 @@ func TestLeastLoaded(t *testing.T) {
 			t.Fatalf("r=%d: picked %d (load %d), want the less loaded", r, got, two[got].Load)
 		}
 	}
-	// Ties: lower Load, then lower Slot.
-	tie := []Candidate{{Slot: 9, Load: 2}, {Slot: 3, Load: 2}}
-	for r := range uint64(100) {
-		if got := LeastLoaded(tie, r<<57|r); tie[got].Slot != 3 {
-			t.Fatalf("tie: picked slot %d, want 3", tie[got].Slot)
+	// Ties are broken at random: four idle workers share a burst evenly.
+	idle := []Candidate{{Slot: 0}, {Slot: 1}, {Slot: 2}, {Slot: 3}}
+	counts := make([]int, 4)
+	trng := rand.New(rand.NewPCG(7, 7))
+	for range 40_000 {
+		counts[LeastLoaded(idle, trng.Uint64())]++
+	}
+	for slot, n := range counts {
+		if n < 9_000 || n > 11_000 {
+			t.Errorf("equal loads: slot %d got %d of 40000 picks, want about 10000 (%v)", slot, n, counts)
 		}
 	}
 	// Eight candidates with loads 0..7: the heaviest can never win a pair,

@@ -230,6 +230,10 @@ type Key struct {
 	name  string
 }
 
+// NamedKey builds the key a KindCookie or KindHeader source named name yields for
+// value (for example from a Set-Cookie the edge saw in a worker's answer).
+func NamedKey(kind Kind, name, value string) Key { return Key{Kind: kind, Value: value, name: name} }
+
 // Name returns the cookie or header name of a KindCookie or KindHeader key.
 func (k Key) Name() string { return k.name }
 

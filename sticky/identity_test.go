@@ -304,3 +304,16 @@ func TestMappedPrefixInRules(t *testing.T) {
 		t.Fatalf("got %v", k)
 	}
 }
+
+func TestNamedKeyMatchesIdentify(t *testing.T) {
+	r := Rules{Sources: []Source{{Kind: KindCookie, Name: "io"}}}
+	got := r.Identify(Request{Header: func(n string) string {
+		if n == "Cookie" {
+			return "a=1; io=abc"
+		}
+		return ""
+	}})
+	if want := NamedKey(KindCookie, "io", "abc"); got.String() != want.String() {
+		t.Fatalf("Identify = %s, NamedKey = %s: a learned cookie would never match", got, want)
+	}
+}
