@@ -32,6 +32,8 @@ type edgeFlags struct {
 	control, allowUIDs                 string
 	adminRemote                        bool
 	workers, appPort, maxHead          int
+	maxConns, maxPerIP                 int
+	maxBody                            int64
 	node                               bool
 	shutdownTimeout, headTimeout       time.Duration
 	spawnTimeout, sessionTTL, idleTime time.Duration
@@ -53,6 +55,9 @@ func (f *edgeFlags) register(fs *flag.FlagSet, mode string) {
 	fs.DurationVar(&f.headTimeout, "head-timeout", 10*time.Second, "time a client gets to send its request head")
 	fs.IntVar(&f.maxHead, "max-head-bytes", 16<<10, "request head size limit")
 	fs.DurationVar(&f.idleTime, "idle-timeout", 60*time.Second, "keep-alive idle time of proxied client connections")
+	fs.IntVar(&f.maxConns, "max-conns", 100_000, "client connections held at once; beyond it new ones get 503 and are closed")
+	fs.IntVar(&f.maxPerIP, "max-conns-per-ip", 0, "client connections per IP address (429 beyond it); 0: no limit")
+	fs.Int64Var(&f.maxBody, "max-body-bytes", 100<<20, "request body limit for proxied requests (413)")
 	fs.DurationVar(&f.shutdownTimeout, "shutdown-timeout", 30*time.Second, "grace period on SIGTERM for requests in flight and workers")
 	fs.DurationVar(&f.spawnTimeout, "spawn-timeout", 30*time.Second, "a worker must be ready within this")
 	fs.BoolVar(&f.node, "node", false, "speak Node's IPC protocol to the workers (implied when CMD is node)")
@@ -146,14 +151,17 @@ func runEdge(ctx context.Context, mode string, args []string, stderr io.Writer) 
 		return err
 	}
 	b := balancer.New(balancer.Config{
-		Rules:        sticky.Rules{Sources: sources, TrustedProxies: trusted},
-		Balance:      sticky.Balance{Epsilon: f.epsilon},
-		SessionTTL:   f.sessionTTL,
-		MaxHeadBytes: f.maxHead,
-		HeadTimeout:  f.headTimeout,
-		IdleTimeout:  f.idleTime,
-		Metrics:      m,
-		Logger:       log,
+		Rules:         sticky.Rules{Sources: sources, TrustedProxies: trusted},
+		Balance:       sticky.Balance{Epsilon: f.epsilon},
+		SessionTTL:    f.sessionTTL,
+		MaxHeadBytes:  f.maxHead,
+		HeadTimeout:   f.headTimeout,
+		IdleTimeout:   f.idleTime,
+		MaxConns:      f.maxConns,
+		MaxConnsPerIP: f.maxPerIP,
+		MaxBodyBytes:  f.maxBody,
+		Metrics:       m,
+		Logger:        log,
 	})
 	lns, err := balancer.ListenConfig{}.Listen(ctx, f.listen)
 	if err != nil {
