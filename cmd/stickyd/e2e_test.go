@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
+	"net"
 	"net/http"
 	"os"
 	"os/exec"
@@ -17,6 +18,7 @@ import (
 	"syscall"
 	"testing"
 	"time"
+	"unsafe"
 
 	"github.com/gorilla/websocket"
 )
@@ -326,3 +328,72 @@ func TestEnvironmentConfiguresFlags(t *testing.T) {
 }
 
 var _ = strconv.Itoa
+
+// TestFDExhaustionBacksOffAndRecovers lowers the running edge's RLIMIT_NOFILE until its
+// accept fails with EMFILE: the accept loop must back off (not spin, not exit) and serve
+// again once descriptors are free.
+func TestFDExhaustionBacksOffAndRecovers(t *testing.T) {
+	d := startDaemon(t, "", "demo", "-workers", "1", "-head-timeout", "30s")
+	pid := d.cmd.Process.Pid
+	fds, err := os.ReadDir(fmt.Sprintf("/proc/%d/fd", pid))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var old syscall.Rlimit
+	lim := &syscall.Rlimit{Cur: uint64(len(fds) + 10), Max: 20000}
+	if err := prlimit(pid, lim, &old); err != nil {
+		t.Fatalf("prlimit: %v", err)
+	}
+	t.Logf("edge fd limit lowered from %d to %d (it holds %d)", old.Cur, lim.Cur, len(fds))
+	// Idle connections hold edge fds while it waits for their heads.
+	var idle []net.Conn
+	for range 30 {
+		c, err := net.Dial("tcp", d.addr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		idle = append(idle, c)
+	}
+	waitFor(t, "the accept loop to report EMFILE", 10*time.Second, func() bool {
+		return strings.Contains(d.logs.String(), "accept failed; retrying")
+	})
+	for _, c := range idle {
+		c.Close()
+	}
+	if err := prlimit(pid, &old, nil); err != nil {
+		t.Fatal(err)
+	}
+	// Backlogged connections and new ones are served once fds are free.
+	c, _, err := (&websocket.Dialer{HandshakeTimeout: 10 * time.Second}).Dial("ws://"+d.addr+"/ws", nil)
+	if err != nil {
+		t.Fatalf("after recovery: %v", err)
+	}
+	c.Close()
+	select {
+	case <-d.exited:
+		t.Fatal("the edge exited on EMFILE")
+	default:
+	}
+}
+
+func prlimit(pid int, lim, old *syscall.Rlimit) error {
+	_, _, e := syscall.RawSyscall6(syscall.SYS_PRLIMIT64, uintptr(pid), uintptr(syscall.RLIMIT_NOFILE),
+		uintptr(unsafe.Pointer(lim)), uintptr(unsafe.Pointer(old)), 0, 0)
+	if e != 0 {
+		return e
+	}
+	return nil
+}
+
+// waitFor polls cond until it holds or the deadline passes; for state with no signal to
+// wait on (another process's logs, /proc).
+func waitFor(t *testing.T, what string, d time.Duration, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(d)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out waiting for %s", what)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
