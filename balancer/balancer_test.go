@@ -117,7 +117,7 @@ func waitFor(t *testing.T, what string, d time.Duration, cond func() bool) {
 	deadline := time.Now().Add(d)
 	for !cond() {
 		if time.Now().After(deadline) {
-			t.Fatalf("timed out waiting for %s (fds: %s)", what, fdList())
+			t.Fatalf("timed out waiting for %s", what)
 		}
 		time.Sleep(5 * time.Millisecond)
 	}
@@ -166,6 +166,7 @@ func TestWebSocketLivesInTheWorker(t *testing.T) {
 	c0, _ := dialWS(t, e.addr, nil)
 	c0.Close()
 	base := openFDs(t)
+	baseSet := fdSet()
 	baseG := runtime.NumGoroutine()
 
 	const n = 50
@@ -181,8 +182,7 @@ func TestWebSocketLivesInTheWorker(t *testing.T) {
 		conns[i] = c
 	}
 	// The test process holds the client ends (n fds); the edge must hold nothing more.
-	waitFor(t, "edge fds back to baseline", 5*time.Second, func() bool { return openFDs(t) == base+n })
-	_ = fdList
+	waitForFDs(t, base+n, baseSet)
 	waitFor(t, "edge goroutines back to baseline", 5*time.Second, func() bool { return runtime.NumGoroutine() <= baseG })
 	for i, c := range conns {
 		echoOnce(t, c, fmt.Sprintf("message %d", i))
@@ -363,6 +363,7 @@ func TestHostileHeads(t *testing.T) {
 	warm, _ := dialWS(t, e.addr, nil)
 	warm.Close()
 	base := openFDs(t)
+	baseSet := fdSet()
 
 	cases := []struct {
 		name, in string
@@ -438,7 +439,7 @@ func TestHostileHeads(t *testing.T) {
 	c, _ := dialWS(t, e.addr, nil)
 	echoOnce(t, c, "after the hostile ones")
 	c.Close()
-	waitFor(t, "edge fds back to baseline", 5*time.Second, func() bool { return openFDs(t) == base })
+	waitForFDs(t, base, baseSet)
 }
 
 func firstLine(b []byte) string {
@@ -539,14 +540,40 @@ func counterValue(c prometheus.Counter) float64 {
 	return m.GetCounter().GetValue()
 }
 
-func fdList() string {
+// fdSet maps this process's descriptors to what they point at.
+func fdSet() map[string]string {
 	es, _ := os.ReadDir("/proc/self/fd")
-	var out []string
+	out := map[string]string{}
 	for _, e := range es {
 		l, _ := os.Readlink("/proc/self/fd/" + e.Name())
-		out = append(out, e.Name()+"="+l)
+		out[e.Name()] = l
 	}
-	return strings.Join(out, " ")
+	return out
+}
+
+// waitForFDs waits until the process holds want descriptors; on failure it names the
+// ones that appeared and disappeared since base, which says what leaked.
+func waitForFDs(t *testing.T, want int, base map[string]string) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for openFDs(t) != want {
+		if time.Now().After(deadline) {
+			now := fdSet()
+			var added, gone []string
+			for fd, l := range now {
+				if base[fd] != l {
+					added = append(added, fd+"="+l)
+				}
+			}
+			for fd, l := range base {
+				if now[fd] != l {
+					gone = append(gone, fd+"="+l)
+				}
+			}
+			t.Fatalf("fds: %d open, want %d; new since baseline: %v; gone: %v", openFDs(t), want, added, gone)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
 }
 
 func TestLimits(t *testing.T) {

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
+	"slices"
 	"strconv"
 	"strings"
 	"syscall"
@@ -46,13 +47,24 @@ func (lc ListenConfig) Listen(ctx context.Context, addr string) ([]net.Listener,
 	case strings.EqualFold(strings.TrimSuffix(host, "."), "localhost"):
 		// RFC 6761 §6.3: localhost is the loopback, whatever /etc/hosts lists (many
 		// container images map it to 127.0.0.1 only). An IPv6-less host skips ::1 below.
-		addrs = []netip.Addr{netip.IPv6Loopback(), netip.AddrFrom4([4]byte{127, 0, 0, 1})}
+		addrs = []netip.Addr{netip.AddrFrom4([4]byte{127, 0, 0, 1}), netip.IPv6Loopback()}
 	default:
 		addrs, err = net.DefaultResolver.LookupNetIP(ctx, "ip", host)
 		if err != nil {
 			return nil, fmt.Errorf("listen address %q: resolve %s: %w", addr, host, err)
 		}
 		addrs = dedupAddrs(addrs)
+		// IPv4 first: with port 0 the first bind picks the port, and the kernel's pick
+		// avoids ports that IPv4 connections (busier on most hosts) hold.
+		slices.SortStableFunc(addrs, func(a, b netip.Addr) int {
+			if a.Is4() == b.Is4() {
+				return 0
+			}
+			if a.Is4() {
+				return -1
+			}
+			return 1
+		})
 	}
 	nlc := net.ListenConfig{
 		// Skip the per-connection keepalive setsockopt: handed-off connections get the

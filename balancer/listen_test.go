@@ -135,7 +135,7 @@ func TestControlSocketChecksPeerUID(t *testing.T) {
 		t.Fatalf("second ListenControl: %v", err)
 	}
 	b := New(Config{})
-	cs := &ControlServer{Balancer: b, HelloTimeout: 5 * time.Second}
+	cs := &ControlServer{Balancer: b, HelloTimeout: 5 * time.Second, AllowUIDs: []int{65533}}
 	go cs.Serve(ln)
 	defer ln.Close()
 	os.Chmod(filepath.Dir(dir), 0o755) // t.TempDir's parent
@@ -171,8 +171,7 @@ func TestControlSocketChecksPeerUID(t *testing.T) {
 	}
 	start(0)
 	waitFor(t, "own-uid worker admitted", 10*time.Second, func() bool { return len(b.Workers()) == 1 })
-	cs.AllowUIDs = []int{65534}
-	start(65534)
+	start(65533)
 	waitFor(t, "allowed uid admitted", 10*time.Second, func() bool { return len(b.Workers()) == 2 })
 }
 
