@@ -36,7 +36,7 @@ type testEdge struct {
 
 // startEdge runs an in-process edge on a loopback port with n real worker processes
 // (this test binary in worker mode). modes[i] selects worker i's mode (default "echo").
-func startEdge(t *testing.T, cfg Config, n int, modes ...string) *testEdge {
+func startEdge(t testing.TB, cfg Config, n int, modes ...string) *testEdge {
 	t.Helper()
 	if cfg.Logger == nil {
 		cfg.Logger = slog.New(slog.NewTextHandler(testWriter{t}, &slog.HandlerOptions{Level: slog.LevelWarn}))
@@ -92,7 +92,7 @@ func startEdge(t *testing.T, cfg Config, n int, modes ...string) *testEdge {
 	return e
 }
 
-type testWriter struct{ t *testing.T }
+type testWriter struct{ t testing.TB }
 
 func (w testWriter) Write(p []byte) (int, error) {
 	w.t.Helper()

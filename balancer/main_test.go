@@ -41,7 +41,17 @@ func testWorker(mode string) int {
 		_ = ln
 		select {} // the receive goroutine blocks on the unbuffered channel: nobody accepts
 	}
-	ln, err := fdpass.Listen()
+	var ln net.Listener
+	var err error
+	if mode == "tcp" {
+		// Baseline for benchmarks: the same worker, reached directly.
+		ln, err = net.Listen("tcp", "127.0.0.1:0")
+		if err == nil {
+			os.Stdout.WriteString(ln.Addr().String() + "\n")
+		}
+	} else {
+		ln, err = fdpass.Listen()
+	}
 	if err != nil {
 		os.Stderr.WriteString(err.Error() + "\n")
 		return 1
@@ -91,8 +101,12 @@ func testWorker(mode string) int {
 	mux.HandleFunc("/socket.io/", engineIOStandIn(id))
 	srv := &http.Server{Handler: mux}
 	srv.RegisterOnShutdown(tracker.GoingAway)
+	if mode == "tcp" {
+		srv.Serve(ln)
+		return 0
+	}
 	go srv.Serve(ln)
-	<-ln.Done()
+	<-ln.(*fdpass.Listener).Done()
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
 	srv.Shutdown(ctx)
