@@ -5,6 +5,7 @@ import (
 	"bytes"
 	"fmt"
 	"os"
+	"slices"
 	"strconv"
 	"strings"
 )
@@ -65,8 +66,9 @@ func procNofile(pid int) (int64, error) {
 	return 0, fmt.Errorf("no Max open files line")
 }
 
-// withDescendants returns pids plus every process descending from them.
-func withDescendants(pids []int) []int {
+// withDescendants returns pids plus every process descending from them, not descending
+// into the pids in stop (they are accounted for separately).
+func withDescendants(pids []int, stop ...int) []int {
 	children := map[int][]int{}
 	ents, _ := os.ReadDir("/proc")
 	for _, e := range ents {
@@ -96,7 +98,7 @@ func withDescendants(pids []int) []int {
 	for len(queue) > 0 {
 		p := queue[0]
 		queue = queue[1:]
-		if seen[p] {
+		if seen[p] || (slices.Contains(stop, p) && !slices.Contains(pids, p)) {
 			continue
 		}
 		seen[p] = true

@@ -9,7 +9,6 @@ import (
 	"fmt"
 	"io"
 	"net/url"
-	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -362,32 +361,35 @@ type idleSample struct {
 	RSSKiB int64 `json:"rss_kib"`
 	FDs    int64 `json:"fds"`
 	Procs  int   `json:"procs"`
+	// ByPID: RSS KiB of each -pid (with its descendants under -tree).
+	ByPID map[string]int64 `json:"rss_kib_by_pid,omitempty"`
 }
 
 type idleResult struct {
-	Mode         string       `json:"mode"`
-	URL          string       `json:"url"`
-	N            int          `json:"n"`
-	Held         int64        `json:"held"`
-	Errors       int64        `json:"errors"`
-	ErrorSample  []string     `json:"error_sample,omitempty"`
-	Sources      int          `json:"sources"`
-	OpenSeconds  float64      `json:"open_seconds"`
-	Rate         float64      `json:"rate"`
-	HoldSeconds  float64      `json:"hold_seconds"`
-	Alive        int64        `json:"alive_after_hold"`
-	NofileSoft   uint64       `json:"nofile_soft"`
-	NofileHard   uint64       `json:"nofile_hard"`
-	PIDs         []int        `json:"pids,omitempty"`
-	Tree         bool         `json:"tree"`
-	TargetNofile []int64      `json:"target_nofile,omitempty"`
-	Baseline     *idleSample  `json:"baseline,omitempty"`
-	Steps        []idleSample `json:"steps,omitempty"`
-	AfterHold    *idleSample  `json:"after_hold,omitempty"`
-	SlopeFrom    int64        `json:"slope_from,omitempty"`
-	SlopeTo      int64        `json:"slope_to,omitempty"`
-	KiBPerConn   float64      `json:"kib_per_conn"`
-	FDsPerConn   float64      `json:"fds_per_conn"`
+	Mode         string             `json:"mode"`
+	URL          string             `json:"url"`
+	N            int                `json:"n"`
+	Held         int64              `json:"held"`
+	Errors       int64              `json:"errors"`
+	ErrorSample  []string           `json:"error_sample,omitempty"`
+	Sources      int                `json:"sources"`
+	OpenSeconds  float64            `json:"open_seconds"`
+	Rate         float64            `json:"rate"`
+	HoldSeconds  float64            `json:"hold_seconds"`
+	Alive        int64              `json:"alive_after_hold"`
+	NofileSoft   uint64             `json:"nofile_soft"`
+	NofileHard   uint64             `json:"nofile_hard"`
+	PIDs         []int              `json:"pids,omitempty"`
+	Tree         bool               `json:"tree"`
+	TargetNofile []int64            `json:"target_nofile,omitempty"`
+	Baseline     *idleSample        `json:"baseline,omitempty"`
+	Steps        []idleSample       `json:"steps,omitempty"`
+	AfterHold    *idleSample        `json:"after_hold,omitempty"`
+	SlopeFrom    int64              `json:"slope_from,omitempty"`
+	SlopeTo      int64              `json:"slope_to,omitempty"`
+	KiBPerConn   float64            `json:"kib_per_conn"`
+	KiBByPID     map[string]float64 `json:"kib_per_conn_by_pid,omitempty"`
+	FDsPerConn   float64            `json:"fds_per_conn"`
 	latency
 }
 
@@ -461,22 +463,31 @@ func runIdle(ctx context.Context, args []string, out io.Writer) error {
 		if len(pids) == 0 {
 			return s, nil
 		}
-		all := pids
-		if *tree {
-			all = withDescendants(pids)
-		}
-		s.Procs = len(all)
-		for _, p := range all {
-			rss, err := procRSS(p)
-			if err != nil {
-				if slices.Contains(pids, p) {
-					return s, fmt.Errorf("pid %d: %v", p, err)
-				}
-				continue // a descendant that just exited
+		s.ByPID = map[string]int64{}
+		seen := map[int]bool{}
+		for _, top := range pids {
+			group := []int{top}
+			if *tree {
+				group = withDescendants(group, pids...) // a listed pid is its own group
 			}
-			fds, _ := procFDs(p)
-			s.RSSKiB += rss
-			s.FDs += fds
+			for _, p := range group {
+				if seen[p] {
+					continue
+				}
+				seen[p] = true
+				rss, err := procRSS(p)
+				if err != nil {
+					if p == top {
+						return s, fmt.Errorf("pid %d: %v", p, err)
+					}
+					continue // a descendant that just exited
+				}
+				fds, _ := procFDs(p)
+				s.Procs++
+				s.RSSKiB += rss
+				s.FDs += fds
+				s.ByPID[strconv.Itoa(top)] += rss
+			}
 		}
 		return s, nil
 	}
@@ -581,6 +592,10 @@ func runIdle(ctx context.Context, args []string, out io.Writer) error {
 		res.SlopeFrom, res.SlopeTo = a.Conns, b.Conns
 		res.KiBPerConn = round2(slope(float64(a.Conns), float64(a.RSSKiB), float64(b.Conns), float64(b.RSSKiB)))
 		res.FDsPerConn = round2(slope(float64(a.Conns), float64(a.FDs), float64(b.Conns), float64(b.FDs)))
+		res.KiBByPID = map[string]float64{}
+		for k, v := range b.ByPID {
+			res.KiBByPID[k] = round2(slope(float64(a.Conns), float64(a.ByPID[k]), float64(b.Conns), float64(v)))
+		}
 	} else if k == 1 && res.Baseline != nil {
 		a, b := *res.Baseline, res.Steps[0]
 		res.SlopeFrom, res.SlopeTo = a.Conns, b.Conns
