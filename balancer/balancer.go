@@ -368,22 +368,23 @@ func (b *Balancer) serveConn(cc *clientConn) {
 		c.Close()
 		return
 	}
-	bp := getBuf(b.cfg.MaxHeadBytes)
-	head, _, err := upgrade.Peek(raw, *bp)
+	ph := getPeekBuf(b.cfg.MaxHeadBytes)
+	_, err = upgrade.PeekInto(raw, &ph.head, ph.buf)
 	<-b.pending
 	if err != nil {
-		putBuf(bp)
+		putPeekBuf(ph)
 		b.rejectHead(c, err)
 		return
 	}
-	if head.WebSocket {
+	if ph.head.WebSocket {
 		// Nothing has been read from the socket: the worker sees the original bytes.
+		// The head aliases ph.buf, which stays ours until the handoff is done.
 		c.SetReadDeadline(time.Time{})
-		b.handoff(cc, &head, nil)
-		putBuf(bp)
+		b.handoff(cc, &ph.head, nil)
+		putPeekBuf(ph)
 		return
 	}
-	putBuf(bp)
+	putPeekBuf(ph)
 	b.proxyConn(cc)
 }
 
@@ -482,9 +483,8 @@ func (b *Balancer) handoff(cc *clientConn, h *upgrade.Head, consumed []byte) {
 			return
 		}
 		start := time.Now()
-		ctx, cancel := context.WithTimeout(context.Background(), b.cfg.HandoffTimeout)
-		err := r.w.ch.Deliver(ctx, c.(syscall.Conn), meta)
-		cancel()
+		// Each channel bounds its own wait (HandoffTimeout): no context per handoff.
+		err := r.w.ch.Deliver(context.Background(), c.(syscall.Conn), meta)
 		b.m.HandoffDuration.Observe(time.Since(start).Seconds())
 		if err == nil {
 			// The worker holds its own descriptor now; the edge keeps nothing.
@@ -538,17 +538,26 @@ func (b *Balancer) answerUnknownSession(c net.Conn) {
 	c.SetWriteDeadline(time.Time{})
 }
 
-var bufPool sync.Pool
-
-func getBuf(n int) *[]byte {
-	if bp, ok := bufPool.Get().(*[]byte); ok && len(*bp) == n {
-		return bp
-	}
-	b := make([]byte, n)
-	return &b
+// peekBuf is a head buffer and the Head parsed from it (whose strings alias buf).
+type peekBuf struct {
+	buf  []byte
+	head upgrade.Head
 }
 
-func putBuf(bp *[]byte) { bufPool.Put(bp) }
+var peekPool sync.Pool
+
+func getPeekBuf(n int) *peekBuf {
+	if pb, ok := peekPool.Get().(*peekBuf); ok && len(pb.buf) == n {
+		return pb
+	}
+	return &peekBuf{buf: make([]byte, n)}
+}
+
+func putPeekBuf(pb *peekBuf) {
+	fields := pb.head.Fields[:0]
+	pb.head = upgrade.Head{Fields: fields}
+	peekPool.Put(pb)
+}
 
 func statusText(code int) string {
 	switch code {

@@ -354,7 +354,7 @@ func (s *Supervisor) spawn(ctx context.Context, slot int) (*proc, error) {
 		nch := nodeipc.NewChannel(parent, nodeipc.Config{AckTimeout: s.Balancer.cfg.HandoffTimeout, Logger: s.Logger})
 		primary = &nodeipc.Primary{Channel: nch, Shared: s.shared, Logger: s.Logger.With("worker", slot), OnQueryServer: s.chooseAppServer}
 		go primary.Run(context.Background())
-		ch = &nodeChannel{p: primary, ch: nch}
+		ch = &nodeChannel{p: primary, ch: nch, timeout: s.Balancer.cfg.HandoffTimeout}
 		readyC = primary.Ready()
 	} else {
 		edge, child, err := fdpass.SocketPair(unix.SOCK_SEQPACKET)
@@ -448,11 +448,15 @@ func (s *Supervisor) chooseAppServer(q nodeipc.QueryServer) bool {
 
 // nodeChannel adapts a Node worker (cluster-primary emulation) to Channel.
 type nodeChannel struct {
-	p  *nodeipc.Primary
-	ch *nodeipc.Channel
+	p       *nodeipc.Primary
+	ch      *nodeipc.Channel
+	timeout time.Duration
 }
 
 func (n *nodeChannel) Deliver(ctx context.Context, conn syscall.Conn, _ fdpass.Meta) error {
+	// Node's sender keeps one handle in flight: bound the wait for the channel too.
+	ctx, cancel := context.WithTimeout(ctx, n.timeout)
+	defer cancel()
 	return n.p.Deliver(ctx, conn)
 }
 func (n *nodeChannel) CanReplay() bool       { return false }

@@ -20,6 +20,7 @@ import (
 	"os"
 	"sync"
 	"syscall"
+	"unsafe"
 
 	"golang.org/x/sys/unix"
 )
@@ -96,31 +97,33 @@ func AppendMeta(b []byte, m Meta) ([]byte, error) {
 	if len(m.Consumed) > MaxConsumed {
 		return b, ErrTooLarge
 	}
-	remote, err := marshalAddr(m.Remote)
-	if err != nil {
-		return b, err
-	}
-	local, err := marshalAddr(m.Local)
-	if err != nil {
-		return b, err
-	}
+	start := len(b)
 	b = append(b, magic, version, byte(m.Kind), 0)
 	b = binary.BigEndian.AppendUint64(b, m.ConnID)
 	b = binary.BigEndian.AppendUint64(b, m.Value)
-	b = append(b, byte(len(remote)), byte(len(local)))
+	b = append(b, 0, 0) // address lengths, filled in below
 	b = binary.BigEndian.AppendUint32(b, uint32(len(m.Consumed)))
-	b = append(b, remote...)
-	b = append(b, local...)
+	var err error
+	n := len(b)
+	if b, err = appendAddr(b, m.Remote); err != nil {
+		return b[:start], err
+	}
+	b[start+20] = byte(len(b) - n)
+	n = len(b)
+	if b, err = appendAddr(b, m.Local); err != nil {
+		return b[:start], err
+	}
+	b[start+21] = byte(len(b) - n)
 	return append(b, m.Consumed...), nil
 }
 
-func marshalAddr(ap netip.AddrPort) ([]byte, error) {
+func appendAddr(b []byte, ap netip.AddrPort) ([]byte, error) {
 	if !ap.IsValid() {
-		return nil, nil
+		return b, nil
 	}
 	// Zones are meaningless across processes and would only lengthen the record.
 	ap = netip.AddrPortFrom(ap.Addr().WithZone(""), ap.Port())
-	return ap.MarshalBinary()
+	return ap.AppendBinary(b)
 }
 
 // DecodeMeta parses a payload written by AppendMeta. Consumed aliases b.
@@ -196,12 +199,32 @@ func Send(uc *net.UnixConn, conn syscall.Conn, m Meta) error {
 	// Control, not File(): File() would flip the shared file description to blocking
 	// mode and break the edge's and the worker's deadlines on it.
 	err = raw.Control(func(fd uintptr) {
-		_, _, sendErr = uc.WriteMsgUnix(payload, unix.UnixRights(int(fd)), nil)
+		var oob [24]byte // CmsgSpace(4) on 64-bit Linux; checked in init
+		_, _, sendErr = uc.WriteMsgUnix(payload, rights(oob[:0], fd), nil)
 	})
 	if err != nil {
 		return err
 	}
 	return sendErr
+}
+
+// rights appends an SCM_RIGHTS control message carrying one descriptor, without the
+// allocation unix.UnixRights makes.
+func rights(b []byte, fd uintptr) []byte {
+	b = b[:unix.CmsgSpace(4)]
+	clear(b)
+	h := (*unix.Cmsghdr)(unsafe.Pointer(&b[0]))
+	h.Level = unix.SOL_SOCKET
+	h.Type = unix.SCM_RIGHTS
+	h.SetLen(unix.CmsgLen(4))
+	*(*int32)(unsafe.Pointer(&b[unix.CmsgLen(0)])) = int32(fd)
+	return b
+}
+
+func init() {
+	if unix.CmsgSpace(4) > 24 {
+		panic("fdpass: control buffer too small for this platform")
+	}
 }
 
 // oobSpace leaves room for more fds than we expect, so a misbehaving peer's extra fds are

@@ -370,3 +370,13 @@ func FuzzDecodeMeta(f *testing.F) {
 		}
 	})
 }
+
+func TestRightsMatchesUnixRights(t *testing.T) {
+	var buf [24]byte
+	if got, want := rights(buf[:0], 42), unix.UnixRights(42); !bytes.Equal(got, want) {
+		t.Fatalf("rights = %x, unix.UnixRights = %x", got, want)
+	}
+	if n := testing.AllocsPerRun(100, func() { rights(buf[:0], 7) }); n != 0 {
+		t.Errorf("rights allocates %v times", n)
+	}
+}
