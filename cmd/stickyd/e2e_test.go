@@ -397,3 +397,116 @@ func waitFor(t *testing.T, what string, d time.Duration, cond func() bool) {
 		time.Sleep(10 * time.Millisecond)
 	}
 }
+
+func httpStatus(t *testing.T, method, url string) int {
+	t.Helper()
+	req, _ := http.NewRequest(method, url, nil)
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	io.Copy(io.Discard, resp.Body)
+	resp.Body.Close()
+	return resp.StatusCode
+}
+
+func TestReadyzFollowsDrainAndAdminListsWorkers(t *testing.T) {
+	d := startDaemon(t, "", "demo", "-workers", "2")
+	m := "http://" + d.metrics
+	if got := httpStatus(t, "GET", m+"/readyz"); got != 200 {
+		t.Fatalf("/readyz = %d before drain", got)
+	}
+	ws := d.workers(t)
+	if len(ws) != 2 || ws[0].State != "ready" || ws[0].PID == 0 {
+		t.Fatalf("/admin/workers = %+v", ws)
+	}
+	if got := httpStatus(t, "POST", m+"/admin/drain"); got != 200 {
+		t.Fatalf("drain: %d", got)
+	}
+	if got := httpStatus(t, "GET", m+"/readyz"); got != 503 {
+		t.Fatalf("/readyz = %d while draining, want 503", got)
+	}
+	// Draining is for the orchestrator: clients that still arrive are served.
+	c, _, err := websocket.DefaultDialer.Dial("ws://"+d.addr+"/ws", nil)
+	if err != nil {
+		t.Fatalf("while draining: %v", err)
+	}
+	c.Close()
+	if got := httpStatus(t, "POST", m+"/admin/undrain"); got != 200 {
+		t.Fatalf("undrain: %d", got)
+	}
+	if got := httpStatus(t, "GET", m+"/readyz"); got != 200 {
+		t.Fatalf("/readyz = %d after undrain", got)
+	}
+	if got := httpStatus(t, "GET", m+"/healthz"); got != 200 {
+		t.Fatalf("/healthz = %d", got)
+	}
+	// The drain subcommand is what a Kubernetes preStop hook runs.
+	out, err := exec.Command(stickydBinary(t), "drain", "-url", m+"/admin/drain").CombinedOutput()
+	if err != nil {
+		t.Fatalf("stickyd drain: %v %s", err, out)
+	}
+	if got := httpStatus(t, "GET", m+"/readyz"); got != 503 {
+		t.Fatalf("/readyz = %d after `stickyd drain`", got)
+	}
+}
+
+// TestRollingRestartKeepsServing restarts every worker one at a time (SIGHUP) while
+// clients connect: each worker is drained and replaced, and no client is refused.
+func TestRollingRestartKeepsServing(t *testing.T) {
+	d := startDaemon(t, "", "demo", "-workers", "2", "-shutdown-timeout", "2s")
+	before := d.workers(t)
+	held, _, err := websocket.DefaultDialer.Dial("ws://"+d.addr+"/ws", nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer held.Close()
+	held.ReadMessage()
+	d.signal(syscall.SIGHUP)
+	stop := make(chan struct{})
+	var failures, served int
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		for served+failures < 1500 { // bounded: pace, not volume, is what matters here
+			select {
+			case <-stop:
+				return
+			case <-time.After(time.Millisecond):
+			}
+			c, _, err := (&websocket.Dialer{HandshakeTimeout: 5 * time.Second}).Dial("ws://"+d.addr+"/ws", nil)
+			if err != nil {
+				failures++
+				continue
+			}
+			if _, _, err := c.ReadMessage(); err != nil {
+				failures++
+			} else {
+				served++
+			}
+			c.Close()
+		}
+	}()
+	waitFor(t, "both workers replaced", 30*time.Second, func() bool {
+		return strings.Contains(d.logs.String(), "rolling restart done")
+	})
+	close(stop)
+	<-done
+	after := d.workers(t)
+	for _, a := range after {
+		for _, b := range before {
+			if a.PID == b.PID {
+				t.Errorf("worker %d kept pid %d through a rolling restart", a.Slot, a.PID)
+			}
+		}
+	}
+	if failures > 0 {
+		t.Errorf("%d of %d connections failed during the rolling restart", failures, failures+served)
+	}
+	// The WebSocket held on a drained worker ends with 1001 (going away) once its grace is over.
+	held.SetReadDeadline(time.Now().Add(10 * time.Second))
+	if _, _, err := held.ReadMessage(); !websocket.IsCloseError(err, websocket.CloseGoingAway) {
+		t.Errorf("held WebSocket ended with %v, want 1001", err)
+	}
+	t.Logf("%d connections served during the restart", served)
+}
