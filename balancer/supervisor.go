@@ -7,11 +7,13 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"runtime"
 	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -65,13 +67,17 @@ type Supervisor struct {
 var ErrSpawnTimeout = errors.New("balancer: worker did not become ready in time")
 
 type proc struct {
-	slot   int
-	cmd    *exec.Cmd
-	ch     Channel
-	w      *Worker
-	exited chan struct{}
-	err    error       // set before exited closes
-	asked  atomic.Bool // stopped on request (rolling restart): not a crash
+	slot      int
+	kind      string // "go" or "node"
+	process   *os.Process
+	stdout    *os.File // read ends of the worker's output pipes
+	stderr    *os.File
+	pumpsStop atomic.Bool
+	ch        Channel
+	w         *Worker
+	exited    chan struct{}
+	err       error       // set before exited closes
+	asked     atomic.Bool // stopped on request (rolling restart): not a crash
 }
 
 func (s *Supervisor) init() error {
@@ -169,7 +175,7 @@ func (s *Supervisor) Restart(ctx context.Context, slot int) error {
 	}
 	s.Balancer.Drain(slot)
 	p.asked.Store(true)
-	s.Logger.Info("draining worker", "worker", slot, "pid", p.cmd.Process.Pid, "grace", s.DrainGrace)
+	s.Logger.Info("draining worker", "worker", slot, "pid", p.process.Pid, "grace", s.DrainGrace)
 	deadline := time.Now().Add(s.DrainGrace)
 	tick := time.NewTicker(100 * time.Millisecond)
 	defer tick.Stop()
@@ -241,7 +247,7 @@ func (s *Supervisor) Pids() map[int]int {
 	defer s.mu.Unlock()
 	out := map[int]int{}
 	for slot, p := range s.procs {
-		out[slot] = p.cmd.Process.Pid
+		out[slot] = p.process.Pid
 	}
 	return out
 }
@@ -262,7 +268,7 @@ func (s *Supervisor) runSlot(ctx context.Context, slot int) {
 			if s.nReady.Add(1) == int32(s.Workers) {
 				close(s.ready)
 			}
-			s.Logger.Info("worker ready", "worker", slot, "pid", p.cmd.Process.Pid)
+			s.Logger.Info("worker ready", "worker", slot, "pid", p.process.Pid)
 			select {
 			case <-p.exited:
 			case <-ctx.Done():
@@ -276,11 +282,11 @@ func (s *Supervisor) runSlot(ctx context.Context, slot int) {
 				return
 			}
 			if p.asked.Load() {
-				s.Logger.Info("worker stopped for restart", "worker", slot, "pid", p.cmd.Process.Pid)
+				s.Logger.Info("worker stopped for restart", "worker", slot, "pid", p.process.Pid)
 				continue
 			}
 			err = p.err
-			s.Logger.Warn("worker exited; restarting", "worker", slot, "pid", p.cmd.Process.Pid, "err", err)
+			s.Logger.Warn("worker exited; restarting", "worker", slot, "pid", p.process.Pid, "err", err)
 		} else {
 			if ctx.Err() != nil {
 				return
@@ -316,87 +322,94 @@ func (s *Supervisor) runSlot(ctx context.Context, slot int) {
 
 // spawn starts one worker and waits until it is ready.
 func (s *Supervisor) spawn(ctx context.Context, slot int) (*proc, error) {
-	cmd := exec.Command(s.Command[0], s.Command[1:]...)
-	cmd.Env = append(os.Environ(), s.Env...)
-	cmd.Env = append(cmd.Env, fdpass.EnvWorkerID+"="+strconv.Itoa(slot))
+	env := append(os.Environ(), s.Env...)
+	env = append(env, fdpass.EnvWorkerID+"="+strconv.Itoa(slot))
 	if s.slotEnv != nil {
-		cmd.Env = append(cmd.Env, s.slotEnv(slot)...)
+		env = append(env, s.slotEnv(slot)...)
 	}
-	// Workers get their own process group, so a terminal's Ctrl-C reaches the edge only
-	// and the edge shuts them down in order; Pdeathsig keeps an edge that is killed
-	// outright from leaving orphans behind.
-	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
-	prefix := fmt.Sprintf("[worker %d] ", slot)
-	stdout, stderr := prefixWriter(s.Stdout, prefix), prefixWriter(s.Stderr, prefix)
-	cmd.Stdout, cmd.Stderr = stdout, stderr
-
+	// The edge owns the read ends of the workers' output pipes (not exec.Cmd), so that an
+	// edge upgrade can hand them to the next edge image with the workers.
+	outR, outW, err := os.Pipe()
+	if err != nil {
+		return nil, err
+	}
+	errR, errW, err := os.Pipe()
+	if err != nil {
+		outR.Close()
+		outW.Close()
+		return nil, err
+	}
+	files := []*os.File{nil, outW, errW}
+	closeAfterStart := []*os.File{outW, errW}
 	var (
-		ch      Channel
-		readyC  <-chan struct{}
-		pid     = func() int { return cmd.Process.Pid }
-		primary *nodeipc.Primary
-		goch    *GoChannel
+		ch     Channel
+		readyC <-chan struct{}
+		kind   string
 	)
 	if s.Node {
+		kind = "node"
 		parent, child, err := nodeipc.NewPair()
 		if err != nil {
 			return nil, err
 		}
-		cmd.ExtraFiles = []*os.File{child}
-		cmd.Env = append(cmd.Env, nodeipc.Env(3, slot+1)...)
-		cmd.Env = append(cmd.Env, nodeipc.PreloadEnv(s.preload)...)
-		if err := cmd.Start(); err != nil {
-			child.Close()
-			parent.Close()
-			return nil, fmt.Errorf("start %q: %w", s.Command, err)
-		}
-		child.Close()
+		files = append(files, child)
+		closeAfterStart = append(closeAfterStart, child)
+		env = append(env, nodeipc.Env(3, slot+1)...)
+		env = append(env, nodeipc.PreloadEnv(s.preload)...)
 		nch := nodeipc.NewChannel(parent, nodeipc.Config{AckTimeout: s.Balancer.cfg.HandoffTimeout, Logger: s.Logger})
-		primary = &nodeipc.Primary{Channel: nch, Shared: s.shared, Logger: s.Logger.With("worker", slot), OnQueryServer: s.chooseAppServer}
+		primary := &nodeipc.Primary{Channel: nch, Shared: s.shared, Logger: s.Logger.With("worker", slot), OnQueryServer: s.chooseAppServer}
 		go primary.Run(context.Background())
 		ch = &nodeChannel{p: primary, ch: nch, timeout: s.Balancer.cfg.HandoffTimeout}
 		readyC = primary.Ready()
 	} else {
+		kind = "go"
 		edge, child, err := fdpass.SocketPair(unix.SOCK_SEQPACKET)
 		if err != nil {
 			return nil, err
 		}
-		cmd.ExtraFiles = []*os.File{child}
-		cmd.Env = append(cmd.Env, fdpass.EnvFD+"=3")
-		if err := cmd.Start(); err != nil {
-			child.Close()
-			edge.Close()
-			return nil, fmt.Errorf("start %q: %w", s.Command, err)
-		}
-		child.Close()
-		gauge := s.Balancer.m.WebSockets.WithLabelValues(strconv.Itoa(slot))
-		goch = NewGoChannel(edge, s.Balancer.cfg.HandoffTimeout, func(n int64) { gauge.Set(float64(n)) })
+		files = append(files, child)
+		closeAfterStart = append(closeAfterStart, child)
+		env = append(env, fdpass.EnvFD+"=3")
+		goch := s.goChannel(slot, edge)
 		ch = goch
-		helloReady := make(chan struct{})
-		go func() {
-			select {
-			case <-goch.Hello():
-				close(helloReady)
-			case <-goch.Done():
-			}
-		}()
-		readyC = helloReady
+		readyC = helloReady(goch)
 	}
-
-	p := &proc{slot: slot, cmd: cmd, ch: ch, exited: make(chan struct{})}
-	go func() {
-		p.err = cmd.Wait()
-		stdout.Flush()
-		stderr.Flush()
+	path, err := exec.LookPath(s.Command[0])
+	if err == nil {
+		var devnull *os.File
+		devnull, err = os.Open(os.DevNull)
+		if err == nil {
+			files[0] = devnull
+			closeAfterStart = append(closeAfterStart, devnull)
+		}
+	}
+	var process *os.Process
+	if err == nil {
+		process, err = os.StartProcess(path, s.Command, &os.ProcAttr{
+			Env:   dedupEnv(env),
+			Files: files,
+			// Workers get their own process group, so a terminal's Ctrl-C reaches the edge
+			// only and the edge shuts them down in order. No Pdeathsig: it would fire when
+			// the edge re-executes itself for an upgrade. Orphans are prevented instead by
+			// the channel: workers exit when it closes, which it does when the edge dies.
+			Sys: &syscall.SysProcAttr{Setpgid: true},
+		})
+	}
+	for _, f := range closeAfterStart {
+		f.Close()
+	}
+	if err != nil {
 		ch.Close()
-		close(p.exited)
-	}()
-
+		outR.Close()
+		errR.Close()
+		return nil, fmt.Errorf("start %q: %w", s.Command, err)
+	}
+	p := s.watch(slot, kind, process, ch, outR, errR)
 	timer := time.NewTimer(s.SpawnTimeout)
 	defer timer.Stop()
 	select {
 	case <-readyC:
-		p.w = newWorker(slot, pid(), ch, s.Balancer.cfg.WorkerIdle)
+		p.w = newWorker(slot, process.Pid, ch, s.Balancer.cfg.WorkerIdle)
 		return p, nil
 	case <-p.exited:
 		return nil, fmt.Errorf("worker %d (%q) exited before it was ready: %v", slot, s.Command, p.err)
@@ -413,17 +426,90 @@ func (s *Supervisor) spawn(ctx context.Context, slot int) (*proc, error) {
 	}
 }
 
+// dedupEnv keeps the last value of every variable, as exec.Cmd does (the child's getenv
+// would otherwise see the first).
+func dedupEnv(env []string) []string {
+	seen := map[string]int{}
+	out := make([]string, 0, len(env))
+	for _, kv := range env {
+		k, _, _ := strings.Cut(kv, "=")
+		if i, ok := seen[k]; ok {
+			out[i] = kv
+			continue
+		}
+		seen[k] = len(out)
+		out = append(out, kv)
+	}
+	return out
+}
+
+func (s *Supervisor) goChannel(slot int, edge *net.UnixConn) *GoChannel {
+	gauge := s.Balancer.m.WebSockets.WithLabelValues(strconv.Itoa(slot))
+	return NewGoChannel(edge, s.Balancer.cfg.HandoffTimeout, func(n int64) { gauge.Set(float64(n)) })
+}
+
+func helloReady(goch *GoChannel) <-chan struct{} {
+	ready := make(chan struct{})
+	go func() {
+		select {
+		case <-goch.Hello():
+			close(ready)
+		case <-goch.Done():
+		}
+	}()
+	return ready
+}
+
+// watch follows a worker process: its output goes to the edge's, prefixed with the slot,
+// and its exit closes its channel and p.exited.
+func (s *Supervisor) watch(slot int, kind string, process *os.Process, ch Channel, outR, errR *os.File) *proc {
+	prefix := fmt.Sprintf("[worker %d] ", slot)
+	p := &proc{slot: slot, kind: kind, process: process, ch: ch, stdout: outR, stderr: errR, exited: make(chan struct{})}
+	var pumps sync.WaitGroup
+	pumps.Add(2)
+	go pumpLines(&pumps, outR, prefixWriter(s.Stdout, prefix), &p.pumpsStop)
+	go pumpLines(&pumps, errR, prefixWriter(s.Stderr, prefix), &p.pumpsStop)
+	go func() {
+		state, err := process.Wait()
+		if err == nil && !state.Success() {
+			err = errors.New(state.String())
+		}
+		p.err = err
+		ch.Close()
+		pumps.Wait() // the last lines before a crash are the useful ones
+		close(p.exited)
+	}()
+	return p
+}
+
+// pumpLines copies a worker's output until the pipe closes (the worker and everything it
+// started exited) or the edge hands the pipe to its next image.
+func pumpLines(wg *sync.WaitGroup, r *os.File, w *lineWriter, stop *atomic.Bool) {
+	defer wg.Done()
+	defer w.Flush()
+	buf := make([]byte, 4096)
+	for {
+		n, err := r.Read(buf)
+		if n > 0 {
+			w.Write(buf[:n])
+		}
+		if err != nil || stop.Load() {
+			return
+		}
+	}
+}
+
 // stop ends a worker: its channel closes (a Go worker then drains and exits on its own),
 // SIGTERM follows, and SIGKILL after the grace period.
 func (s *Supervisor) stop(p *proc) error {
 	p.ch.Close()
-	p.cmd.Process.Signal(syscall.SIGTERM)
+	p.process.Signal(syscall.SIGTERM)
 	select {
 	case <-p.exited:
 		return nil
 	case <-time.After(s.GracePeriod):
 		s.Logger.Warn("worker did not stop within the grace period; killing it", "worker", p.slot, "grace", s.GracePeriod)
-		p.cmd.Process.Kill()
+		p.process.Kill()
 		<-p.exited
 		return nil
 	}
