@@ -12,7 +12,6 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"net"
 	"net/http"
 	"os"
 	"os/exec"
@@ -344,14 +343,12 @@ func startNode(t testing.TB, script string, env ...string) (*exec.Cmd, *syncBuff
 }
 
 // freeLoopbackPort returns a TCP port on 127.0.0.1 that was free a moment ago.
+// freeLoopbackPort returns a port a Node server can bind on every address. It is picked
+// below the kernel's ephemeral range: a port the kernel hands out for :0 may meanwhile be
+// taken as the source port of an outgoing connection, whose TIME-WAIT then blocks the bind.
 func freeLoopbackPort(t testing.TB) int {
 	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
-	return ln.Addr().(*net.TCPAddr).Port
+	return sioFreePort(t)
 }
 
 // waitHTTP polls url until it answers 200 or the timeout passes.

@@ -312,7 +312,7 @@ func TestSocketIOWorkerKilledMidRun(t *testing.T) {
 
 // sioFreePort returns a TCP port below the kernel's ephemeral range that is free on
 // every address right now.
-func sioFreePort(t *testing.T) int {
+func sioFreePort(t testing.TB) int {
 	t.Helper()
 	lo := 32768
 	if b, err := os.ReadFile("/proc/sys/net/ipv4/ip_local_port_range"); err == nil {
