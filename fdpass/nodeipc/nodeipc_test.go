@@ -230,14 +230,31 @@ func TestTwoServers(t *testing.T) {
 	}
 }
 
+// freePort returns a port the app can bind on every address. It is picked below the
+// kernel's ephemeral range: a port handed out for :0 may meanwhile become the source port
+// of an outgoing connection, whose TIME-WAIT then blocks the app's bind.
 func freePort(t testing.TB) int {
 	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
+	lo := 32768
+	if b, err := os.ReadFile("/proc/sys/net/ipv4/ip_local_port_range"); err == nil {
+		if f := strings.Fields(string(b)); len(f) == 2 {
+			if v, err := strconv.Atoi(f[0]); err == nil && v > 12000 {
+				lo = v
+			}
+		}
 	}
-	defer ln.Close()
-	return ln.Addr().(*net.TCPAddr).Port
+	seed := int(time.Now().UnixNano()/1000) + os.Getpid()
+	for i := range 200 {
+		port := 10000 + (seed+i*7919)%(lo-10000)
+		ln, err := net.Listen("tcp", ":"+strconv.Itoa(port))
+		if err != nil {
+			continue
+		}
+		ln.Close()
+		return port
+	}
+	t.Fatalf("no free port in 10000..%d", lo)
+	return 0
 }
 
 func TestDeliverRejected(t *testing.T) {
