@@ -113,6 +113,12 @@ type Balancer struct {
 
 	tlsWarned atomic.Int64 // unix seconds of the last "TLS on a plain port" log line
 	draining  atomic.Bool
+
+	// Edge upgrade (handover.go).
+	freezing  atomic.Bool
+	frozenLns []net.Listener
+	handed    []HandoverConn
+	parked    []net.Conn
 }
 
 // New returns an edge with no workers yet.
@@ -199,6 +205,12 @@ func (b *Balancer) Serve(ln net.Listener) error {
 		if err != nil {
 			if b.isClosing() {
 				return ErrClosed
+			}
+			if b.frozen() {
+				b.mu.Lock()
+				b.frozenLns = append(b.frozenLns, ln)
+				b.mu.Unlock()
+				return ErrFrozen
 			}
 			if temporaryAccept(err) {
 				delay = min(max(2*delay, 5*time.Millisecond), time.Second)
@@ -373,6 +385,9 @@ func (b *Balancer) serveConn(cc *clientConn) {
 	<-b.pending
 	if err != nil {
 		putPeekBuf(ph)
+		if b.frozen() && isTimeout(err) && b.park(c, nil) {
+			return // nothing was read: the next image peeks again
+		}
 		b.rejectHead(c, err)
 		return
 	}

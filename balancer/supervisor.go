@@ -61,6 +61,8 @@ type Supervisor struct {
 	rolling  sync.Mutex    // one rolling restart at a time
 
 	appLogged sync.Once
+	frozen    bool                   // handing the workers to the next edge image
+	adopt     map[int]HandoverWorker // workers a previous edge image handed over
 }
 
 // ErrSpawnTimeout means a worker never became ready.
@@ -257,7 +259,10 @@ func (s *Supervisor) runSlot(ctx context.Context, slot int) {
 	var starts []time.Time
 	for {
 		started := time.Now()
-		p, err := s.spawn(ctx, slot)
+		if s.isFrozen() {
+			return
+		}
+		p, err := s.adoptOrSpawn(ctx, slot)
 		if err == nil {
 			s.Balancer.AddWorker(p.w)
 			s.mu.Lock()
@@ -280,6 +285,9 @@ func (s *Supervisor) runSlot(ctx context.Context, slot int) {
 			if ctx.Err() != nil {
 				s.stop(p)
 				return
+			}
+			if s.isFrozen() {
+				return // the next edge image supervises it
 			}
 			if p.asked.Load() {
 				s.Logger.Info("worker stopped for restart", "worker", slot, "pid", p.process.Pid)
@@ -317,6 +325,138 @@ func (s *Supervisor) runSlot(ctx context.Context, slot int) {
 			return
 		}
 		backoff = min(2*backoff, 10*time.Second)
+	}
+}
+
+func (s *Supervisor) isFrozen() bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.frozen
+}
+
+// Adopt gives the supervisor workers a previous edge image ran; call it before Run.
+func (s *Supervisor) Adopt(ws []HandoverWorker) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.adopt = map[int]HandoverWorker{}
+	for _, w := range ws {
+		s.adopt[w.Slot] = w
+	}
+}
+
+func (s *Supervisor) adoptOrSpawn(ctx context.Context, slot int) (*proc, error) {
+	s.mu.Lock()
+	hw, ok := s.adopt[slot]
+	delete(s.adopt, slot)
+	s.mu.Unlock()
+	if !ok {
+		return s.spawn(ctx, slot)
+	}
+	p, err := s.adoptProc(hw)
+	if err != nil {
+		s.Logger.Warn("could not adopt the worker of the previous edge image; starting a new one", "worker", slot, "pid", hw.PID, "err", err)
+		return s.spawn(ctx, slot)
+	}
+	return p, nil
+}
+
+func (s *Supervisor) adoptProc(hw HandoverWorker) (*proc, error) {
+	if hw.Kind != "go" {
+		return nil, fmt.Errorf("cannot adopt a %q worker", hw.Kind)
+	}
+	process, err := os.FindProcess(hw.PID)
+	if err != nil {
+		return nil, err
+	}
+	files := make([]*os.File, 3)
+	for i, fd := range []int{hw.Channel, hw.Stdout, hw.Stderr} {
+		// Non-blocking, so the files are pollable (deadlines work on the pipes), and
+		// close-on-exec again, so workers started later do not inherit them.
+		if err := unix.SetNonblock(fd, true); err != nil {
+			return nil, fmt.Errorf("descriptor %d: %w", fd, err)
+		}
+		unix.CloseOnExec(fd)
+		files[i] = os.NewFile(uintptr(fd), "inherited")
+	}
+	c, err := net.FileConn(files[0])
+	files[0].Close()
+	if err != nil {
+		return nil, err
+	}
+	uc, ok := c.(*net.UnixConn)
+	if !ok {
+		c.Close()
+		return nil, errors.New("channel is not a Unix socket")
+	}
+	goch := s.goChannel(hw.Slot, uc)
+	p := s.watch(hw.Slot, hw.Kind, process, goch, files[1], files[2])
+	p.w = newWorker(hw.Slot, hw.PID, goch, s.Balancer.cfg.WorkerIdle)
+	return p, nil
+}
+
+// Freeze stops supervising, for an edge upgrade, and returns the workers with their
+// descriptors marked to survive the exec. Thaw undoes it if the exec fails.
+func (s *Supervisor) Freeze() ([]HandoverWorker, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.Node {
+		return nil, errors.New("edge upgrade with Node workers is not supported yet: their IPC state cannot be handed over; use a rolling restart (SIGHUP) to deploy a new app version")
+	}
+	var out []HandoverWorker
+	for slot, p := range s.procs {
+		goch, ok := p.ch.(*GoChannel)
+		if !ok {
+			return nil, fmt.Errorf("worker %d: channel cannot be handed over", slot)
+		}
+		hw := HandoverWorker{Slot: slot, PID: p.process.Pid, Kind: p.kind}
+		var err error
+		if hw.Channel, err = rawFD(goch.uc); err != nil {
+			return nil, err
+		}
+		// Stop the output pumps; the next image reads the pipes from where they stopped.
+		p.pumpsStop.Store(true)
+		p.stdout.SetReadDeadline(time.Unix(1, 0))
+		p.stderr.SetReadDeadline(time.Unix(1, 0))
+		if hw.Stdout, err = rawFD(p.stdout); err != nil {
+			return nil, err
+		}
+		if hw.Stderr, err = rawFD(p.stderr); err != nil {
+			return nil, err
+		}
+		out = append(out, hw)
+	}
+	s.frozen = true
+	return out, nil
+}
+
+// Thaw resumes supervision after a failed edge upgrade.
+func (s *Supervisor) Thaw() {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if !s.frozen {
+		return
+	}
+	s.frozen = false
+	for slot, p := range s.procs {
+		prefix := fmt.Sprintf("[worker %d] ", slot)
+		p.pumpsStop.Store(false)
+		for _, f := range []*os.File{p.stdout, p.stderr} {
+			f.SetReadDeadline(time.Time{})
+			closeOnExec(f)
+		}
+		var wg sync.WaitGroup
+		wg.Add(2)
+		go pumpLines(&wg, p.stdout, prefixWriter(s.Stdout, prefix), &p.pumpsStop)
+		go pumpLines(&wg, p.stderr, prefixWriter(s.Stderr, prefix), &p.pumpsStop)
+		if g, ok := p.ch.(*GoChannel); ok {
+			closeOnExec(g.uc)
+		}
+	}
+}
+
+func closeOnExec(c syscall.Conn) {
+	if raw, err := c.SyscallConn(); err == nil {
+		raw.Control(func(fd uintptr) { unix.CloseOnExec(int(fd)) })
 	}
 }
 

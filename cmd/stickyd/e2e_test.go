@@ -510,3 +510,118 @@ func TestRollingRestartKeepsServing(t *testing.T) {
 	}
 	t.Logf("%d connections served during the restart", served)
 }
+
+func edgeFDs(t *testing.T, pid int) int {
+	t.Helper()
+	es, err := os.ReadDir(fmt.Sprintf("/proc/%d/fd", pid))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return len(es)
+}
+
+// TestEdgeUpgradeDropsNothing replaces the running edge's image twice (SIGUSR2, then
+// `stickyd upgrade`) under 200 live WebSockets and a steady stream of proxied requests:
+// no WebSocket drops, no request fails, workers and pid stay, no descriptor leaks.
+func TestEdgeUpgradeDropsNothing(t *testing.T) {
+	d := startDaemon(t, "", "demo", "-workers", "2")
+	pid := d.cmd.Process.Pid
+	before := d.workers(t)
+	const n = 200
+	conns := make([]*websocket.Conn, n)
+	for i := range conns {
+		c, _, err := websocket.DefaultDialer.Dial("ws://"+d.addr+"/ws", nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		c.ReadMessage()
+		conns[i] = c
+		defer c.Close()
+	}
+	fds := edgeFDs(t, pid)
+
+	stop := make(chan struct{})
+	var wg sync.WaitGroup
+	var mu sync.Mutex
+	var okReqs, failed int
+	var firstErr error
+	for range 4 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			cl := &http.Client{Timeout: 10 * time.Second}
+			for {
+				select {
+				case <-stop:
+					return
+				default:
+				}
+				resp, err := cl.Get("http://" + d.addr + "/whoami")
+				if err == nil {
+					_, err = io.ReadAll(resp.Body)
+					resp.Body.Close()
+					if err == nil && resp.StatusCode != 200 {
+						err = fmt.Errorf("status %d", resp.StatusCode)
+					}
+				}
+				mu.Lock()
+				if err != nil {
+					failed++
+					if firstErr == nil {
+						firstErr = err
+					}
+				} else {
+					okReqs++
+				}
+				mu.Unlock()
+				time.Sleep(2 * time.Millisecond)
+			}
+		}()
+	}
+	gen := func() int {
+		resp, err := http.Get("http://" + d.metrics + "/admin/workers")
+		if err != nil {
+			return -1
+		}
+		defer resp.Body.Close()
+		var v struct{ Generation int }
+		json.NewDecoder(resp.Body).Decode(&v)
+		return v.Generation
+	}
+	d.signal(syscall.SIGUSR2)
+	waitFor(t, "generation 1", 20*time.Second, func() bool { return gen() == 1 })
+	out, err := exec.Command(stickydBinary(t), "upgrade", "-url", "http://"+d.metrics).CombinedOutput()
+	if err != nil || !strings.Contains(string(out), "generation 2") {
+		t.Fatalf("stickyd upgrade: %v %s", err, out)
+	}
+	time.Sleep(200 * time.Millisecond) // let the request stream run on the new image
+	close(stop)
+	wg.Wait()
+
+	if failed > 0 {
+		t.Errorf("%d of %d proxied requests failed across the upgrades; first: %v", failed, failed+okReqs, firstErr)
+	}
+	for i, c := range conns {
+		c.SetReadDeadline(time.Now().Add(5 * time.Second))
+		msg := fmt.Sprint("after upgrade ", i)
+		if err := c.WriteMessage(websocket.TextMessage, []byte(msg)); err != nil {
+			t.Fatalf("WebSocket %d: %v", i, err)
+		}
+		if _, got, err := c.ReadMessage(); err != nil || string(got) != msg {
+			t.Fatalf("WebSocket %d after the upgrades: %q %v", i, got, err)
+		}
+	}
+	if d.cmd.Process.Pid != pid {
+		t.Fatal("pid changed")
+	}
+	after := d.workers(t)
+	for i := range before {
+		if after[i].PID != before[i].PID {
+			t.Errorf("worker %d restarted across the upgrade (%d → %d)", i, before[i].PID, after[i].PID)
+		}
+	}
+	if got := edgeFDs(t, pid); got > fds+2 {
+		t.Errorf("edge fds %d after two upgrades, %d before", got, fds)
+	}
+	t.Logf("%d proxied requests served across two upgrades; %d WebSockets kept", okReqs, n)
+}

@@ -163,12 +163,36 @@ func runEdge(ctx context.Context, mode string, args []string, stderr io.Writer) 
 		Metrics:       m,
 		Logger:        log,
 	})
-	lns, err := balancer.ListenConfig{}.Listen(ctx, f.listen)
+	handover, err := loadHandover()
 	if err != nil {
+		return err
+	}
+	var lns []net.Listener
+	var metricsLn net.Listener
+	generation := 0
+	if handover != nil {
+		// This image replaced a running edge: its sockets, workers and sessions are ours.
+		generation = handover.Generation
+		for _, fd := range handover.Listeners {
+			ln, err := inheritedListener(fd)
+			if err != nil {
+				return fmt.Errorf("edge upgrade: inherited listener: %w", err)
+			}
+			lns = append(lns, ln)
+		}
+		if handover.Metrics >= 0 {
+			if metricsLn, err = inheritedListener(handover.Metrics); err != nil {
+				return fmt.Errorf("edge upgrade: inherited metrics listener: %w", err)
+			}
+		}
+		b.Sessions().Restore(handover.Sessions, time.Now())
+		log.Info("edge upgraded: serving with the previous edge's sockets, workers and sessions",
+			"generation", generation, "version", version, "workers", len(handover.Workers),
+			"connections", len(handover.Conns), "sessions", len(handover.Sessions))
+	} else if lns, err = (balancer.ListenConfig{}).Listen(ctx, f.listen); err != nil {
 		return fmt.Errorf("-listen: %w", err)
 	}
-	var metricsLn net.Listener
-	if f.metricsAddr != "" {
+	if f.metricsAddr != "" && metricsLn == nil {
 		metricsLn, err = net.Listen("tcp", f.metricsAddr)
 		if err != nil {
 			for _, ln := range lns {
@@ -206,12 +230,34 @@ func runEdge(ctx context.Context, mode string, args []string, stderr io.Writer) 
 			DrainGrace:   f.shutdownTimeout,
 			Logger:       log,
 		}
+		if handover != nil {
+			sup.Adopt(handover.Workers)
+		}
 		go func() { supDone <- sup.Run(supCtx) }()
 	}
+	up := &upgrader{log: log, b: b, sup: sup, lnsMetrics: metricsLn, generation: generation, grace: f.shutdownTimeout}
+	upgradeReq := make(chan struct{}, 1)
+	usr2 := make(chan os.Signal, 1)
+	signal.Notify(usr2, syscall.SIGUSR2)
+	defer signal.Stop(usr2)
+	go func() {
+		for {
+			select {
+			case <-usr2:
+			case <-upgradeReq:
+			case <-supCtx.Done():
+				return
+			}
+			log.Info("edge upgrade requested")
+			if err := up.upgrade(); err != nil {
+				log.Error("edge upgrade failed; this edge keeps serving", "err", err)
+			}
+		}
+	}()
 
 	var adminSrv *http.Server
 	if metricsLn != nil {
-		adminSrv = &http.Server{Handler: adminHandler(b, sup, reg, f.adminRemote, log), ReadHeaderTimeout: 5 * time.Second}
+		adminSrv = &http.Server{Handler: adminHandler(b, sup, reg, f.adminRemote, log, generation, upgradeReq), ReadHeaderTimeout: 5 * time.Second}
 		go adminSrv.Serve(metricsLn)
 		log.Info("metrics listening", "addr", metricsLn.Addr().String())
 	}
@@ -250,11 +296,14 @@ func runEdge(ctx context.Context, mode string, args []string, stderr io.Writer) 
 		serveWG.Add(1)
 		go func() {
 			defer serveWG.Done()
-			if err := b.Serve(ln); err != nil && !errors.Is(err, balancer.ErrClosed) {
+			if err := b.Serve(ln); err != nil && !errors.Is(err, balancer.ErrClosed) && !errors.Is(err, balancer.ErrFrozen) {
 				log.Error("serve", "addr", ln.Addr().String(), "err", err)
 			}
 		}()
 		log.Info("edge listening", "addr", ln.Addr().String(), "mode", mode)
+	}
+	if handover != nil {
+		b.Adopt(handover.Conns)
 	}
 
 	<-ctx.Done()
@@ -293,7 +342,7 @@ func runEdge(ctx context.Context, mode string, args []string, stderr io.Writer) 
 
 // adminHandler serves metrics, health and the admin API. /admin/ answers loopback
 // clients only unless remote is set: it can drain and restart workers.
-func adminHandler(b *balancer.Balancer, sup *balancer.Supervisor, g prometheus.Gatherer, remote bool, log *slog.Logger) http.Handler {
+func adminHandler(b *balancer.Balancer, sup *balancer.Supervisor, g prometheus.Gatherer, remote bool, log *slog.Logger, generation int, upgradeReq chan<- struct{}) http.Handler {
 	mux := http.NewServeMux()
 	mux.Handle("GET /metrics", metrics.Handler(g))
 	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, r *http.Request) {
@@ -320,7 +369,17 @@ func adminHandler(b *balancer.Balancer, sup *balancer.Supervisor, g prometheus.G
 			out = append(out, info{wk.Slot, wk.PID, wk.State().String(), b.Sessions().Count(wk.Slot), wk.WebSockets()})
 		}
 		w.Header().Set("Content-Type", "application/json")
-		json.NewEncoder(w).Encode(map[string]any{"workers": out, "sessions": b.Sessions().Len(), "ready": b.Ready()})
+		json.NewEncoder(w).Encode(map[string]any{"workers": out, "sessions": b.Sessions().Len(), "ready": b.Ready(),
+			"generation": generation, "version": version, "pid": os.Getpid()})
+	})
+	admin.HandleFunc("POST /admin/upgrade", func(w http.ResponseWriter, r *http.Request) {
+		select {
+		case upgradeReq <- struct{}{}:
+			w.WriteHeader(http.StatusOK)
+			io.WriteString(w, "upgrading\n")
+		default:
+			http.Error(w, "an upgrade is already pending", http.StatusConflict)
+		}
 	})
 	admin.HandleFunc("POST /admin/drain", func(w http.ResponseWriter, r *http.Request) {
 		b.SetDraining(true)

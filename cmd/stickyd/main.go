@@ -45,6 +45,9 @@ Usage:
   stickyd serve -control PATH [flags]  sidecar: Go workers started elsewhere connect to PATH
   stickyd health -url URL              exit 0 when URL answers 200 OK
   stickyd drain -url URL               ask a running edge to drain (e.g. a Kubernetes preStop hook)
+  stickyd upgrade [-url URL]           replace the running edge's binary in place (same as SIGUSR2):
+                                       WebSockets, workers, sessions and keep-alive clients stay
+  stickyd version
 
 Run "stickyd run -h" for the flags.`
 
@@ -70,6 +73,11 @@ func run(ctx context.Context, args []string, stderr io.Writer) error {
 		return runDemoWorker(ctx, args[1:], log)
 	case "health":
 		return runHealth(ctx, args[1:])
+	case "upgrade":
+		return runUpgrade(ctx, args[1:])
+	case "version", "-version", "--version":
+		fmt.Println("stickyd", version)
+		return nil
 	case "-h", "-help", "--help", "help":
 		fmt.Fprintln(stderr, usage)
 		return nil

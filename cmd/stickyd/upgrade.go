@@ -1,0 +1,180 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"os/exec"
+	"strconv"
+	"strings"
+	"syscall"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/stickyd/stickyd/balancer"
+)
+
+// version is set at build time (-ldflags "-X main.version=...").
+var version = "dev"
+
+// envHandover names the descriptor of the state an edge passes to its next image.
+const envHandover = "STICKYD_HANDOVER"
+
+// edgeHandover is balancer.HandoverState plus what the command itself owns.
+type edgeHandover struct {
+	balancer.HandoverState
+	Metrics int // -1: none
+}
+
+// loadHandover reads the state left by the previous edge image, if this process is one.
+func loadHandover() (*edgeHandover, error) {
+	s, ok := os.LookupEnv(envHandover)
+	if !ok {
+		return nil, nil
+	}
+	os.Unsetenv(envHandover) // workers started from now on must not see it
+	fd, err := strconv.Atoi(s)
+	if err != nil {
+		return nil, fmt.Errorf("%s=%q: not a descriptor", envHandover, s)
+	}
+	f := os.NewFile(uintptr(fd), "handover")
+	defer f.Close()
+	var st edgeHandover
+	if err := json.NewDecoder(f).Decode(&st); err != nil {
+		return nil, fmt.Errorf("reading the previous edge's state: %w", err)
+	}
+	return &st, nil
+}
+
+// inheritedListener wraps a listening descriptor from the previous image.
+func inheritedListener(fd int) (net.Listener, error) {
+	f := os.NewFile(uintptr(fd), "listener")
+	defer f.Close() // FileListener holds its own (close-on-exec) duplicate
+	return net.FileListener(f)
+}
+
+// upgrader re-executes the edge in place (same pid, so workers stay its children).
+type upgrader struct {
+	log        *slog.Logger
+	b          *balancer.Balancer
+	sup        *balancer.Supervisor
+	lnsMetrics net.Listener
+	generation int
+	grace      time.Duration
+}
+
+// upgrade checks the new binary, freezes the edge, and execs it. It returns only if the
+// upgrade did not happen, after resuming service.
+func (u *upgrader) upgrade() error {
+	exe, err := os.Executable()
+	if err != nil {
+		return fmt.Errorf("edge upgrade: find the binary: %w", err)
+	}
+	// Preflight: a binary that cannot even start would take the whole edge down after
+	// the exec; here it only fails the upgrade.
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	out, err := exec.CommandContext(ctx, exe, "version").CombinedOutput()
+	cancel()
+	if err != nil {
+		return fmt.Errorf("edge upgrade: %s does not run (%v): %s", exe, err, strings.TrimSpace(string(out)))
+	}
+	if u.sup == nil {
+		return errors.New("edge upgrade: serve mode does not hand its workers over yet; restart the edge (sidecar workers reconnect)")
+	}
+	ws, err := u.sup.Freeze()
+	if err != nil {
+		return fmt.Errorf("edge upgrade: %w", err)
+	}
+	ctx, cancel = context.WithTimeout(context.Background(), u.grace)
+	lns, conns, err := u.b.Freeze(ctx)
+	cancel()
+	if err != nil {
+		u.sup.Thaw()
+		return fmt.Errorf("edge upgrade: %w", err)
+	}
+	st := edgeHandover{Metrics: -1}
+	st.Generation = u.generation + 1
+	st.Workers = ws
+	st.Conns = conns
+	st.Sessions = u.b.Sessions().Snapshot()
+	fail := func(err error) error {
+		u.b.Thaw()
+		u.sup.Thaw()
+		return fmt.Errorf("edge upgrade: %w", err)
+	}
+	for _, ln := range lns {
+		fd, err := balancer.InheritFD(ln)
+		if err != nil {
+			return fail(err)
+		}
+		st.Listeners = append(st.Listeners, fd)
+	}
+	if u.lnsMetrics != nil {
+		if st.Metrics, err = balancer.InheritFD(u.lnsMetrics); err != nil {
+			return fail(err)
+		}
+	}
+	mfd, err := unix.MemfdCreate("stickyd-handover", 0)
+	if err != nil {
+		return fail(err)
+	}
+	mf := os.NewFile(uintptr(mfd), "handover")
+	if err := json.NewEncoder(mf).Encode(st); err != nil {
+		mf.Close()
+		return fail(err)
+	}
+	if _, err := mf.Seek(0, io.SeekStart); err != nil {
+		mf.Close()
+		return fail(err)
+	}
+	env := append(os.Environ(), envHandover+"="+strconv.Itoa(mfd))
+	u.log.Info("edge upgrade: handing over", "binary", exe, "generation", st.Generation,
+		"workers", len(ws), "connections", len(conns), "sessions", len(st.Sessions))
+	err = syscall.Exec(exe, os.Args, env)
+	// Still here: the exec failed and this image keeps serving.
+	mf.Close()
+	return fail(err)
+}
+
+// runUpgrade asks a running edge to upgrade itself and waits for the new image.
+func runUpgrade(ctx context.Context, args []string) error {
+	base := "http://127.0.0.1:9090"
+	if len(args) >= 2 && (args[0] == "-url" || args[0] == "--url") {
+		base = strings.TrimSuffix(args[1], "/admin/upgrade")
+	} else if len(args) > 0 {
+		return fmt.Errorf("%w: stickyd upgrade [-url http://127.0.0.1:9090]", errUsage)
+	}
+	gen := func() (int, error) {
+		resp, err := http.Get(base + "/admin/workers")
+		if err != nil {
+			return 0, err
+		}
+		defer resp.Body.Close()
+		var v struct{ Generation int }
+		err = json.NewDecoder(resp.Body).Decode(&v)
+		return v.Generation, err
+	}
+	before, err := gen()
+	if err != nil {
+		return fmt.Errorf("upgrade: reach the edge's admin API at %s: %w", base, err)
+	}
+	if err := runPost(ctx, "upgrade", base+"/admin/upgrade", nil); err != nil {
+		return err
+	}
+	deadline := time.Now().Add(2 * time.Minute)
+	for time.Now().Before(deadline) {
+		if g, err := gen(); err == nil && g > before {
+			fmt.Printf("edge upgraded: generation %d\n", g)
+			return nil
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	return errors.New("upgrade: the edge did not come back with a new generation within 2 minutes; check its log")
+}
