@@ -26,8 +26,9 @@ type ControlServer struct {
 	HelloTimeout time.Duration // 0: 10 s
 	Logger       *slog.Logger  // nil: the Balancer's
 
-	mu    sync.Mutex
-	slots map[int]*Worker
+	mu     sync.Mutex
+	slots  map[int]*Worker
+	frozen bool
 }
 
 // ListenControl creates the control socket at path: its directory is created 0700 if
@@ -74,8 +75,8 @@ func (s *ControlServer) Serve(ln *net.UnixListener) error {
 	for {
 		c, err := ln.AcceptUnix()
 		if err != nil {
-			if errors.Is(err, net.ErrClosed) {
-				return nil
+			if errors.Is(err, net.ErrClosed) || errors.Is(err, os.ErrDeadlineExceeded) {
+				return nil // closed, or frozen for an edge upgrade
 			}
 			if temporaryAccept(err) {
 				delay = min(max(2*delay, 5*time.Millisecond), time.Second)
@@ -121,16 +122,91 @@ func (s *ControlServer) admit(c *net.UnixConn) {
 	w := newWorker(slot, pid, ch, s.Balancer.cfg.WorkerIdle)
 	s.slots[slot] = w
 	s.mu.Unlock()
+	s.serveWorker(w, ch)
+}
+
+// serveWorker keeps w in routing until its channel closes.
+func (s *ControlServer) serveWorker(w *Worker, ch *GoChannel) {
 	gauge := s.Balancer.m.WebSockets.WithLabelValues(w.label)
 	ch.SetOnStats(func(n int64) { gauge.Set(float64(n)) })
 	s.Balancer.AddWorker(w)
-	s.Logger.Info("worker connected", "worker", slot, "pid", pid)
+	s.Logger.Info("worker connected", "worker", w.Slot, "pid", w.PID)
 	<-ch.Done()
-	s.Balancer.RemoveWorker(w)
 	s.mu.Lock()
-	delete(s.slots, slot)
+	frozen := s.frozen
+	if !frozen {
+		delete(s.slots, w.Slot)
+	}
 	s.mu.Unlock()
-	s.Logger.Warn("worker disconnected", "worker", slot, "pid", pid)
+	if frozen {
+		return // handed to the next edge image
+	}
+	s.Balancer.RemoveWorker(w)
+	s.Logger.Warn("worker disconnected", "worker", w.Slot, "pid", w.PID)
+}
+
+// Freeze hands the connected workers to the next edge image: their channel descriptors,
+// marked to survive the exec. The accept loop must be stopped by the caller (the
+// control listener's descriptor is handed over separately).
+func (s *ControlServer) Freeze() ([]HandoverWorker, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	var out []HandoverWorker
+	for slot, w := range s.slots {
+		goch, ok := w.ch.(*GoChannel)
+		if !ok {
+			continue
+		}
+		fd, err := rawFD(goch.uc)
+		if err != nil {
+			return nil, err
+		}
+		out = append(out, HandoverWorker{Slot: slot, PID: w.PID, Kind: "go", Channel: fd, Stdout: -1, Stderr: -1})
+	}
+	s.frozen = true
+	return out, nil
+}
+
+// Thaw resumes after a failed edge upgrade.
+func (s *ControlServer) Thaw() {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.frozen = false
+	for _, w := range s.slots {
+		if g, ok := w.ch.(*GoChannel); ok {
+			closeOnExec(g.uc)
+		}
+	}
+}
+
+// Adopt routes the sidecar workers a previous edge image served.
+func (s *ControlServer) Adopt(ws []HandoverWorker) {
+	if s.Logger == nil {
+		s.Logger = s.Balancer.log
+	}
+	s.mu.Lock()
+	if s.slots == nil {
+		s.slots = map[int]*Worker{}
+	}
+	s.mu.Unlock()
+	for _, hw := range ws {
+		unix.SetNonblock(hw.Channel, true)
+		unix.CloseOnExec(hw.Channel)
+		f := os.NewFile(uintptr(hw.Channel), "channel")
+		c, err := net.FileConn(f)
+		f.Close()
+		uc, ok := c.(*net.UnixConn)
+		if err != nil || !ok {
+			s.Logger.Warn("could not adopt a sidecar worker", "worker", hw.Slot, "pid", hw.PID, "err", err)
+			continue
+		}
+		ch := NewGoChannel(uc, s.Balancer.cfg.HandoffTimeout, nil)
+		w := newWorker(hw.Slot, hw.PID, ch, s.Balancer.cfg.WorkerIdle)
+		s.mu.Lock()
+		s.slots[hw.Slot] = w
+		s.mu.Unlock()
+		go s.serveWorker(w, ch)
+	}
 }
 
 func peerCred(c *net.UnixConn) (uid, pid int, err error) {

@@ -206,17 +206,27 @@ func runEdge(ctx context.Context, mode string, args []string, stderr io.Writer) 
 	supCtx, stopWorkers := context.WithCancel(context.Background())
 	defer stopWorkers()
 	supDone := make(chan error, 1)
+	var cs *balancer.ControlServer
+	var ctl *net.UnixListener
 	if mode == "serve" {
-		ctl, err := balancer.ListenControl(f.control)
-		if err != nil {
+		if handover != nil && handover.Control >= 0 {
+			ln, err := inheritedListener(handover.Control)
+			if err != nil {
+				return fmt.Errorf("edge upgrade: inherited control socket: %w", err)
+			}
+			ctl = ln.(*net.UnixListener)
+		} else if ctl, err = balancer.ListenControl(f.control); err != nil {
 			for _, ln := range lns {
 				ln.Close()
 			}
 			return fmt.Errorf("-control: %w", err)
 		}
-		cs := &balancer.ControlServer{Balancer: b, AllowUIDs: allowUIDs, Logger: log}
-		go func() { supDone <- cs.Serve(ctl) }()
-		go func() { <-supCtx.Done(); ctl.Close() }()
+		cs = &balancer.ControlServer{Balancer: b, AllowUIDs: allowUIDs, Logger: log}
+		if handover != nil {
+			cs.Adopt(handover.Workers)
+		}
+		go cs.Serve(ctl)
+		go func() { <-supCtx.Done(); ctl.Close(); supDone <- nil }()
 		log.Info("control socket listening", "path", f.control)
 	} else {
 		sup = &balancer.Supervisor{
@@ -235,7 +245,7 @@ func runEdge(ctx context.Context, mode string, args []string, stderr io.Writer) 
 		}
 		go func() { supDone <- sup.Run(supCtx) }()
 	}
-	up := &upgrader{log: log, b: b, sup: sup, lnsMetrics: metricsLn, generation: generation, grace: f.shutdownTimeout}
+	up := &upgrader{log: log, b: b, sup: sup, cs: cs, ctl: ctl, lnsMetrics: metricsLn, generation: generation, grace: f.shutdownTimeout}
 	upgradeReq := make(chan struct{}, 1)
 	usr2 := make(chan os.Signal, 1)
 	signal.Notify(usr2, syscall.SIGUSR2)

@@ -31,6 +31,7 @@ const envHandover = "STICKYD_HANDOVER"
 type edgeHandover struct {
 	balancer.HandoverState
 	Metrics int // -1: none
+	Control int // serve mode's control socket; -1: none
 }
 
 // loadHandover reads the state left by the previous edge image, if this process is one.
@@ -65,6 +66,8 @@ type upgrader struct {
 	log        *slog.Logger
 	b          *balancer.Balancer
 	sup        *balancer.Supervisor
+	cs         *balancer.ControlServer // serve mode
+	ctl        *net.UnixListener
 	lnsMetrics net.Listener
 	generation int
 	grace      time.Duration
@@ -85,28 +88,44 @@ func (u *upgrader) upgrade() error {
 	if err != nil {
 		return fmt.Errorf("edge upgrade: %s does not run (%v): %s", exe, err, strings.TrimSpace(string(out)))
 	}
-	if u.sup == nil {
-		return errors.New("edge upgrade: serve mode does not hand its workers over yet; restart the edge (sidecar workers reconnect)")
-	}
-	ws, err := u.sup.Freeze()
-	if err != nil {
-		return fmt.Errorf("edge upgrade: %w", err)
+	var ws []balancer.HandoverWorker
+	thawWorkers := func() {}
+	st := edgeHandover{Metrics: -1, Control: -1}
+	if u.sup != nil {
+		if ws, err = u.sup.Freeze(); err != nil {
+			return fmt.Errorf("edge upgrade: %w", err)
+		}
+		thawWorkers = u.sup.Thaw
+	} else {
+		// Serve mode: stop admitting sidecar workers; the control socket goes over too.
+		u.ctl.SetDeadline(time.Unix(1, 0))
+		if ws, err = u.cs.Freeze(); err != nil {
+			return fmt.Errorf("edge upgrade: %w", err)
+		}
+		thawWorkers = func() {
+			u.cs.Thaw()
+			u.ctl.SetDeadline(time.Time{})
+			go u.cs.Serve(u.ctl)
+		}
+		if st.Control, err = balancer.InheritFD(u.ctl); err != nil {
+			thawWorkers()
+			return fmt.Errorf("edge upgrade: %w", err)
+		}
 	}
 	ctx, cancel = context.WithTimeout(context.Background(), u.grace)
 	lns, conns, err := u.b.Freeze(ctx)
 	cancel()
 	if err != nil {
-		u.sup.Thaw()
+		thawWorkers()
 		return fmt.Errorf("edge upgrade: %w", err)
 	}
-	st := edgeHandover{Metrics: -1}
 	st.Generation = u.generation + 1
 	st.Workers = ws
 	st.Conns = conns
 	st.Sessions = u.b.Sessions().Snapshot()
 	fail := func(err error) error {
 		u.b.Thaw()
-		u.sup.Thaw()
+		thawWorkers()
 		return fmt.Errorf("edge upgrade: %w", err)
 	}
 	for _, ln := range lns {
