@@ -207,10 +207,7 @@ func (b *Balancer) Serve(ln net.Listener) error {
 				return ErrClosed
 			}
 			if b.frozen() {
-				b.mu.Lock()
-				b.frozenLns = append(b.frozenLns, ln)
-				b.mu.Unlock()
-				return ErrFrozen
+				return ErrFrozen // Freeze took the listener, still open
 			}
 			if temporaryAccept(err) {
 				delay = min(max(2*delay, 5*time.Millisecond), time.Second)

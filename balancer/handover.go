@@ -62,6 +62,9 @@ func (b *Balancer) Freeze(ctx context.Context) ([]net.Listener, []HandoverConn, 
 	b.frozenLns = nil
 	b.handed = nil
 	for ln := range b.listeners {
+		b.frozenLns = append(b.frozenLns, ln)
+	}
+	for ln := range b.listeners {
 		if dl, ok := ln.(interface{ SetDeadline(time.Time) error }); ok {
 			dl.SetDeadline(time.Unix(1, 0)) // wakes Accept without closing the socket
 		}

@@ -630,3 +630,55 @@ func TestEdgeUpgradeDropsNothing(t *testing.T) {
 	})
 	t.Logf("%d proxied requests served across two upgrades; %d WebSockets kept", okReqs, n)
 }
+
+// TestServeModeSidecarWorkers runs the edge in sidecar mode: Go workers started on their
+// own dial the control socket. It also upgrades the edge under a live WebSocket.
+func TestServeModeSidecarWorkers(t *testing.T) {
+	ctl := filepath.Join(t.TempDir(), "run", "ctl.sock")
+	d := startDaemon(t, "", "serve", "-control", ctl)
+	if fi, err := os.Stat(ctl); err != nil || fi.Mode().Perm() != 0o600 {
+		t.Fatalf("control socket: %v %v, want mode 0600", fi, err)
+	}
+	startWorker := func(id string) *exec.Cmd {
+		cmd := exec.Command(stickydBinary(t), "demo-worker", "-control", ctl)
+		cmd.Env = append(os.Environ(), "STICKYD_WORKER_ID="+id)
+		cmd.Stderr = d.logs
+		if err := cmd.Start(); err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { cmd.Process.Kill(); cmd.Wait() })
+		return cmd
+	}
+	startWorker("a")
+	waitFor(t, "worker a admitted", 10*time.Second, func() bool { return len(d.workers(t)) == 1 })
+	c, _, err := websocket.DefaultDialer.Dial("ws://"+d.addr+"/ws", nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	var h struct{ Worker string }
+	c.ReadJSON(&h)
+	if h.Worker != "a" {
+		t.Fatalf("hello from %q", h.Worker)
+	}
+	out, err := exec.Command(stickydBinary(t), "upgrade", "-url", "http://"+d.metrics).CombinedOutput()
+	if err != nil {
+		t.Fatalf("upgrade: %v %s", err, out)
+	}
+	c.SetReadDeadline(time.Now().Add(5 * time.Second))
+	c.WriteMessage(websocket.TextMessage, []byte("still there"))
+	if _, got, err := c.ReadMessage(); err != nil || string(got) != "still there" {
+		t.Fatalf("after the upgrade: %q %v", got, err)
+	}
+	// The upgraded edge still admits workers and routes to the ones it inherited.
+	startWorker("b")
+	waitFor(t, "worker b admitted by the upgraded edge", 10*time.Second, func() bool { return len(d.workers(t)) == 2 })
+	resp, err := http.Get("http://" + d.addr + "/whoami")
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != 200 {
+		t.Fatalf("whoami: %d", resp.StatusCode)
+	}
+}
