@@ -39,7 +39,9 @@ import (
 	"io"
 	"log/slog"
 	"net"
+	"os"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -62,6 +64,12 @@ var (
 	// ErrBadMessage: a line that is not JSON (channel closed), or a message that cannot be
 	// encoded (nothing sent).
 	ErrBadMessage = errors.New("nodeipc: malformed message")
+	// ErrDetached: the channel (or Primary) was handed over by Primary.Detach; its socket
+	// lives on in the PrimaryState. Sends after Detach fail with ErrClosed wrapping it.
+	ErrDetached = errors.New("nodeipc: detached for handover")
+	// ErrBusy: Detach refused because a handle is in flight, a write is in progress or a
+	// newconn reply is pending. Nothing was changed; retry once the edge is quiet.
+	ErrBusy = errors.New("nodeipc: busy (handle in flight or reply pending)")
 )
 
 // Config configures a Channel. The zero value is usable.
@@ -119,14 +127,25 @@ type Channel struct {
 	notify   chan struct{} // capacity 1: queue grew or channel closed
 	err      error         // why the channel closed
 
-	done       chan struct{}
-	readerDone chan struct{}
-	closeOnce  sync.Once
+	// Stopping the reader without closing the socket (Primary.Detach).
+	stopping   atomic.Bool   // set while the reader is being stopped
+	stopped    bool          // (mu) the reader returned because it was stopped
+	leftover   []byte        // (mu) the incomplete line it held when it stopped
+	readerDone chan struct{} // (mu) closed when the current reader goroutine returns
+
+	done      chan struct{}
+	closeOnce sync.Once
 }
 
 // NewChannel takes ownership of uc (the parent's end of a SOCK_STREAM socketpair whose other
 // end is the child's NODE_CHANNEL_FD) and starts one reader goroutine. Close releases both.
 func NewChannel(uc *net.UnixConn, cfg Config) *Channel {
+	return newChannel(uc, cfg, nil, nil)
+}
+
+// newChannel starts the reader with pending (bytes read earlier, e.g. by a previous edge
+// image) in front of what it reads, after queued (messages received but not yet Recv'd).
+func newChannel(uc *net.UnixConn, cfg Config, pending []byte, queued []Message) *Channel {
 	cfg = cfg.withDefaults()
 	c := &Channel{
 		uc:         uc,
@@ -137,8 +156,12 @@ func NewChannel(uc *net.UnixConn, cfg Config) *Channel {
 		notify:     make(chan struct{}, 1),
 		done:       make(chan struct{}),
 		readerDone: make(chan struct{}),
+		queue:      queued,
 	}
-	go readLoop(c)
+	if len(queued) > 0 {
+		c.notify <- struct{}{}
+	}
+	go readLoop(c, c.readerDone, pending)
 	return c
 }
 
@@ -158,7 +181,10 @@ func (c *Channel) Err() error {
 // Pending and later calls fail with ErrClosed.
 func (c *Channel) Close() error {
 	c.closeWith(ErrClosed)
-	<-c.readerDone
+	c.mu.Lock()
+	rd := c.readerDone
+	c.mu.Unlock()
+	<-rd
 	return nil
 }
 
@@ -188,10 +214,13 @@ func (c *Channel) sendErr() error {
 // message has been returned it returns io.EOF (the child closed its end, e.g. it exited),
 // ErrClosed (after Close), or the error that closed the channel.
 func (c *Channel) Recv() (Message, error) {
-	return c.recv(nil)
+	return c.recv(nil, nil)
 }
 
-func (c *Channel) recv(cancel <-chan struct{}) (Message, error) {
+// errWake: recv was woken through its wake channel (Primary.Detach asks Run to pause).
+var errWake = errors.New("nodeipc: woken")
+
+func (c *Channel) recv(cancel, wake <-chan struct{}) (Message, error) {
 	for {
 		c.mu.Lock()
 		if c.head < len(c.queue) {
@@ -221,6 +250,8 @@ func (c *Channel) recv(cancel <-chan struct{}) (Message, error) {
 		case <-c.done:
 		case <-cancel:
 			return Message{}, context.Canceled
+		case <-wake:
+			return Message{}, errWake
 		}
 	}
 }
@@ -396,12 +427,18 @@ func (c *Channel) writeLine(line []byte, conn syscall.Conn) error {
 
 // readLoop reads the child's lines, consumes NODE_HANDLE_ACK/NACK, queues everything else and
 // closes the channel when the child goes away or the stream is corrupt.
-func readLoop(c *Channel) {
-	defer close(c.readerDone)
+//
+// pending is fed first, as if just read. When stopReader sets a past read deadline, the
+// reader returns its incomplete line in c.leftover instead of closing the channel.
+func readLoop(c *Channel, done chan struct{}, pending []byte) {
+	defer close(done)
 	buf := make([]byte, 64<<10)
 	oob := make([]byte, unix.CmsgSpace(4*4))
 	lr := lineReader{max: c.cfg.MaxLine}
 	var cause error
+	if len(pending) > 0 {
+		cause = lr.push(pending, c.handleLine)
+	}
 	for cause == nil {
 		n, oobn, flags, _, err := c.uc.ReadMsgUnix(buf, oob)
 		if oobn > 0 || flags&unix.MSG_CTRUNC != 0 {
@@ -412,6 +449,13 @@ func readLoop(c *Channel) {
 				cause = perr
 				break
 			}
+		}
+		if err != nil && errors.Is(err, os.ErrDeadlineExceeded) && c.stopping.Load() {
+			c.mu.Lock()
+			c.stopped = true
+			c.leftover = append([]byte(nil), lr.buf...)
+			c.mu.Unlock()
+			return
 		}
 		switch {
 		case errors.Is(err, io.EOF) || (err == nil && n == 0):
@@ -547,4 +591,54 @@ func rawInt(r json.RawMessage) *int {
 	}
 	v := int(f)
 	return &v
+}
+
+// tryTurn takes the turn if nobody holds it (no write in progress, no handle in flight).
+func (c *Channel) tryTurn() bool {
+	select {
+	case <-c.done:
+		return false
+	default:
+	}
+	select {
+	case c.turn <- struct{}{}:
+		return true
+	default:
+		return false
+	}
+}
+
+// stopReader stops the reader goroutine without closing the socket and returns the bytes of
+// the incomplete line it held. Messages it completed stay in the queue. It fails (with the
+// reader gone and the channel closed) when the channel closed first.
+func (c *Channel) stopReader() ([]byte, error) {
+	c.mu.Lock()
+	rd := c.readerDone
+	c.stopped, c.leftover = false, nil
+	c.mu.Unlock()
+	c.stopping.Store(true)
+	c.uc.SetReadDeadline(time.Unix(1, 0)) // wakes the blocked read; fails only once closed
+	<-rd
+	c.stopping.Store(false)
+	c.mu.Lock()
+	stopped, pending := c.stopped, c.leftover
+	c.stopped, c.leftover = false, nil
+	c.mu.Unlock()
+	if !stopped {
+		return nil, c.sendErr()
+	}
+	if err := c.uc.SetReadDeadline(time.Time{}); err != nil {
+		c.closeWith(fmt.Errorf("nodeipc: clearing the read deadline: %w", err))
+		return nil, c.sendErr()
+	}
+	return pending, nil
+}
+
+// restartReader undoes stopReader.
+func (c *Channel) restartReader(pending []byte) {
+	done := make(chan struct{})
+	c.mu.Lock()
+	c.readerDone = done
+	c.mu.Unlock()
+	go readLoop(c, done, pending)
 }

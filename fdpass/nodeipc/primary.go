@@ -96,7 +96,7 @@ type Primary struct {
 	ready     chan struct{}
 	events    chan Event
 	runDone   chan struct{}
-	running   atomic.Bool
+	wake      chan struct{} // capacity 1: Detach asks Run to pause between messages
 	seq       atomic.Int64
 	style     atomic.Int32
 
@@ -104,6 +104,11 @@ type Primary struct {
 	appKey       string // Node key of the app server ("" when none)
 	appListening bool
 	pending      map[int]chan bool
+	started      bool           // Run was called
+	detached     bool           // Detach succeeded
+	detachReq    *detachRequest // waiting for Run to pause
+	ownShared    *SharedListeners
+	adoptedOwn   *SharedListeners // own shared listeners handed over (ResumePrimary)
 }
 
 func (p *Primary) init() {
@@ -111,6 +116,7 @@ func (p *Primary) init() {
 		p.ready = make(chan struct{})
 		p.events = make(chan Event, 256)
 		p.runDone = make(chan struct{})
+		p.wake = make(chan struct{}, 1)
 		p.pending = make(map[int]chan bool)
 		if p.Logger == nil {
 			if p.Channel != nil {
@@ -153,19 +159,55 @@ func (p *Primary) nextSeq() int { return int(p.seq.Add(1) - 1) }
 // Run reads messages until the channel closes, answering queryServer, tracking
 // online/listening/close/exitedAfterDisconnect, acks of newconn and @socket.io/sticky reports.
 // It returns nil when the child went away or the channel was closed, ctx.Err() when ctx ends
-// first (the channel stays open), or the error that broke the channel. Call it once.
+// first (the channel stays open), ErrDetached after Detach, or the error that broke the
+// channel. Call it once.
 func (p *Primary) Run(ctx context.Context) error {
 	p.init()
-	if !p.running.CompareAndSwap(false, true) {
+	p.mu.Lock()
+	if p.started {
+		p.mu.Unlock()
 		return errors.New("nodeipc: Primary.Run called twice")
 	}
+	p.started = true
+	detached := p.detached
+	adopted := p.adoptedOwn
+	p.adoptedOwn = nil
+	p.mu.Unlock()
 	defer close(p.runDone)
+	if detached {
+		return ErrDetached
+	}
 	if p.Shared == nil {
-		p.Shared = new(SharedListeners)
+		if adopted != nil {
+			p.Shared = adopted
+		} else {
+			p.Shared = new(SharedListeners)
+		}
+		p.mu.Lock()
+		p.ownShared = p.Shared
+		p.mu.Unlock()
 		defer p.Shared.Close()
+	} else if adopted != nil {
+		// The caller chose its own SharedListeners for the resumed worker; the sockets the
+		// previous Primary owned stay open in the worker.
+		adopted.Close()
 	}
 	for {
-		m, err := p.Channel.recv(ctx.Done())
+		// A Detach request is served between two messages even while more keep arriving.
+		select {
+		case <-p.wake:
+			if p.servePause() {
+				return ErrDetached
+			}
+		default:
+		}
+		m, err := p.Channel.recv(ctx.Done(), p.wake)
+		if err == errWake {
+			if p.servePause() {
+				return ErrDetached
+			}
+			continue
+		}
 		if err != nil {
 			if ctx.Err() != nil {
 				return ctx.Err()
@@ -404,6 +446,10 @@ func (p *Primary) Deliver(ctx context.Context, conn syscall.Conn) error {
 	seq := p.nextSeq()
 	ch := make(chan bool, 1)
 	p.mu.Lock()
+	if p.detached {
+		p.mu.Unlock()
+		return fmt.Errorf("nodeipc: deliver: %w: %w", ErrClosed, ErrDetached)
+	}
 	key := p.appKey
 	if key == "" {
 		p.mu.Unlock()
