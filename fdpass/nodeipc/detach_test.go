@@ -5,10 +5,14 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"io"
 	"net/http"
+	"os"
+	"os/exec"
 	"strconv"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -439,4 +443,93 @@ func TestDetachOwnShared(t *testing.T) {
 	if n := len(p.Shared.Addrs()); n != 1 {
 		t.Fatalf("resumed own shared: %d sockets", n)
 	}
+}
+
+const (
+	envExecHelper = "NODEIPC_TEST_EXEC_HELPER"
+	envExecState  = "NODEIPC_TEST_EXEC_STATE"
+)
+
+// TestDetachAcrossExec really execve()s: a helper (this test binary) spawns a Node worker,
+// serves a connection, detaches, re-executes itself with the state in its environment, and
+// the new image resumes the Primary and serves another connection through the same worker.
+func TestDetachAcrossExec(t *testing.T) {
+	requireNode(t)
+	exe, err := os.Executable()
+	if err != nil {
+		t.Fatal(err)
+	}
+	cmd := exec.Command(exe, "-test.run=^TestExecHelper$", "-test.v")
+	cmd.Env = append(os.Environ(), envExecHelper+"=1")
+	out, err := cmd.CombinedOutput()
+	if err != nil || !strings.Contains(string(out), "EXEC-HELPER-OK") {
+		t.Fatalf("helper: %v\n%s", err, out)
+	}
+}
+
+type execState struct {
+	Primary PrimaryState
+	PID     int
+	Body    string
+}
+
+func TestExecHelper(t *testing.T) {
+	if os.Getenv(envExecHelper) != "1" {
+		t.Skip("helper for TestDetachAcrossExec")
+	}
+	if s := os.Getenv(envExecState); s != "" {
+		execHelperAfter(t, s)
+		return
+	}
+	parent, child, err := NewPair()
+	if err != nil {
+		t.Fatal(err)
+	}
+	cmd := exec.Command("node", "listen.js", "3000")
+	cmd.Dir = "testdata"
+	cmd.ExtraFiles = []*os.File{child}
+	cmd.Env = append(os.Environ(), Env(3, 1)...)
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	child.Close()
+	p := &Primary{Channel: NewChannel(parent, Config{Logger: testLogger(t)})}
+	runErr := make(chan error, 1)
+	go func() { runErr <- p.Run(context.Background()) }()
+	select {
+	case <-p.Ready():
+	case <-time.After(15 * time.Second):
+		cmd.Process.Kill()
+		t.Fatal("worker not ready")
+	}
+	body := deliverGET(t, p, "/one")
+	st, err := p.Detach()
+	if err != nil {
+		cmd.Process.Kill()
+		t.Fatal(err)
+	}
+	waitDetachedRun(t, runErr)
+	b, _ := json.Marshal(execState{Primary: st, PID: cmd.Process.Pid, Body: body})
+	env := append(os.Environ(), envExecState+"="+string(b))
+	err = syscall.Exec(os.Args[0], os.Args, env)
+	cmd.Process.Kill()
+	t.Fatalf("exec: %v", err)
+}
+
+func execHelperAfter(t *testing.T, s string) {
+	var es execState
+	if err := json.Unmarshal([]byte(s), &es); err != nil {
+		t.Fatal(err)
+	}
+	proc, _ := os.FindProcess(es.PID)
+	defer func() {
+		proc.Kill()
+		proc.Wait() // still our child: same pid across the exec
+	}()
+	p, _ := resume(t, es.Primary, nil)
+	want := strings.Replace(es.Body, "/one", "/two", 1)
+	if got := deliverGET(t, p, "/two"); got != want {
+		t.Fatalf("after exec: %q, want %q (same worker)", got, want)
+	}
+	fmt.Println("EXEC-HELPER-OK")
 }
