@@ -9,13 +9,13 @@ import (
 	"io"
 	"net"
 	"net/http"
-	"net/http/httputil"
 	"net/netip"
-	"net/url"
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
+	"unsafe"
 
 	"github.com/stickyd/stickyd/metrics"
 	"github.com/stickyd/stickyd/sticky"
@@ -27,11 +27,56 @@ import (
 // are small); larger bodies stream and are never retried.
 const replayableBody = 64 << 10
 
-var (
-	readerPool sync.Pool
-	writerPool = sync.Pool{New: func() any { return bufio.NewWriterSize(nil, 8<<10) }}
-	copyPool   = sync.Pool{New: func() any { b := make([]byte, 32<<10); return &b }}
+// Limits on what a worker may answer.
+const (
+	maxResponseHead   = 64 << 10 // bytes of status line and fields
+	maxResponseFields = 256
+	max1xxResponses   = 5
+	maxTrailerLines   = 100
 )
+
+var (
+	readerPool  sync.Pool
+	writerPool  = sync.Pool{New: func() any { return bufio.NewWriterSize(nil, 8<<10) }}
+	copyPool    = sync.Pool{New: func() any { b := make([]byte, 32<<10); return &b }}
+	smallPool   = sync.Pool{New: func() any { b := make([]byte, replayableBody); return &b }}
+	scratchPool = sync.Pool{New: func() any {
+		return &proxyScratch{
+			head:   upgrade.Head{Fields: make([]upgrade.Field, 0, 32)},
+			rh:     make([]byte, 0, 2048),
+			fields: make([]respField, 0, 32),
+		}
+	}}
+)
+
+// proxyScratch is the per-connection state of the proxy, reused request after request.
+type proxyScratch struct {
+	head upgrade.Head // aliases the client reader's buffer: valid until the body is read
+
+	// The worker's response head: its lines copied into rh (so they stay valid while the
+	// body is read through the same buffer), the fields as offsets into rh.
+	rh     []byte
+	fields []respField
+	resp   respHead
+	body   respBody
+	prefix [2048]byte // the start of an engine.io handshake answer
+
+	x exchange // the request in flight (here, not on the heap per request)
+}
+
+func (sc *proxyScratch) reset() {
+	clear(sc.head.Fields[:cap(sc.head.Fields)])
+	sc.head = upgrade.Head{Fields: sc.head.Fields[:0]}
+	sc.body = respBody{}
+	sc.x = exchange{}
+}
+
+// reqInfo is what the edge needs of a request head after its body was read (the head
+// aliases a buffer that reading the body reuses).
+type reqInfo struct {
+	isHead, handshake, close bool
+	protoMinor               int
+}
 
 // proxyConn serves a client connection whose requests are proxied one by one, each to
 // the worker its identity maps to.
@@ -45,8 +90,11 @@ func (b *Balancer) proxyConn(cc *clientConn) {
 	}
 	bw := writerPool.Get().(*bufio.Writer)
 	bw.Reset(c)
+	sc := scratchPool.Get().(*proxyScratch)
 	handedOff := false
 	defer func() {
+		sc.reset()
+		scratchPool.Put(sc)
 		br.Reset(nil)
 		readerPool.Put(br)
 		bw.Reset(nil)
@@ -71,9 +119,9 @@ func (b *Balancer) proxyConn(cc *clientConn) {
 			c.SetReadDeadline(time.Now().Add(b.cfg.HeadTimeout))
 		}
 		first = false
-		head, raw, err := readHead(br, b.cfg.MaxHeadBytes)
+		n, err := readHead(br, &sc.head, b.cfg.MaxHeadBytes)
 		if err != nil {
-			if len(raw) == 0 && (errors.Is(err, io.EOF) || isTimeout(err)) {
+			if n == 0 && (errors.Is(err, io.EOF) || isTimeout(err)) {
 				return
 			}
 			b.rejectHead(c, err)
@@ -81,83 +129,75 @@ func (b *Balancer) proxyConn(cc *clientConn) {
 		}
 		cc.state.Store(connActive)
 		c.SetReadDeadline(time.Time{})
-		if head.WebSocket {
+		if sc.head.WebSocket {
 			// The head (and anything pipelined after it) has been read: the worker gets
-			// those bytes with the descriptor.
+			// those bytes with the descriptor. The head aliases br's buffer, which nothing
+			// reads again before the handoff is done.
 			buffered, _ := br.Peek(br.Buffered())
-			consumed := append(raw, buffered...)
+			consumed := bytes.Clone(buffered)
 			handedOff = true
-			b.handoff(cc, &head, consumed)
+			b.handoff(cc, &sc.head, consumed)
 			return
 		}
 		if !counted {
 			counted = true
 			b.m.ConnectionsAccepted.WithLabelValues("proxied").Inc()
 		}
-		if !b.proxyRequest(c, br, bw, &head, peer) {
+		if !b.proxyRequest(c, br, bw, sc, peer) {
 			return
 		}
 	}
 }
 
-// readHead reads one request head from br and returns it parsed together with a copy
-// of its raw bytes. The returned head does not alias br's buffer.
-func readHead(br *bufio.Reader, max int) (upgrade.Head, []byte, error) {
+// readHead parses the request head at the start of br's buffer into h, reading until
+// it is complete. h aliases br's buffer, and the head is not consumed from br: the
+// caller discards h.Size bytes. n is the number of bytes buffered when it returned.
+func readHead(br *bufio.Reader, h *upgrade.Head, max int) (n int, err error) {
 	for {
 		buf, _ := br.Peek(br.Buffered())
-		head, err := upgrade.Parse(buf, max)
+		err := upgrade.ParseInto(h, buf, max)
 		if err == nil {
-			raw := append([]byte(nil), buf[:head.Size]...)
-			br.Discard(head.Size)
-			return head, raw, nil
+			return len(buf), nil
 		}
-		if !errors.Is(err, upgrade.ErrIncomplete) {
-			return head, buf, err
+		if err != upgrade.ErrIncomplete && !errors.Is(err, upgrade.ErrIncomplete) {
+			return len(buf), err
 		}
 		if len(buf) >= max {
-			return head, buf, &upgrade.Error{Status: 431, Reason: "request head too large", Err: upgrade.ErrHeadTooLarge}
+			return len(buf), &upgrade.Error{Status: 431, Reason: "request head too large", Err: upgrade.ErrHeadTooLarge}
 		}
 		if _, err := br.Peek(len(buf) + 1); err != nil {
 			if len(buf) > 0 && errors.Is(err, io.EOF) {
 				err = io.ErrUnexpectedEOF
 			}
-			return head, buf, err
+			return len(buf), err
 		}
 	}
 }
 
-// hopHeaders are connection-level fields that never cross the edge.
-var hopHeaders = map[string]bool{
-	"Connection": true, "Keep-Alive": true, "Proxy-Connection": true, "Te": true,
-	"Trailer": true, "Transfer-Encoding": true, "Upgrade": true, "Content-Length": true,
-	"Host": true, "Proxy-Authenticate": true, "Proxy-Authorization": true,
-}
-
 // proxyRequest forwards one request and its response. It reports whether the client
 // connection may carry another request.
-func (b *Balancer) proxyRequest(c net.Conn, br *bufio.Reader, bw *bufio.Writer, h *upgrade.Head, peer netip.AddrPort) bool {
-	// Read small bodies whole so a request can be retried on a fresh connection.
-	var small []byte
-	var body io.Reader
+func (b *Balancer) proxyRequest(c net.Conn, br *bufio.Reader, bw *bufio.Writer, sc *proxyScratch, peer netip.AddrPort) bool {
+	h := &sc.head
+	br.Discard(h.Size)
 	if h.ContentLength > b.cfg.MaxBodyBytes {
 		b.m.Rejections.WithLabelValues(metrics.RejectBodyTooLarge).Inc()
 		b.reject(c, 413, fmt.Sprintf("request body over the %d-byte limit", b.cfg.MaxBodyBytes), true)
 		return false
 	}
-	// Every read of a body must make progress within BodyTimeout: a client that trickles
-	// its body cannot hold a worker connection forever.
-	paced := &pacedReader{r: br, c: c, d: b.cfg.BodyTimeout}
-	switch {
-	case h.Chunked:
-		// The chunked reader must read br itself: wrapped in anything else it would add a
-		// buffer of its own and swallow the next request's bytes.
-		body = &limitedBody{r: &chunkedBody{r: httputil.NewChunkedReader(br), br: br, pace: paced}, n: b.cfg.MaxBodyBytes}
-	case h.ContentLength > replayableBody:
-		body = io.LimitReader(paced, h.ContentLength)
-	case h.ContentLength > 0:
-		small = make([]byte, h.ContentLength)
-		if _, err := io.ReadFull(paced, small); err != nil {
-			c.SetReadDeadline(time.Time{})
+	info := reqInfo{isHead: h.Method == "HEAD", handshake: isHandshake(h), close: h.Close, protoMinor: h.ProtoMinor}
+	streaming := h.Chunked || h.ContentLength > replayableBody
+
+	// Read small bodies whole so a request can be retried on a fresh connection. They
+	// are read straight from the socket once br's buffer is drained, so the head (which
+	// aliases that buffer) stays valid for routing and writing it again.
+	var small []byte
+	if !streaming && h.ContentLength > 0 {
+		sp := smallPool.Get().(*[]byte)
+		defer smallPool.Put(sp)
+		small = (*sp)[:h.ContentLength]
+		err := b.readSmallBody(c, br, small)
+		c.SetReadDeadline(time.Time{})
+		if err != nil {
 			if isTimeout(err) {
 				b.m.Rejections.WithLabelValues(metrics.RejectBodyTimeout).Inc()
 				b.reject(c, 408, "request body not received in time", false)
@@ -165,55 +205,84 @@ func (b *Balancer) proxyRequest(c net.Conn, br *bufio.Reader, bw *bufio.Writer, 
 			return false
 		}
 	}
-	defer c.SetReadDeadline(time.Time{})
 
 	var tried uint64
+	fresh := false
 	for attempt := 0; ; attempt++ {
 		r := b.route(h, peer.Addr(), tried)
 		if r.unknownSID {
 			b.answerUnknownSession(c)
-			return body == nil // an unread streaming body cannot be skipped safely
+			return !streaming // an unread streaming body cannot be skipped safely
 		}
 		if r.w == nil {
 			b.m.Rejections.WithLabelValues("no_worker").Inc()
 			b.reject(c, 503, "no worker is ready; try again", false)
 			return false
 		}
-		req := buildRequest(h, peer, small, body)
-		resp, err := r.w.transport.RoundTrip(req)
-		if err != nil {
-			if errors.Is(err, errBodyTooLarge) {
-				b.m.Rejections.WithLabelValues(metrics.RejectBodyTooLarge).Inc()
-				b.reject(c, 413, fmt.Sprintf("request body over the %d-byte limit", b.cfg.MaxBodyBytes), false)
-				return false
-			}
-			if isTimeout(err) {
-				b.m.Rejections.WithLabelValues(metrics.RejectBodyTimeout).Inc()
-				b.reject(c, 408, "request body not received in time", false)
-				return false
-			}
-			b.log.Warn("proxied request failed", "worker", r.w.Slot, "err", err)
-			// Retry elsewhere only when nothing of the body was lost and the request is
-			// not bound to this worker's session.
-			if body == nil && r.key.Kind != sticky.KindSID && attempt < 2 && b.isGone(r.w) {
-				tried |= slotBit(r.w.Slot)
-				continue
-			}
-			b.m.RequestsProxied.WithLabelValues(r.w.label, "5xx").Inc()
-			b.reject(c, 502, "the worker failed to answer", false)
+		x := &sc.x
+		*x = exchange{b: b, c: c, br: br, bw: bw, sc: sc, peer: peer, info: info, small: small, streaming: streaming, w: r.w}
+		keep, err := x.run(fresh)
+		if err == nil {
+			return keep
+		}
+		if x.answered {
+			return false // the client has (part of) the answer: all that is left is to close
+		}
+		if errors.Is(err, errBodyTooLarge) {
+			b.m.Rejections.WithLabelValues(metrics.RejectBodyTooLarge).Inc()
+			b.reject(c, 413, fmt.Sprintf("request body over the %d-byte limit", b.cfg.MaxBodyBytes), false)
 			return false
 		}
-		b.m.RequestsProxied.WithLabelValues(r.w.label, metrics.StatusClass(resp.StatusCode)).Inc()
-		keep := b.writeResponse(bw, h, resp, r.w)
-		resp.Body.Close()
-		if lb, ok := body.(*limitedBody); ok && !lb.r.done {
+		if x.bodyTimeout {
+			b.m.Rejections.WithLabelValues(metrics.RejectBodyTimeout).Inc()
+			b.reject(c, 408, "request body not received in time", false)
 			return false
 		}
-		if lr, ok := body.(*io.LimitedReader); ok && lr.N > 0 {
-			return false // the worker answered without reading the whole body
+		// A pooled connection the worker closed while it was idle: send the request
+		// again once, on a fresh connection (as net/http's Transport does).
+		if x.stale && !streaming && !fresh {
+			fresh = true
+			continue
 		}
-		return keep
+		b.log.Warn("proxied request failed", "worker", r.w.Slot, "err", err)
+		// Retry elsewhere only when nothing of the body was lost and the request is
+		// not bound to this worker's session.
+		if !streaming && r.key.Kind != sticky.KindSID && attempt < 2 && b.isGone(r.w) {
+			tried |= slotBit(r.w.Slot)
+			fresh = false
+			continue
+		}
+		r.w.pool.requests(b.m, 502).Inc()
+		if errors.Is(err, errBadRequestBody) {
+			b.reject(c, 400, "malformed request body", false)
+			return false
+		}
+		b.reject(c, 502, "the worker failed to answer", false)
+		return false
 	}
+}
+
+// readSmallBody fills p with the request body: first what br holds, then straight from
+// the connection (br is empty by then), every read within BodyTimeout.
+func (b *Balancer) readSmallBody(c net.Conn, br *bufio.Reader, p []byte) error {
+	n := min(br.Buffered(), len(p))
+	if n > 0 {
+		buf, _ := br.Peek(n)
+		copy(p, buf)
+		br.Discard(n)
+	}
+	for n < len(p) {
+		c.SetReadDeadline(time.Now().Add(b.cfg.BodyTimeout))
+		m, err := c.Read(p[n:])
+		n += m
+		if err != nil && n < len(p) {
+			if err == io.EOF {
+				err = io.ErrUnexpectedEOF
+			}
+			return err
+		}
+	}
+	return nil
 }
 
 // isGone reports whether w left routing (its process died): then a retry elsewhere is safe.
@@ -226,258 +295,971 @@ func (b *Balancer) isGone(w *Worker) bool {
 	}
 }
 
-func buildRequest(h *upgrade.Head, peer netip.AddrPort, small []byte, body io.Reader) *http.Request {
-	u := &url.URL{Scheme: "http", Host: "worker", RawQuery: h.RawQuery}
-	if strings.HasPrefix(h.Path, "//") {
-		u.Path = h.Path
-	} else {
-		u.Opaque = h.Path // sent exactly as the client wrote it
-	}
-	hdr := make(http.Header, len(h.Fields)+2)
-	var connTokens string
-	for _, f := range h.Fields {
-		if strings.EqualFold(f.Name, "Connection") {
-			connTokens += "," + f.Value
-		}
-	}
-	for _, f := range h.Fields {
-		name := http.CanonicalHeaderKey(f.Name)
-		if hopHeaders[name] || (connTokens != "" && hasToken(connTokens, name)) {
-			continue
-		}
-		hdr[name] = append(hdr[name], f.Value)
-	}
-	ip := peer.Addr().String()
-	if prior := hdr["X-Forwarded-For"]; len(prior) > 0 {
-		hdr["X-Forwarded-For"] = []string{strings.Join(prior, ", ") + ", " + ip}
-	} else {
-		hdr["X-Forwarded-For"] = []string{ip}
-	}
-	if _, ok := hdr["X-Forwarded-Proto"]; !ok {
-		hdr["X-Forwarded-Proto"] = []string{"http"}
-	}
-	if _, ok := hdr["User-Agent"]; !ok {
-		hdr["User-Agent"] = []string{""} // keeps net/http from adding its own
-	}
-	req := &http.Request{
-		Method:     h.Method,
-		URL:        u,
-		Proto:      "HTTP/1.1",
-		ProtoMajor: 1,
-		ProtoMinor: 1,
-		Header:     hdr,
-		Host:       h.Host,
-	}
-	switch {
-	case small != nil:
-		req.ContentLength = int64(len(small))
-		req.Body = io.NopCloser(bytes.NewReader(small))
-		req.GetBody = func() (io.ReadCloser, error) { return io.NopCloser(bytes.NewReader(small)), nil }
-	case body != nil && h.Chunked:
-		req.ContentLength = -1
-		req.TransferEncoding = []string{"chunked"}
-		req.Body = io.NopCloser(body)
-	case body != nil:
-		req.ContentLength = h.ContentLength
-		req.Body = io.NopCloser(body)
-	}
-	return req.WithContext(context.Background())
+var (
+	errBodyTooLarge    = errors.New("balancer: request body over the limit")
+	errBadRequestBody  = errors.New("balancer: malformed chunked request body")
+	errBadResponse     = errors.New("balancer: malformed response from the worker")
+	errTooMany1xx      = errors.New("balancer: too many 1xx responses from the worker")
+	errResponseTooBig  = errors.New("balancer: response head from the worker too large")
+	errUnexpectedBytes = errors.New("balancer: worker sent bytes before the request was complete")
+)
+
+// aLongTimeAgo is a deadline in the past: it makes a blocked read or write return now.
+var aLongTimeAgo = time.Unix(1, 0)
+
+// exchange is one request/response over one virtual connection.
+type exchange struct {
+	b         *Balancer
+	c         net.Conn
+	br        *bufio.Reader // the client's; its buffer holds the head until the body is read
+	bw        *bufio.Writer // the client's
+	sc        *proxyScratch
+	peer      netip.AddrPort
+	info      reqInfo
+	small     []byte
+	streaming bool
+	w         *Worker
+
+	// outcome, for the caller
+	answered    bool // bytes of the response went to the client
+	stale       bool // failed on a reused connection before the worker answered anything
+	bodyTimeout bool // the client's body did not make progress within BodyTimeout
+
+	vc *vconn
+	// A streaming body's sender: it reports on sent; clientTimeout is set by it before
+	// it reports; aborted tells it that the response side stopped it.
+	sent          chan error
+	clientTimeout bool
+	aborted       atomic.Bool
 }
 
-func hasToken(list, token string) bool {
-	for _, t := range strings.Split(list, ",") {
-		if strings.EqualFold(strings.TrimSpace(t), token) {
+// run sends the request and relays the response. It returns whether the client
+// connection may carry another request; on error nothing or only part of the response
+// reached the client (see x.answered).
+func (x *exchange) run(fresh bool) (keep bool, err error) {
+	b, sc := x.b, x.sc
+	var vc *vconn
+	if fresh {
+		vc, err = x.w.pool.dial(context.Background())
+	} else {
+		vc, err = x.w.pool.get(context.Background())
+	}
+	if err != nil {
+		return false, err
+	}
+	if x.streaming && vc.reused && !vc.alive() {
+		// The body cannot be sent twice: make sure the worker still has this one open.
+		vc.close()
+		if vc, err = x.w.pool.dial(context.Background()); err != nil {
+			return false, err
+		}
+	}
+	x.vc = vc
+	reusable := false
+	defer func() {
+		if reusable {
+			x.w.pool.put(vc)
+		} else {
+			vc.close()
+		}
+	}()
+
+	// The head goes to the worker before any body byte is read: it aliases the client
+	// reader's buffer.
+	writeRequestHead(vc.bw, &sc.head, x.peer.Addr())
+	if x.streaming {
+		x.sent = make(chan error, 1)
+		go x.sendBody(vc, x.sent, sc.head.Chunked, sc.head.ContentLength)
+	} else {
+		if x.small != nil {
+			vc.bw.Write(x.small)
+		}
+		if err := vc.bw.Flush(); err != nil {
+			x.stale = vc.reused
+			return false, err
+		}
+	}
+
+	rh := &sc.resp
+	if err := readResponseHead(vc.br, sc, x.info.isHead); err != nil {
+		x.stale = vc.reused && len(sc.rh) == 0 && !x.streaming
+		if berr := x.finishBody(true); berr != nil {
+			return false, berr
+		}
+		return false, err
+	}
+	x.w.pool.requests(b.m, rh.status).Inc()
+
+	keep = !x.info.close && !b.isClosing()
+	var prefix []byte
+	body := &sc.body
+	*body = respBody{br: vc.br, mode: rh.bodyMode, n: rh.contentLength}
+	if x.info.handshake && rh.status == 200 {
+		prefix, err = b.learnSession(sc, x.w)
+		if err != nil {
+			x.finishBody(true)
+			return false, err
+		}
+	}
+	body.flush = x.bw
+	keep, err = x.writeResponse(keep, prefix)
+	if err != nil {
+		x.finishBody(true)
+		return false, err
+	}
+	// The response is complete. A body still being sent means the worker answered
+	// without reading all of it: the client's connection cannot go on.
+	if berr := x.finishBody(true); berr != nil {
+		return false, nil
+	}
+	reusable = !rh.close && rh.bodyMode != bodyUntilEOF
+	return keep, nil
+}
+
+// writeRequestHead writes the request line and fields for the worker: the request as
+// the client sent it, less hop-by-hop fields, plus X-Forwarded-For/-Proto and the
+// edge's own framing.
+func writeRequestHead(w *bufio.Writer, h *upgrade.Head, peer netip.Addr) {
+	w.WriteString(h.Method)
+	w.WriteByte(' ')
+	if t := h.Target; len(t) > 0 && (t[0] == '/' || t == "*") {
+		w.WriteString(t)
+	} else { // absolute form: the worker gets origin form
+		w.WriteString(h.Path)
+		if h.RawQuery != "" {
+			w.WriteByte('?')
+			w.WriteString(h.RawQuery)
+		}
+	}
+	w.WriteString(" HTTP/1.1\r\nHost: ")
+	if h.Host != "" {
+		w.WriteString(h.Host)
+	} else {
+		w.WriteString("worker") // HTTP/1.0 without Host: HTTP/1.1 needs one
+	}
+	w.WriteString("\r\n")
+	hasConn := false
+	for i := range h.Fields {
+		if strings.EqualFold(h.Fields[i].Name, "Connection") {
+			hasConn = true
+			break
+		}
+	}
+	skip := func(name string) bool {
+		return isHop(name) || (hasConn && namedByConnection(h.Fields, name))
+	}
+	nXFF, hasXFP := 0, false
+	for _, f := range h.Fields {
+		if skip(f.Name) {
+			continue
+		}
+		if strings.EqualFold(f.Name, "X-Forwarded-For") {
+			nXFF++
+			continue
+		}
+		if !hasXFP && strings.EqualFold(f.Name, "X-Forwarded-Proto") {
+			hasXFP = true
+		}
+		w.WriteString(f.Name)
+		w.WriteString(": ")
+		w.WriteString(f.Value)
+		w.WriteString("\r\n")
+	}
+	w.WriteString("X-Forwarded-For: ")
+	if nXFF > 0 {
+		for _, f := range h.Fields {
+			if strings.EqualFold(f.Name, "X-Forwarded-For") && !skip(f.Name) {
+				w.WriteString(f.Value)
+				w.WriteString(", ")
+			}
+		}
+	}
+	w.Write(peer.AppendTo(w.AvailableBuffer()))
+	w.WriteString("\r\n")
+	if !hasXFP {
+		w.WriteString("X-Forwarded-Proto: http\r\n")
+	}
+	switch {
+	case h.Chunked:
+		w.WriteString("Transfer-Encoding: chunked\r\n")
+	case h.ContentLength >= 0:
+		w.WriteString("Content-Length: ")
+		w.Write(strconv.AppendInt(w.AvailableBuffer(), h.ContentLength, 10))
+		w.WriteString("\r\n")
+	}
+	w.WriteString("\r\n")
+}
+
+// isHop reports whether a field is connection-level: it never crosses the edge (the
+// edge writes its own Host and framing).
+func isHop(name string) bool {
+	switch len(name) {
+	case 2:
+		return strings.EqualFold(name, "TE")
+	case 4:
+		return strings.EqualFold(name, "Host")
+	case 7:
+		return strings.EqualFold(name, "Trailer") || strings.EqualFold(name, "Upgrade")
+	case 10:
+		return strings.EqualFold(name, "Connection") || strings.EqualFold(name, "Keep-Alive")
+	case 14:
+		return strings.EqualFold(name, "Content-Length")
+	case 16:
+		return strings.EqualFold(name, "Proxy-Connection")
+	case 17:
+		return strings.EqualFold(name, "Transfer-Encoding")
+	case 18:
+		return strings.EqualFold(name, "Proxy-Authenticate")
+	case 19:
+		return strings.EqualFold(name, "Proxy-Authorization")
+	}
+	return false
+}
+
+// namedByConnection reports whether a Connection field lists name.
+func namedByConnection(fields []upgrade.Field, name string) bool {
+	for _, f := range fields {
+		if strings.EqualFold(f.Name, "Connection") && hasToken(f.Value, name) {
 			return true
 		}
 	}
 	return false
 }
 
-// pacedReader extends the connection's read deadline before every read.
-type pacedReader struct {
-	r io.Reader
-	c net.Conn
-	d time.Duration
-}
-
-func (p *pacedReader) Read(b []byte) (int, error) {
-	p.c.SetReadDeadline(time.Now().Add(p.d))
-	return p.r.Read(b)
-}
-
-var errBodyTooLarge = errors.New("balancer: request body over the limit")
-
-// limitedBody fails a chunked body that grows past the limit.
-type limitedBody struct {
-	r *chunkedBody
-	n int64
-}
-
-func (l *limitedBody) Read(p []byte) (int, error) {
-	n, err := l.r.Read(p)
-	if l.n -= int64(n); l.n < 0 {
-		return n, errBodyTooLarge
+// hasToken reports whether the comma-separated list holds token (case-insensitive).
+func hasToken(list, token string) bool {
+	for list != "" {
+		var t string
+		t, list, _ = strings.Cut(list, ",")
+		if strings.EqualFold(strings.Trim(t, " \t"), token) {
+			return true
+		}
 	}
-	return n, err
+	return false
 }
 
-// chunkedBody decodes a chunked request body and consumes its trailer section, so the
-// next request on the connection starts where it should.
-type chunkedBody struct {
-	r    io.Reader
-	br   *bufio.Reader
-	pace *pacedReader
-	done bool
-}
-
-func (cb *chunkedBody) Read(p []byte) (int, error) {
-	if cb.done {
-		return 0, io.EOF
+// sendBody streams a body that is not buffered (chunked, or larger than
+// replayableBody) from the client to the worker while the response is read. It runs in
+// its own goroutine (a worker may answer while it reads, as an echo does) and reports on
+// sent; on an error of its own it also wakes the response reader.
+func (x *exchange) sendBody(vc *vconn, sent chan<- error, chunked bool, n int64) {
+	var err error
+	if chunked {
+		err = x.sendChunked(vc.bw)
+	} else {
+		err = x.sendLength(vc.bw, n)
 	}
-	cb.pace.c.SetReadDeadline(time.Now().Add(cb.pace.d))
-	n, err := cb.r.Read(p)
+	if err != nil {
+		if x.aborted.Load() {
+			err = errAborted
+		} else {
+			vc.c.SetReadDeadline(aLongTimeAgo)
+		}
+	}
+	sent <- err
+}
+
+// finishBody waits for the body sender. With abort it first makes a sender that is
+// still blocked (on the client or the worker) return. It returns the sender's own error
+// (client too slow, body too large, malformed), or errAborted.
+func (x *exchange) finishBody(abort bool) error {
+	ch := x.sent
+	if ch == nil {
+		return nil
+	}
+	x.sent = nil
+	var err error
+	select {
+	case err = <-ch:
+	default:
+		if abort {
+			x.aborted.Store(true)
+			x.c.SetReadDeadline(aLongTimeAgo)
+			x.vc.c.SetWriteDeadline(aLongTimeAgo)
+		}
+		err = <-ch
+		if abort {
+			x.vc.c.SetWriteDeadline(time.Time{})
+		}
+	}
+	x.c.SetReadDeadline(time.Time{})
+	if err != nil && x.clientTimeout {
+		x.bodyTimeout = true
+	}
+	return err
+}
+
+var errAborted = errors.New("balancer: request body abandoned")
+
+// pace sets the client's read deadline before a read that may block, after flushing
+// what the worker has not been sent yet.
+func (x *exchange) pace(vw *bufio.Writer) error {
+	if err := vw.Flush(); err != nil {
+		return err
+	}
+	x.c.SetReadDeadline(time.Now().Add(x.b.cfg.BodyTimeout))
+	return nil
+}
+
+// clientErr classifies an error reading the client's body.
+func (x *exchange) clientErr(err error) error {
+	if isTimeout(err) && !x.aborted.Load() {
+		x.clientTimeout = true
+	}
 	if err == io.EOF {
-		// Trailer fields up to the empty line; bounded like a head.
-		for i := 0; i < 100; i++ {
-			line, lerr := cb.br.ReadSlice('\n')
-			if lerr != nil {
-				return n, lerr
+		err = io.ErrUnexpectedEOF
+	}
+	return err
+}
+
+// sendLength copies an n-byte body: what br holds, then straight from the connection.
+func (x *exchange) sendLength(vw *bufio.Writer, n int64) error {
+	br := x.br
+	if k := int(min(int64(br.Buffered()), n)); k > 0 {
+		p, _ := br.Peek(k)
+		if _, err := vw.Write(p); err != nil {
+			return err
+		}
+		br.Discard(k)
+		n -= int64(k)
+	}
+	if n == 0 {
+		return vw.Flush()
+	}
+	bp := copyPool.Get().(*[]byte)
+	defer copyPool.Put(bp)
+	buf := *bp
+	for n > 0 {
+		if err := x.pace(vw); err != nil {
+			return err
+		}
+		m, err := x.c.Read(buf[:min(int64(len(buf)), n)])
+		if m > 0 {
+			if _, werr := vw.Write(buf[:m]); werr != nil {
+				return werr
 			}
-			if len(line) == 2 && line[0] == '\r' {
-				cb.done = true
-				return n, io.EOF
+			n -= int64(m)
+		}
+		if err != nil && n > 0 {
+			return x.clientErr(err)
+		}
+	}
+	return vw.Flush()
+}
+
+// sendChunked forwards a chunked body chunk by chunk: sizes parsed and written anew
+// (extensions dropped), data passed through, trailer fields consumed, the total held to
+// MaxBodyBytes.
+func (x *exchange) sendChunked(vw *bufio.Writer) error {
+	br := x.br
+	var total int64
+	for {
+		line, err := x.bodyLine(vw)
+		if err != nil {
+			return err
+		}
+		size, ok := parseChunkSize(line)
+		if !ok {
+			return errBadRequestBody
+		}
+		if size == 0 {
+			for i := 0; ; i++ {
+				if i == maxTrailerLines {
+					return errBadRequestBody
+				}
+				line, err := x.bodyLine(vw)
+				if err != nil {
+					return err
+				}
+				if len(line) == 0 {
+					break
+				}
+			}
+			vw.WriteString("0\r\n\r\n")
+			return vw.Flush()
+		}
+		if total += size; total > x.b.cfg.MaxBodyBytes {
+			return errBodyTooLarge
+		}
+		vw.Write(strconv.AppendInt(vw.AvailableBuffer(), size, 16))
+		vw.WriteString("\r\n")
+		for size > 0 {
+			if br.Buffered() == 0 {
+				if err := x.pace(vw); err != nil {
+					return err
+				}
+				if _, err := br.Peek(1); err != nil {
+					return x.clientErr(err)
+				}
+			}
+			k := int(min(int64(br.Buffered()), size))
+			p, _ := br.Peek(k)
+			if _, err := vw.Write(p); err != nil {
+				return err
+			}
+			br.Discard(k)
+			size -= int64(k)
+		}
+		if line, err := x.bodyLine(vw); err != nil {
+			return err
+		} else if len(line) != 0 {
+			return errBadRequestBody
+		}
+		vw.WriteString("\r\n")
+	}
+}
+
+// bodyLine reads one line of chunked framing from the client, without its CRLF.
+func (x *exchange) bodyLine(vw *bufio.Writer) ([]byte, error) {
+	buffered, _ := x.br.Peek(x.br.Buffered())
+	if bytes.IndexByte(buffered, '\n') < 0 {
+		if err := x.pace(vw); err != nil {
+			return nil, err
+		}
+	}
+	line, err := x.br.ReadSlice('\n')
+	if err != nil {
+		if err == bufio.ErrBufferFull {
+			return nil, errBadRequestBody
+		}
+		return nil, x.clientErr(err)
+	}
+	line = line[:len(line)-1]
+	if len(line) == 0 || line[len(line)-1] != '\r' {
+		return nil, errBadRequestBody // bare LF
+	}
+	return line[:len(line)-1], nil
+}
+
+// parseChunkSize parses a chunk-size line (hex digits, optional extensions, which are
+// dropped).
+func parseChunkSize(line []byte) (int64, bool) {
+	if i := bytes.IndexByte(line, ';'); i >= 0 {
+		line = line[:i]
+	}
+	line = bytes.TrimRight(line, " \t")
+	if len(line) == 0 || len(line) > 15 {
+		return 0, false
+	}
+	var n int64
+	for _, c := range line {
+		var d byte
+		switch {
+		case '0' <= c && c <= '9':
+			d = c - '0'
+		case 'a' <= c && c <= 'f':
+			d = c - 'a' + 10
+		case 'A' <= c && c <= 'F':
+			d = c - 'A' + 10
+		default:
+			return 0, false
+		}
+		n = n<<4 | int64(d)
+	}
+	return n, true
+}
+
+// Response body framings.
+const (
+	bodyNone = iota
+	bodyLength
+	bodyChunked
+	bodyUntilEOF
+)
+
+// respHead is the worker's response head as the edge needs it.
+type respHead struct {
+	status        int
+	statusText    span // "200 OK": code and reason as sent
+	contentLength int64
+	clValue       span // the Content-Length value as sent (HEAD answers)
+	bodyMode      int
+	close         bool // the worker closes the connection after this response
+	hasConnection bool
+}
+
+type span struct{ start, end int32 }
+
+type respField struct{ name, value span }
+
+func (sc *proxyScratch) str(s span) string { return bstr(sc.rh[s.start:s.end]) }
+
+// bstr views b as a string without copying; only for use while b is unchanged.
+func bstr(b []byte) string { return unsafe.String(unsafe.SliceData(b), len(b)) }
+
+// readResponseHead reads the worker's status line and fields into sc, skipping interim
+// (1xx) responses. Anything malformed is an error: the caller closes the connection.
+func readResponseHead(br *bufio.Reader, sc *proxyScratch, isHead bool) error {
+	for n1xx := 0; ; n1xx++ {
+		if n1xx > max1xxResponses {
+			return errTooMany1xx
+		}
+		sc.rh = sc.rh[:0]
+		sc.fields = sc.fields[:0]
+		rh := &sc.resp
+		*rh = respHead{contentLength: -1}
+		line, err := readRespLine(br, sc)
+		if err != nil {
+			if n1xx == 0 && len(sc.rh) == 0 && err == io.EOF {
+				return io.EOF
+			}
+			return err
+		}
+		// HTTP/1.x SP 3DIGIT [SP reason]
+		l := sc.rh[line.start:line.end]
+		if len(l) < 12 || string(l[:7]) != "HTTP/1." || (l[7] != '0' && l[7] != '1') || l[8] != ' ' ||
+			(len(l) > 12 && l[12] != ' ') {
+			return errBadResponse
+		}
+		minor := int(l[7] - '0')
+		status := 0
+		for _, c := range l[9:12] {
+			if c < '0' || c > '9' {
+				return errBadResponse
+			}
+			status = status*10 + int(c-'0')
+		}
+		if status < 100 {
+			return errBadResponse
+		}
+		for _, c := range l[12:] {
+			if (c < ' ' && c != '\t') || c == 0x7f {
+				return errBadResponse
 			}
 		}
-		return n, errors.New("balancer: too many trailer fields")
+		rh.status = status
+		rh.statusText = span{line.start + 9, line.end}
+		var nCL, nTE int
+		var connClose, connKeep bool
+		for {
+			fl, err := readRespLine(br, sc)
+			if err != nil {
+				return err
+			}
+			if fl.start == fl.end {
+				break
+			}
+			f := sc.rh[fl.start:fl.end]
+			if f[0] == ' ' || f[0] == '\t' {
+				return errBadResponse // obs-fold
+			}
+			colon := bytes.IndexByte(f, ':')
+			if colon <= 0 {
+				return errBadResponse
+			}
+			for _, c := range f[:colon] {
+				if !isTokenChar(c) {
+					return errBadResponse
+				}
+			}
+			vs, ve := colon+1, len(f)
+			for vs < ve && (f[vs] == ' ' || f[vs] == '\t') {
+				vs++
+			}
+			for ve > vs && (f[ve-1] == ' ' || f[ve-1] == '\t') {
+				ve--
+			}
+			for _, c := range f[vs:ve] {
+				if (c < ' ' && c != '\t') || c == 0x7f {
+					return errBadResponse
+				}
+			}
+			if len(sc.fields) == maxResponseFields {
+				return errResponseTooBig
+			}
+			rf := respField{span{fl.start, fl.start + int32(colon)}, span{fl.start + int32(vs), fl.start + int32(ve)}}
+			sc.fields = append(sc.fields, rf)
+			name, value := bstr(f[:colon]), bstr(f[vs:ve])
+			switch len(name) {
+			case 10:
+				if strings.EqualFold(name, "Connection") {
+					rh.hasConnection = true
+					connClose = connClose || hasToken(value, "close")
+					connKeep = connKeep || hasToken(value, "keep-alive")
+				}
+			case 14:
+				if strings.EqualFold(name, "Content-Length") {
+					n, ok := parseLength(value)
+					if !ok || (nCL > 0 && n != rh.contentLength) {
+						return errBadResponse
+					}
+					nCL++
+					rh.contentLength = n
+					rh.clValue = rf.value
+				}
+			case 17:
+				if strings.EqualFold(name, "Transfer-Encoding") {
+					if nTE++; nTE > 1 || !strings.EqualFold(value, "chunked") {
+						return errBadResponse // net/http supports exactly one "chunked"
+					}
+				}
+			}
+		}
+		if status < 200 {
+			if status == 101 {
+				return errBadResponse // no upgrade was asked for
+			}
+			continue // 100 Continue and other interim answers: the client does not see them
+		}
+		rh.close = connClose || (minor == 0 && !connKeep)
+		switch {
+		case isHead || status == 204 || status == 304:
+			rh.bodyMode = bodyNone
+		case nTE > 0:
+			rh.bodyMode = bodyChunked
+			rh.contentLength = -1
+		case nCL > 0:
+			rh.bodyMode = bodyLength
+		default:
+			rh.bodyMode = bodyUntilEOF
+			rh.close = true
+		}
+		if nTE > 0 {
+			rh.contentLength = -1
+		}
+		return nil
 	}
-	return n, err
+}
+
+// readRespLine appends one line of the worker's head (without its line end) to sc.rh
+// and returns where it is.
+func readRespLine(br *bufio.Reader, sc *proxyScratch) (span, error) {
+	start := len(sc.rh)
+	for {
+		frag, err := br.ReadSlice('\n')
+		if len(sc.rh)+len(frag) > maxResponseHead {
+			return span{}, errResponseTooBig
+		}
+		sc.rh = append(sc.rh, frag...)
+		if err == nil {
+			break
+		}
+		if err != bufio.ErrBufferFull {
+			if err == io.EOF && len(sc.rh) > 0 {
+				err = io.ErrUnexpectedEOF
+			}
+			return span{}, err
+		}
+	}
+	end := len(sc.rh) - 1
+	if end > start && sc.rh[end-1] == '\r' {
+		end--
+	}
+	return span{int32(start), int32(end)}, nil
+}
+
+func parseLength(v string) (int64, bool) {
+	if v == "" || len(v) > 18 {
+		return 0, false
+	}
+	var n int64
+	for i := 0; i < len(v); i++ {
+		c := v[i]
+		if c < '0' || c > '9' {
+			return 0, false
+		}
+		n = n*10 + int64(c-'0')
+	}
+	return n, true
+}
+
+func isTokenChar(c byte) bool {
+	return c < 0x80 && tokenChars[c]
+}
+
+var tokenChars = func() (t [128]bool) {
+	for c := '0'; c <= '9'; c++ {
+		t[c] = true
+	}
+	for c := 'a'; c <= 'z'; c++ {
+		t[c] = true
+		t[c-'a'+'A'] = true
+	}
+	for _, c := range "!#$%&'*+-.^_`|~" {
+		t[c] = true
+	}
+	return t
+}()
+
+// respBody reads the worker's response body through the virtual connection's reader,
+// without copying: each piece is valid until the next call.
+type respBody struct {
+	br      *bufio.Reader
+	flush   *bufio.Writer // the client's: flushed before a read that may block
+	mode    int
+	n       int64 // bodyLength: bytes left; bodyChunked: bytes left in this chunk
+	started bool  // bodyChunked: a chunk's data was read (its CRLF follows)
+	done    bool
+}
+
+// fill makes sure br holds at least one byte; before it may block it flushes what the
+// client has not been sent yet, so long-polls and streamed answers reach it at once.
+func (r *respBody) fill() error {
+	if r.br.Buffered() > 0 {
+		return nil
+	}
+	if r.flush != nil {
+		if err := r.flush.Flush(); err != nil {
+			return err
+		}
+	}
+	_, err := r.br.Peek(1)
+	return err
+}
+
+// next returns the next piece of the body, at most max bytes; io.EOF at its end.
+func (r *respBody) next(max int) ([]byte, error) {
+	if r.done {
+		return nil, io.EOF
+	}
+	switch r.mode {
+	case bodyNone:
+		r.done = true
+		return nil, io.EOF
+	case bodyLength:
+		if r.n == 0 {
+			r.done = true
+			return nil, io.EOF
+		}
+		if err := r.fill(); err != nil {
+			if err == io.EOF {
+				err = io.ErrUnexpectedEOF
+			}
+			return nil, err
+		}
+		return r.take(int(min(r.n, int64(max)))), nil
+	case bodyUntilEOF:
+		if err := r.fill(); err != nil {
+			if err == io.EOF {
+				r.done = true
+			}
+			return nil, err
+		}
+		return r.take(max), nil
+	}
+	if r.n == 0 {
+		if r.started {
+			if line, err := r.line(); err != nil {
+				return nil, err
+			} else if len(line) != 0 {
+				return nil, errBadResponse
+			}
+		}
+		line, err := r.line()
+		if err != nil {
+			return nil, err
+		}
+		size, ok := parseChunkSize(line)
+		if !ok {
+			return nil, errBadResponse
+		}
+		if size == 0 {
+			for i := 0; ; i++ { // trailer fields: dropped, as net/http's client drops them
+				if i == maxTrailerLines {
+					return nil, errBadResponse
+				}
+				line, err := r.line()
+				if err != nil {
+					return nil, err
+				}
+				if len(line) == 0 {
+					break
+				}
+			}
+			r.done = true
+			return nil, io.EOF
+		}
+		r.n, r.started = size, true
+	}
+	if err := r.fill(); err != nil {
+		if err == io.EOF {
+			err = io.ErrUnexpectedEOF
+		}
+		return nil, err
+	}
+	return r.take(int(min(r.n, int64(max)))), nil
+}
+
+// take consumes up to max buffered bytes (at least one is buffered).
+func (r *respBody) take(max int) []byte {
+	k := min(r.br.Buffered(), max)
+	p, _ := r.br.Peek(k)
+	r.br.Discard(k)
+	if r.mode != bodyUntilEOF {
+		r.n -= int64(k)
+	}
+	return p
+}
+
+// line reads one line of chunked framing without its line end.
+func (r *respBody) line() ([]byte, error) {
+	if buffered, _ := r.br.Peek(r.br.Buffered()); bytes.IndexByte(buffered, '\n') < 0 && r.flush != nil {
+		if err := r.flush.Flush(); err != nil {
+			return nil, err
+		}
+	}
+	line, err := r.br.ReadSlice('\n')
+	if err != nil {
+		if err == bufio.ErrBufferFull {
+			return nil, errBadResponse
+		}
+		if err == io.EOF {
+			err = io.ErrUnexpectedEOF
+		}
+		return nil, err
+	}
+	line = line[:len(line)-1]
+	if len(line) > 0 && line[len(line)-1] == '\r' {
+		line = line[:len(line)-1]
+	}
+	return line, nil
+}
+
+// Read lets the body be read like any reader (learnSession).
+func (r *respBody) Read(p []byte) (int, error) {
+	if len(p) == 0 {
+		return 0, nil
+	}
+	piece, err := r.next(len(p))
+	return copy(p, piece), err
 }
 
 // writeResponse sends the worker's response to the client. The client connection's
 // keep-alive is the edge's business: a worker that closes its virtual connection after
 // every response (as @socket.io/sticky workers do) does not close the client's.
-func (b *Balancer) writeResponse(bw *bufio.Writer, h *upgrade.Head, resp *http.Response, w *Worker) bool {
-	keep := !h.Close && !b.isClosing()
-	noBody := h.Method == "HEAD" || resp.StatusCode == 204 || resp.StatusCode == 304 || resp.StatusCode < 200
-	var prefix []byte
-	if isHandshake(h) && resp.StatusCode == 200 {
-		prefix = b.learnSession(h, resp, w)
-	}
-	chunked := !noBody && resp.ContentLength < 0
-	if chunked && h.ProtoMinor == 0 {
+func (x *exchange) writeResponse(keep bool, prefix []byte) (bool, error) {
+	sc, bw, rh := x.sc, x.bw, &x.sc.resp
+	noBody := x.info.isHead || rh.status == 204 || rh.status == 304
+	chunked := !noBody && rh.contentLength < 0
+	if chunked && x.info.protoMinor == 0 {
 		keep = false // HTTP/1.0 clients know no chunked encoding: the end of body is the close
 		chunked = false
 	}
+	x.answered = true
 	bw.WriteString("HTTP/1.1 ")
-	bw.WriteString(resp.Status)
-	bw.WriteString("\r\n")
-	var connTokens string
-	for _, v := range resp.Header["Connection"] {
-		connTokens += "," + v
+	bw.WriteString(sc.str(rh.statusText))
+	if rh.statusText.end-rh.statusText.start == 3 {
+		bw.WriteByte(' ')
 	}
-	for k, vv := range resp.Header {
-		if hopHeaders[k] || (connTokens != "" && hasToken(connTokens, k)) {
+	bw.WriteString("\r\n")
+	for _, f := range sc.fields {
+		name := sc.str(f.name)
+		if isHop(name) || (rh.hasConnection && x.respNamedByConnection(name)) {
 			continue
 		}
-		for _, v := range vv {
-			bw.WriteString(k)
-			bw.WriteString(": ")
-			bw.WriteString(v)
-			bw.WriteString("\r\n")
-		}
+		bw.WriteString(name)
+		bw.WriteString(": ")
+		bw.WriteString(sc.str(f.value))
+		bw.WriteString("\r\n")
 	}
 	switch {
 	case noBody:
-		if cl := resp.Header.Get("Content-Length"); cl != "" && h.Method == "HEAD" {
-			bw.WriteString("Content-Length: " + cl + "\r\n")
+		if x.info.isHead && rh.clValue.end > rh.clValue.start {
+			bw.WriteString("Content-Length: ")
+			bw.WriteString(sc.str(rh.clValue))
+			bw.WriteString("\r\n")
 		}
 	case chunked:
 		bw.WriteString("Transfer-Encoding: chunked\r\n")
-	case resp.ContentLength >= 0:
+	case rh.contentLength >= 0:
 		bw.WriteString("Content-Length: ")
-		bw.WriteString(strconv.FormatInt(resp.ContentLength, 10))
+		bw.Write(strconv.AppendInt(bw.AvailableBuffer(), rh.contentLength, 10))
 		bw.WriteString("\r\n")
 	}
 	if !keep {
 		bw.WriteString("Connection: close\r\n")
-	} else if h.ProtoMinor == 0 {
+	} else if x.info.protoMinor == 0 {
 		bw.WriteString("Connection: keep-alive\r\n")
 	}
 	bw.WriteString("\r\n")
 	if noBody {
-		return bw.Flush() == nil && keep
+		return keep, bw.Flush()
 	}
-	var out io.Writer = bw
-	var cw io.WriteCloser
-	if chunked {
-		cw = httputil.NewChunkedWriter(bw)
-		out = cw
+	write := func(p []byte) error {
+		if chunked {
+			bw.Write(strconv.AppendInt(bw.AvailableBuffer(), int64(len(p)), 16))
+			bw.WriteString("\r\n")
+		}
+		if _, err := bw.Write(p); err != nil {
+			return err
+		}
+		if chunked {
+			_, err := bw.WriteString("\r\n")
+			return err
+		}
+		return nil
 	}
 	if len(prefix) > 0 {
-		if _, err := out.Write(prefix); err != nil {
-			return false
+		if err := write(prefix); err != nil {
+			return false, err
 		}
 	}
-	if err := copyFlushing(out, bw, resp.Body); err != nil {
-		return false
-	}
-	if cw != nil {
-		cw.Close()
-		bw.WriteString("\r\n")
-	}
-	return bw.Flush() == nil && keep
-}
-
-// copyFlushing streams src to dst, flushing after every read so long-poll and
-// server-sent data reach the client as soon as the worker produces them.
-func copyFlushing(dst io.Writer, bw *bufio.Writer, src io.Reader) error {
-	bp := copyPool.Get().(*[]byte)
-	defer copyPool.Put(bp)
-	buf := *bp
+	body := &sc.body
 	for {
-		n, err := src.Read(buf)
-		if n > 0 {
-			if _, werr := dst.Write(buf[:n]); werr != nil {
-				return werr
-			}
-			if werr := bw.Flush(); werr != nil {
-				return werr
+		p, err := body.next(1 << 30)
+		if len(p) > 0 {
+			if werr := write(p); werr != nil {
+				return false, werr
 			}
 		}
 		if err == io.EOF {
-			return nil
+			break
 		}
 		if err != nil {
-			return err
+			return false, err
 		}
 	}
+	if chunked {
+		bw.WriteString("0\r\n\r\n")
+	}
+	return keep, bw.Flush()
+}
+
+// respNamedByConnection reports whether the worker's Connection fields list name.
+func (x *exchange) respNamedByConnection(name string) bool {
+	sc := x.sc
+	for _, f := range sc.fields {
+		if n := sc.str(f.name); len(n) == 10 && strings.EqualFold(n, "Connection") && hasToken(sc.str(f.value), name) {
+			return true
+		}
+	}
+	return false
 }
 
 // learnSession records which worker minted the session in an engine.io handshake
-// answer, before the client can send its next request. It returns the body bytes it had
-// to read, which the caller forwards first.
-func (b *Balancer) learnSession(h *upgrade.Head, resp *http.Response, w *Worker) []byte {
+// answer, before the client can see it: from Set-Cookie (cookie identity) and from the
+// open packet. It returns the body bytes it had to read, which are forwarded first.
+func (b *Balancer) learnSession(sc *proxyScratch, w *Worker) ([]byte, error) {
 	now := time.Now()
-	for _, sc := range resp.Cookies() {
-		for _, s := range b.cfg.Rules.Sources {
-			if s.Kind == sticky.KindCookie && s.Name == sc.Name && sc.Value != "" {
-				b.sessions.Put(sticky.NamedKey(sticky.KindCookie, sc.Name, sc.Value).String(), w.Slot, now)
+	for _, s := range b.cfg.Rules.Sources {
+		if s.Kind != sticky.KindCookie {
+			continue
+		}
+		for _, f := range sc.fields {
+			if !strings.EqualFold(sc.str(f.name), "Set-Cookie") {
+				continue
+			}
+			ck, err := http.ParseSetCookie(sc.str(f.value))
+			if err == nil && ck.Name == s.Name && ck.Value != "" {
+				b.sessions.Put(sticky.NamedKey(sticky.KindCookie, ck.Name, ck.Value).String(), w.Slot, now)
 			}
 		}
 	}
-	limit := int64(2048)
-	if resp.ContentLength >= 0 && resp.ContentLength < limit {
-		limit = resp.ContentLength
+	limit := len(sc.prefix)
+	if rh := &sc.resp; rh.contentLength >= 0 && rh.contentLength < int64(limit) {
+		limit = int(rh.contentLength)
 	}
-	prefix := make([]byte, limit)
-	n, _ := io.ReadFull(resp.Body, prefix)
-	prefix = prefix[:n]
+	n, err := io.ReadFull(&sc.body, sc.prefix[:limit])
+	if err != nil && err != io.EOF && err != io.ErrUnexpectedEOF {
+		return nil, err
+	}
+	prefix := sc.prefix[:n]
 	if sid, ok := upgrade.OpenPacketSID(prefix); ok {
 		if ev := b.sessions.Put(sticky.Key{Kind: sticky.KindSID, Value: sid}.String(), w.Slot, now); ev > 0 {
 			b.m.SessionEvictions.WithLabelValues("capacity").Add(float64(ev))
 		}
 	}
-	return prefix
+	return prefix, nil
 }
 
 // tunnel proxies an upgraded connection byte for byte through a virtual connection, for
@@ -516,5 +1298,3 @@ func pipe(dst, src net.Conn, errc chan<- error) {
 	}
 	errc <- err
 }
-
-var _ = fmt.Sprintf

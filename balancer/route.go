@@ -46,7 +46,7 @@ func (b *Balancer) RemoveWorker(w *Worker) {
 		b.m.SessionEvictions.WithLabelValues("worker_gone").Add(float64(n))
 	}
 	b.m.Sessions.WithLabelValues(w.label).Set(0)
-	w.transport.CloseIdleConnections()
+	w.pool.closeIdle()
 }
 
 // Drain stops routing new sessions to the worker in slot; its existing sessions stay.

@@ -5,7 +5,6 @@ import (
 	"errors"
 	"fmt"
 	"net"
-	"net/http"
 	"os"
 	"sync"
 	"sync/atomic"
@@ -61,28 +60,17 @@ type Worker struct {
 
 	ch         Channel
 	state      atomic.Int32
-	stuckUntil atomic.Int64    // unix nanos: a handoff timed out; skip the worker until then
-	transport  *http.Transport // pooled virtual connections for proxied requests
+	stuckUntil atomic.Int64 // unix nanos: a handoff timed out; skip the worker until then
+	pool       *connPool    // idle virtual connections for proxied requests
 	label      string
 }
 
 func newWorker(slot, pid int, ch Channel, idle time.Duration) *Worker {
 	w := &Worker{Slot: slot, PID: pid, ch: ch, label: fmt.Sprint(slot)}
 	w.state.Store(int32(StateReady))
-	w.transport = &http.Transport{
-		DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
-			return w.dialVirtual(ctx)
-		},
-		// The edge forwards bytes; it must not ask for or undo compression.
-		DisableCompression:  true,
-		MaxIdleConnsPerHost: 256,
-		// Shorter than Node's default keepAliveTimeout (5 s), so the edge retires an idle
-		// virtual connection before the worker closes it under a request in flight.
-		IdleConnTimeout: idle,
-		// Proxying plain HTTP/1.1 to a local worker: no proxy, no HTTP/2.
-		Proxy:             nil,
-		ForceAttemptHTTP2: false,
-	}
+	// Idle virtual connections are retired after idle, shorter than Node's default
+	// keepAliveTimeout (5 s), so the edge does not reuse one the worker is closing.
+	w.pool = newConnPool(w, idle)
 	return w
 }
 
