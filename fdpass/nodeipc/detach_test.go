@@ -533,3 +533,98 @@ func execHelperAfter(t *testing.T, s string) {
 	}
 	fmt.Println("EXEC-HELPER-OK")
 }
+
+// Detach in the middle of a stream of messages: every one arrives exactly once, in order,
+// through the old Primary or the resumed one.
+func TestDetachMidStream(t *testing.T) {
+	checkFDs(t)
+	ch, peer := newFakeChannel(t, Config{})
+	p := &Primary{Channel: ch, Logger: testLogger(t)}
+	runErr := make(chan error, 1)
+	go func() { runErr <- p.Run(context.Background()) }()
+	const n = 250 // fewer than Events() buffers: none is dropped even if the reader lags
+	var got []int
+	collect := func(q *Primary, stop <-chan error) {
+		for {
+			select {
+			case e := <-q.Events():
+				var m struct{ N int }
+				if e.Kind == EventMessage && json.Unmarshal(e.Message.Raw, &m) == nil {
+					got = append(got, m.N)
+				}
+			case err := <-stop:
+				if !errors.Is(err, ErrDetached) {
+					t.Errorf("Run: %v", err)
+				}
+				for { // Run has returned: drain what it emitted
+					select {
+					case e := <-q.Events():
+						var m struct{ N int }
+						if e.Kind == EventMessage && json.Unmarshal(e.Message.Raw, &m) == nil {
+							got = append(got, m.N)
+						}
+					default:
+						return
+					}
+				}
+			}
+		}
+	}
+	writerDone := make(chan struct{})
+	go func() {
+		defer close(writerDone)
+		for i := range n {
+			line := `{"N":` + strconv.Itoa(i) + `,"pad":"` + strings.Repeat("x", i%97) + `"}` + "\n"
+			// Split some lines across writes.
+			if i%3 == 0 {
+				peer.write(line[:len(line)/2])
+				peer.write(line[len(line)/2:])
+			} else {
+				peer.write(line)
+			}
+		}
+	}()
+	detached := make(chan PrimaryState, 1)
+	go func() {
+		time.Sleep(2 * time.Millisecond)
+		for {
+			st, err := p.Detach()
+			if err == nil {
+				detached <- st
+				return
+			}
+			if !errors.Is(err, ErrBusy) {
+				t.Errorf("Detach: %v", err)
+				close(detached)
+				return
+			}
+		}
+	}()
+	collect(p, runErr)
+	st, ok := <-detached
+	if !ok {
+		return
+	}
+	t.Logf("detached after %d messages; %d queued, %d bytes pending", len(got), len(st.Queued), len(st.Pending))
+	p2, runErr2 := resume(t, st, nil)
+	deadline := time.After(10 * time.Second)
+	for len(got) < n {
+		select {
+		case e := <-p2.Events():
+			var m struct{ N int }
+			if e.Kind == EventMessage && json.Unmarshal(e.Message.Raw, &m) == nil {
+				got = append(got, m.N)
+			}
+		case err := <-runErr2:
+			t.Fatalf("resumed Run: %v", err)
+		case <-deadline:
+			t.Fatalf("got %d of %d messages", len(got), n)
+		}
+	}
+	<-writerDone
+	for i, v := range got {
+		if v != i {
+			t.Fatalf("message %d is %d", i, v)
+		}
+	}
+}
