@@ -65,7 +65,8 @@ var (
 	// encoded (nothing sent).
 	ErrBadMessage = errors.New("nodeipc: malformed message")
 	// ErrDetached: the channel (or Primary) was handed over by Primary.Detach; its socket
-	// lives on in the PrimaryState. Sends after Detach fail with ErrClosed wrapping it.
+	// lives on in the PrimaryState. Sends after Detach fail with ErrClosed wrapping it;
+	// Recv, Err and Primary.Run return it.
 	ErrDetached = errors.New("nodeipc: detached for handover")
 	// ErrBusy: Detach refused because a handle is in flight, a write is in progress or a
 	// newconn reply is pending. Nothing was changed; retry once the edge is quiet.
