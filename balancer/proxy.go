@@ -244,6 +244,11 @@ func (b *Balancer) proxyRequest(c net.Conn, br *bufio.Reader, bw *bufio.Writer, 
 			fresh = true
 			continue
 		}
+		if errors.Is(err, errBadRequestBody) {
+			b.m.Rejections.WithLabelValues("bad_request").Inc()
+			b.reject(c, 400, "malformed chunked request body", false)
+			return false
+		}
 		b.log.Warn("proxied request failed", "worker", r.w.Slot, "err", err)
 		// Retry elsewhere only when nothing of the body was lost and the request is
 		// not bound to this worker's session.
@@ -253,10 +258,6 @@ func (b *Balancer) proxyRequest(c net.Conn, br *bufio.Reader, bw *bufio.Writer, 
 			continue
 		}
 		r.w.pool.requests(b.m, 502).Inc()
-		if errors.Is(err, errBadRequestBody) {
-			b.reject(c, 400, "malformed request body", false)
-			return false
-		}
 		b.reject(c, 502, "the worker failed to answer", false)
 		return false
 	}
@@ -296,12 +297,11 @@ func (b *Balancer) isGone(w *Worker) bool {
 }
 
 var (
-	errBodyTooLarge    = errors.New("balancer: request body over the limit")
-	errBadRequestBody  = errors.New("balancer: malformed chunked request body")
-	errBadResponse     = errors.New("balancer: malformed response from the worker")
-	errTooMany1xx      = errors.New("balancer: too many 1xx responses from the worker")
-	errResponseTooBig  = errors.New("balancer: response head from the worker too large")
-	errUnexpectedBytes = errors.New("balancer: worker sent bytes before the request was complete")
+	errBodyTooLarge   = errors.New("balancer: request body over the limit")
+	errBadRequestBody = errors.New("balancer: malformed chunked request body")
+	errBadResponse    = errors.New("balancer: malformed response from the worker")
+	errTooMany1xx     = errors.New("balancer: too many 1xx responses from the worker")
+	errResponseTooBig = errors.New("balancer: response head from the worker too large")
 )
 
 // aLongTimeAgo is a deadline in the past: it makes a blocked read or write return now.
