@@ -46,6 +46,9 @@ type Config struct {
 	BodyTimeout     time.Duration // a request body must make progress this often; 0: HeadTimeout
 	IdleTimeout     time.Duration // keep-alive idle time of proxied client connections; 0: 60 s
 	WorkerIdle      time.Duration // idle virtual connections to workers are retired after; 0: 4 s
+	// NoFastPath turns off the in-accept-loop handoff of complete WebSocket heads (for
+	// measuring it; the general path handles everything either way).
+	NoFastPath bool
 
 	Metrics *metrics.Metrics // nil: unregistered collectors
 	Logger  *slog.Logger     // nil: slog.Default()
@@ -106,6 +109,7 @@ type Balancer struct {
 	mu        sync.Mutex
 	closing   bool
 	listeners map[net.Listener]struct{}
+	rawLns    map[net.Listener]*os.File // the fast path's accept descriptors (fastpath.go)
 	conns     map[*clientConn]struct{}
 	perIP     map[netip.Addr]int // only with MaxConnsPerIP
 	wg        sync.WaitGroup
@@ -135,6 +139,7 @@ func New(cfg Config) *Balancer {
 		sessions:  &sticky.Table{TTL: cfg.SessionTTL, MaxEntries: cfg.MaxSessions},
 		pending:   make(chan struct{}, cfg.MaxPendingHeads),
 		listeners: map[net.Listener]struct{}{},
+		rawLns:    map[net.Listener]*os.File{},
 		conns:     map[*clientConn]struct{}{},
 		perIP:     map[netip.Addr]int{},
 		done:      make(chan struct{}),
@@ -198,6 +203,9 @@ func (b *Balancer) Serve(ln net.Listener) error {
 		delete(b.listeners, ln)
 		b.mu.Unlock()
 	}()
+	if tl, ok := ln.(*net.TCPListener); ok && !b.cfg.NoFastPath {
+		return b.serveTCP(tl)
+	}
 
 	var delay time.Duration
 	for {
@@ -314,6 +322,9 @@ func (b *Balancer) Shutdown(ctx context.Context) error {
 	}
 	for ln := range b.listeners {
 		ln.Close()
+	}
+	for _, lf := range b.rawLns {
+		lf.Close()
 	}
 	b.wakeIdle()
 	b.mu.Unlock()

@@ -42,10 +42,11 @@ func startEdge(t testing.TB, cfg Config, n int, modes ...string) *testEdge {
 		cfg.Logger = slog.New(slog.NewTextHandler(testWriter{t}, &slog.HandlerOptions{Level: slog.LevelWarn}))
 	}
 	b := New(cfg)
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	lns, err := ListenConfig{DeferAccept: true}.Listen(context.Background(), "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
 	}
+	ln := lns[0]
 	self, _ := os.Executable()
 	sup := &Supervisor{
 		Balancer:     b,

@@ -19,7 +19,8 @@ const upgradeRequest = "GET /ws HTTP/1.1\r\nHost: bench\r\nUpgrade: websocket\r\
 	"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
 
 // handshake does one WebSocket upgrade and reads the 101 and the worker's hello frame.
-func handshake(b *testing.B, addr string, buf []byte) {
+func handshake(b *testing.B, addr string, _ []byte) {
+	buf := make([]byte, 512)
 	c, err := net.Dial("tcp", addr)
 	if err != nil {
 		b.Fatal(err)
@@ -62,6 +63,7 @@ func BenchmarkHandshake(b *testing.B) {
 	buf := make([]byte, 512)
 	b.Run("direct", func(b *testing.B) {
 		addr := directWorker(b)
+		b.SetParallelism(16) // enough clients in flight to load the CPUs, not just the latency
 		b.ResetTimer()
 		b.RunParallel(func(pb *testing.PB) {
 			for pb.Next() {
@@ -69,15 +71,21 @@ func BenchmarkHandshake(b *testing.B) {
 			}
 		})
 	})
-	b.Run("edge", func(b *testing.B) {
-		e := startEdge(b, Config{Rules: sticky.Rules{Sources: []sticky.Source{{Kind: sticky.KindIP}}}}, 1)
-		b.ResetTimer()
-		b.RunParallel(func(pb *testing.PB) {
-			for pb.Next() {
-				handshake(b, e.addr, buf)
-			}
+	for _, mode := range []struct {
+		name string
+		slow bool
+	}{{"edge", false}, {"edge-general-path", true}} {
+		b.Run(mode.name, func(b *testing.B) {
+			e := startEdge(b, Config{Rules: sticky.Rules{Sources: []sticky.Source{{Kind: sticky.KindIP}}}, NoFastPath: mode.slow}, 1)
+			b.SetParallelism(16)
+			b.ResetTimer()
+			b.RunParallel(func(pb *testing.PB) {
+				for pb.Next() {
+					handshake(b, e.addr, buf)
+				}
+			})
 		})
-	})
+	}
 }
 
 var _ = fdpass.EnvFD

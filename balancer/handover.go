@@ -69,6 +69,9 @@ func (b *Balancer) Freeze(ctx context.Context) ([]net.Listener, []HandoverConn, 
 			dl.SetDeadline(time.Unix(1, 0)) // wakes Accept without closing the socket
 		}
 	}
+	for _, lf := range b.rawLns {
+		lf.SetReadDeadline(time.Unix(1, 0))
+	}
 	b.wakeIdle()
 	b.mu.Unlock()
 

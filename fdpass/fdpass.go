@@ -208,6 +208,42 @@ func Send(uc *net.UnixConn, conn syscall.Conn, m Meta) error {
 	return sendErr
 }
 
+// ErrWouldBlock means TrySend found the channel full.
+var ErrWouldBlock = errors.New("fdpass: channel full")
+
+// TrySend is Send for a raw descriptor that must not wait: it makes one non-blocking
+// sendmsg and fails with ErrWouldBlock when the worker's channel is full. fd stays owned
+// by the caller.
+func TrySend(uc *net.UnixConn, fd int, m Meta) error {
+	if !m.Kind.carriesFD() {
+		return ErrNoFD
+	}
+	raw, err := uc.SyscallConn()
+	if err != nil {
+		return err
+	}
+	bp := payloadPool.Get().(*[]byte)
+	defer payloadPool.Put(bp)
+	payload, err := AppendMeta((*bp)[:0], m)
+	*bp = payload[:0]
+	if err != nil {
+		return err
+	}
+	var oob [24]byte
+	var serr error
+	err = raw.Write(func(ufd uintptr) bool {
+		serr = unix.Sendmsg(int(ufd), payload, rights(oob[:0], uintptr(fd)), nil, unix.MSG_DONTWAIT|unix.MSG_NOSIGNAL)
+		return true // one attempt, whatever happened: the caller never parks here
+	})
+	if err != nil {
+		return err
+	}
+	if errors.Is(serr, unix.EAGAIN) {
+		return ErrWouldBlock
+	}
+	return serr
+}
+
 // rights appends an SCM_RIGHTS control message carrying one descriptor, without the
 // allocation unix.UnixRights makes.
 func rights(b []byte, fd uintptr) []byte {

@@ -101,7 +101,8 @@ func startDaemon(t *testing.T, dir string, args ...string) *daemon {
 		sc := bufio.NewScanner(pr)
 		for sc.Scan() {
 			line := sc.Text()
-			if m := metricsRE.FindStringSubmatch(line); m != nil {
+			// Set once, before found closes: an upgraded edge logs these lines again.
+			if m := metricsRE.FindStringSubmatch(line); m != nil && d.addr == "" {
 				d.metrics = m[1]
 			}
 			if m := listenRE.FindStringSubmatch(line); m != nil && d.addr == "" {
@@ -345,13 +346,15 @@ func TestFDExhaustionBacksOffAndRecovers(t *testing.T) {
 		t.Fatalf("prlimit: %v", err)
 	}
 	t.Logf("edge fd limit lowered from %d to %d (it holds %d)", old.Cur, lim.Cur, len(fds))
-	// Idle connections hold edge fds while it waits for their heads.
+	// Connections with half a head hold edge fds while it waits for the rest. (Ones that
+	// send nothing at all never reach accept: the listener uses TCP_DEFER_ACCEPT.)
 	var idle []net.Conn
 	for range 30 {
 		c, err := net.Dial("tcp", d.addr)
 		if err != nil {
 			t.Fatal(err)
 		}
+		io.WriteString(c, "GET / HTTP/1.1\r\n")
 		idle = append(idle, c)
 	}
 	waitFor(t, "the accept loop to report EMFILE", 10*time.Second, func() bool {

@@ -189,7 +189,7 @@ func runEdge(ctx context.Context, mode string, args []string, stderr io.Writer) 
 		log.Info("edge upgraded: serving with the previous edge's sockets, workers and sessions",
 			"generation", generation, "version", version, "workers", len(handover.Workers),
 			"connections", len(handover.Conns), "sessions", len(handover.Sessions))
-	} else if lns, err = (balancer.ListenConfig{}).Listen(ctx, f.listen); err != nil {
+	} else if lns, err = (balancer.ListenConfig{DeferAccept: true}).Listen(ctx, f.listen); err != nil {
 		return fmt.Errorf("-listen: %w", err)
 	}
 	if f.metricsAddr != "" && metricsLn == nil {

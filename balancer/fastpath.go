@@ -1,0 +1,203 @@
+package balancer
+
+import (
+	"errors"
+	"fmt"
+	"net"
+	"net/netip"
+	"os"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/stickyd/stickyd/fdpass"
+	"github.com/stickyd/stickyd/upgrade"
+)
+
+// The fast path: most WebSocket clients send their upgrade request at once, so by the time
+// accept returns (TCP_DEFER_ACCEPT helps) the whole head is in the socket. The edge then
+// peeks, routes and hands the raw descriptor to a Go worker right in the accept loop: no
+// net.Conn, no poller registration and removal, no setsockopt, no goroutine to wake. Every
+// other case (partial head, plain HTTP, a Node worker, a full worker channel) takes the
+// general path, which is unchanged.
+
+// serveTCP is Serve for TCP listeners.
+func (b *Balancer) serveTCP(ln *net.TCPListener) error {
+	// A listener's RawConn offers Control only, so accept4 runs on a non-blocking duplicate
+	// wrapped in an os.File, whose RawConn waits in the poller. Shutdown and Freeze reach
+	// it through b.rawLns.
+	lrc, err := ln.SyscallConn()
+	if err != nil {
+		return err
+	}
+	dup := -1
+	var derr error
+	if err := lrc.Control(func(fd uintptr) { dup, derr = unix.FcntlInt(fd, unix.F_DUPFD_CLOEXEC, 0) }); err != nil {
+		return err
+	}
+	if derr != nil {
+		return fmt.Errorf("balancer: duplicate listener: %w", derr)
+	}
+	if err := unix.SetNonblock(dup, true); err != nil {
+		unix.Close(dup)
+		return err
+	}
+	lf := os.NewFile(uintptr(dup), "listener")
+	defer lf.Close()
+	b.mu.Lock()
+	if b.closing || b.frozen() {
+		b.mu.Unlock()
+		return ErrClosed
+	}
+	b.rawLns[ln] = lf
+	b.mu.Unlock()
+	defer func() {
+		b.mu.Lock()
+		delete(b.rawLns, ln)
+		b.mu.Unlock()
+	}()
+	rc, err := lf.SyscallConn()
+	if err != nil {
+		return err
+	}
+	local := addrPort(ln.Addr())
+	wildcard := local.Addr().IsUnspecified()
+	var delay time.Duration
+	for {
+		nfd := -1
+		var sa unix.Sockaddr
+		var aerr error
+		err := rc.Read(func(fd uintptr) bool {
+			nfd, sa, aerr = unix.Accept4(int(fd), unix.SOCK_CLOEXEC|unix.SOCK_NONBLOCK)
+			return !errors.Is(aerr, unix.EAGAIN) // EAGAIN: park until the next client
+		})
+		if err != nil {
+			switch {
+			case b.isClosing():
+				return ErrClosed
+			case b.frozen():
+				return ErrFrozen
+			}
+			return fmt.Errorf("balancer: accept on %s: %w", ln.Addr(), err)
+		}
+		if aerr != nil {
+			if errors.Is(aerr, unix.EINTR) || errors.Is(aerr, unix.ECONNABORTED) {
+				continue
+			}
+			if temporaryAccept(aerr) {
+				delay = min(max(2*delay, 5*time.Millisecond), time.Second)
+				b.log.Warn("accept failed; retrying", "err", aerr, "retry_in", delay,
+					"hint", "raise the fd limit (LimitNOFILE) if this is EMFILE")
+				select {
+				case <-time.After(delay):
+				case <-b.done:
+					return ErrClosed
+				}
+				continue
+			}
+			return fmt.Errorf("balancer: accept on %s: %w", ln.Addr(), aerr)
+		}
+		peer := sockaddrAddrPort(sa)
+		if b.fastHandoff(nfd, peer, local, wildcard) {
+			delay = 0
+			continue
+		}
+		c, err := fdConn(nfd)
+		if err != nil {
+			// Out of descriptors for the general path (it duplicates the socket): the
+			// client is shed, as at accept, and the loop backs off until fds are free.
+			delay = min(max(2*delay, 5*time.Millisecond), time.Second)
+			b.m.Rejections.WithLabelValues("overload").Inc()
+			b.log.Warn("accept failed; retrying", "err", err, "retry_in", delay,
+				"hint", "raise the fd limit (LimitNOFILE) if this is EMFILE")
+			select {
+			case <-time.After(delay):
+			case <-b.done:
+				return ErrClosed
+			}
+			continue
+		}
+		delay = 0
+		cc := &clientConn{c: c}
+		switch b.track(cc) {
+		case trackClosed:
+			c.Close()
+			return ErrClosed
+		case trackTooMany:
+			b.m.Rejections.WithLabelValues("max_connections").Inc()
+			b.m.ConnectionsAccepted.WithLabelValues("rejected").Inc()
+			go b.reject(c, 503, "the edge is at its connection limit; try again", false)
+			continue
+		case trackPerIP:
+			b.m.Rejections.WithLabelValues("per_ip_limit").Inc()
+			b.m.ConnectionsAccepted.WithLabelValues("rejected").Inc()
+			go b.reject(c, 429, "too many connections from this address", false)
+			continue
+		}
+		go b.serveConn(cc)
+	}
+}
+
+// fastHandoff hands nfd to a Go worker if its complete WebSocket upgrade head is already
+// there and the worker's channel takes it without waiting. It closes nfd and reports true
+// on success; otherwise nfd is untouched and the general path takes over.
+func (b *Balancer) fastHandoff(nfd int, peer, local netip.AddrPort, wildcard bool) bool {
+	if b.cfg.MaxConnsPerIP > 0 || b.frozen() {
+		return false // those need the connection tracked
+	}
+	pb := getPeekBuf(b.cfg.MaxHeadBytes)
+	defer putPeekBuf(pb)
+	n, _, err := unix.Recvfrom(nfd, pb.buf, unix.MSG_PEEK|unix.MSG_DONTWAIT)
+	if err != nil || n <= 0 {
+		return false
+	}
+	if upgrade.ParseInto(&pb.head, pb.buf[:n], b.cfg.MaxHeadBytes) != nil || !pb.head.WebSocket {
+		return false
+	}
+	r := b.route(&pb.head, peer.Addr(), 0)
+	if r.unknownSID || r.w == nil {
+		return false
+	}
+	gc, ok := r.w.ch.(*GoChannel)
+	if !ok {
+		return false
+	}
+	if wildcard {
+		if sa, err := unix.Getsockname(nfd); err == nil {
+			local = sockaddrAddrPort(sa)
+		}
+	}
+	start := time.Now()
+	meta := fdpass.Meta{Kind: fdpass.KindConn, ConnID: b.connID.Add(1), Remote: peer, Local: local}
+	if err := gc.trySendFD(nfd, meta); err != nil {
+		return false
+	}
+	unix.Close(nfd) // the worker holds its own descriptor now
+	b.m.HandoffDuration.Observe(time.Since(start).Seconds())
+	b.m.Handoffs.WithLabelValues(r.w.label, "ok").Inc()
+	b.m.ConnectionsAccepted.WithLabelValues("handed_off").Inc()
+	return true
+}
+
+// trySendFD sends one connection without waiting: a full channel is an error here, and
+// the general path then waits for it with a deadline (or picks another worker).
+func (c *GoChannel) trySendFD(fd int, m fdpass.Meta) error { return fdpass.TrySend(c.uc, fd, m) }
+
+// fdConn turns an accepted descriptor into a net.Conn (net.FileConn duplicates it, so the
+// original is closed here).
+func fdConn(nfd int) (net.Conn, error) {
+	f := os.NewFile(uintptr(nfd), "client")
+	c, err := net.FileConn(f)
+	f.Close()
+	return c, err
+}
+
+func sockaddrAddrPort(sa unix.Sockaddr) netip.AddrPort {
+	switch a := sa.(type) {
+	case *unix.SockaddrInet4:
+		return netip.AddrPortFrom(netip.AddrFrom4(a.Addr), uint16(a.Port))
+	case *unix.SockaddrInet6:
+		return netip.AddrPortFrom(netip.AddrFrom16(a.Addr).Unmap(), uint16(a.Port))
+	}
+	return netip.AddrPort{}
+}
