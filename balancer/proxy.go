@@ -111,9 +111,20 @@ func (b *Balancer) proxyConn(cc *clientConn) {
 			if b.isClosing() {
 				return
 			}
+			if b.frozen() {
+				// Between requests: the next edge image serves it, with any pipelined bytes.
+				buffered, _ := br.Peek(br.Buffered())
+				if b.park(c, buffered) {
+					handedOff = true
+					return
+				}
+			}
 			c.SetReadDeadline(time.Now().Add(b.cfg.IdleTimeout))
 			if _, err := br.Peek(1); err != nil {
-				return // idle timeout, client closed, or shutdown
+				if b.frozen() && isTimeout(err) && br.Buffered() == 0 && b.park(c, nil) {
+					handedOff = true
+				}
+				return // idle timeout, client closed, shutdown, or parked
 			}
 			cc.state.Store(connHead)
 			c.SetReadDeadline(time.Now().Add(b.cfg.HeadTimeout))
@@ -121,6 +132,14 @@ func (b *Balancer) proxyConn(cc *clientConn) {
 		first = false
 		n, err := readHead(br, &sc.head, b.cfg.MaxHeadBytes)
 		if err != nil {
+			if b.frozen() && isTimeout(err) {
+				// Part of a head has arrived: the next image gets those bytes with it.
+				buffered, _ := br.Peek(br.Buffered())
+				if b.park(c, buffered) {
+					handedOff = true
+					return
+				}
+			}
 			if n == 0 && (errors.Is(err, io.EOF) || isTimeout(err)) {
 				return
 			}

@@ -542,6 +542,29 @@ func TestEdgeUpgradeDropsNothing(t *testing.T) {
 		defer c.Close()
 	}
 	fds := edgeFDs(t, pid)
+	// One keep-alive client connection, idle across the upgrades: the edge parks it and
+	// the next image serves its next request on the same TCP connection.
+	kc, err := net.Dial("tcp", d.addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer kc.Close()
+	kbr := bufio.NewReader(kc)
+	keepAliveGet := func(when string) {
+		t.Helper()
+		kc.SetDeadline(time.Now().Add(10 * time.Second))
+		fmt.Fprintf(kc, "GET /whoami HTTP/1.1\r\nHost: x\r\n\r\n")
+		resp, err := http.ReadResponse(kbr, nil)
+		if err != nil {
+			t.Fatalf("keep-alive request %s: %v", when, err)
+		}
+		io.Copy(io.Discard, resp.Body)
+		resp.Body.Close()
+		if resp.StatusCode != 200 || resp.Close {
+			t.Fatalf("keep-alive request %s: %s close=%v", when, resp.Status, resp.Close)
+		}
+	}
+	keepAliveGet("before the upgrades")
 
 	stop := make(chan struct{})
 	var wg sync.WaitGroup
@@ -601,6 +624,7 @@ func TestEdgeUpgradeDropsNothing(t *testing.T) {
 	time.Sleep(200 * time.Millisecond) // let the request stream run on the new image
 	close(stop)
 	wg.Wait()
+	keepAliveGet("after two upgrades, on the same TCP connection")
 
 	if failed > 0 {
 		t.Errorf("%d of %d proxied requests failed across the upgrades; first: %v", failed, failed+okReqs, firstErr)
@@ -628,6 +652,7 @@ func TestEdgeUpgradeDropsNothing(t *testing.T) {
 	// edge's idle virtual connections after their idle timeout), the edge holds what it
 	// held before the upgrades.
 	tr.CloseIdleConnections()
+	kc.Close()
 	waitFor(t, "edge fds back to their count before the upgrades", 15*time.Second, func() bool {
 		return edgeFDs(t, pid) <= fds
 	})
