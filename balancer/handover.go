@@ -11,6 +11,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/stickyd/stickyd/fdpass/nodeipc"
 	"github.com/stickyd/stickyd/sticky"
 )
 
@@ -31,8 +32,9 @@ type HandoverConn struct {
 // HandoverWorker is a worker process handed to the next edge image.
 type HandoverWorker struct {
 	Slot, PID               int
-	Kind                    string // "go"
-	Channel, Stdout, Stderr int    // descriptors
+	Kind                    string                // "go" or "node"
+	Channel, Stdout, Stderr int                   // descriptors
+	Node                    *nodeipc.PrimaryState `json:",omitempty"` // a Node worker's IPC state
 }
 
 // HandoverState is everything the next edge image adopts.
@@ -40,7 +42,7 @@ type HandoverState struct {
 	Generation int
 	Listeners  []int
 	Conns      []HandoverConn
-	Workers    []HandoverWorker
+	Supervisor SupervisorHandover
 	Sessions   []sticky.Entry
 }
 

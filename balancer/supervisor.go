@@ -60,9 +60,11 @@ type Supervisor struct {
 	changed  chan struct{} // closed and replaced whenever a worker becomes ready
 	rolling  sync.Mutex    // one rolling restart at a time
 
-	appLogged sync.Once
-	frozen    bool                   // handing the workers to the next edge image
-	adopt     map[int]HandoverWorker // workers a previous edge image handed over
+	appLogged   sync.Once
+	frozen      bool                   // handing the workers to the next edge image
+	adopt       map[int]HandoverWorker // workers a previous edge image handed over
+	adoptShared []nodeipc.SharedFD     // and the Node app's shared listeners
+	detShared   []nodeipc.SharedFD     // shared listeners detached by Freeze (for Thaw)
 }
 
 // ErrSpawnTimeout means a worker never became ready.
@@ -80,6 +82,7 @@ type proc struct {
 	exited    chan struct{}
 	err       error       // set before exited closes
 	asked     atomic.Bool // stopped on request (rolling restart): not a crash
+	detached  bool        // Node IPC state handed to the next edge image (s.mu)
 }
 
 func (s *Supervisor) init() error {
@@ -115,15 +118,23 @@ func (s *Supervisor) init() error {
 	}
 	s.procs = map[int]*proc{}
 	if s.Node {
-		dir, err := os.MkdirTemp("", "stickyd-node-")
-		if err != nil {
-			return err
-		}
-		s.preload = filepath.Join(dir, "preload.js")
-		if err := os.WriteFile(s.preload, []byte(nodeipc.PreloadScript()), 0o600); err != nil {
-			return err
+		if _, err := os.Stat(s.preload); s.preload == "" || err != nil {
+			dir, err := os.MkdirTemp("", "stickyd-node-")
+			if err != nil {
+				return err
+			}
+			s.preload = filepath.Join(dir, "preload.js")
+			if err := os.WriteFile(s.preload, []byte(nodeipc.PreloadScript()), 0o600); err != nil {
+				return err
+			}
 		}
 		s.shared = &nodeipc.SharedListeners{}
+		if len(s.adoptShared) > 0 {
+			if err := s.shared.Adopt(s.adoptShared); err != nil {
+				s.Logger.Warn("could not adopt the shared listeners of the previous edge image", "err", err)
+			}
+			s.adoptShared = nil
+		}
 	}
 	return nil
 }
@@ -334,14 +345,23 @@ func (s *Supervisor) isFrozen() bool {
 	return s.frozen
 }
 
-// Adopt gives the supervisor workers a previous edge image ran; call it before Run.
-func (s *Supervisor) Adopt(ws []HandoverWorker) {
+// SupervisorHandover is what a Supervisor hands to the next edge image.
+type SupervisorHandover struct {
+	Workers []HandoverWorker
+	Shared  []nodeipc.SharedFD `json:",omitempty"` // a Node app's other servers
+	Preload string             `json:",omitempty"` // the Node preload file, reused
+}
+
+// Adopt gives the supervisor the workers a previous edge image ran; call it before Run.
+func (s *Supervisor) Adopt(h SupervisorHandover) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	s.adopt = map[int]HandoverWorker{}
-	for _, w := range ws {
+	for _, w := range h.Workers {
 		s.adopt[w.Slot] = w
 	}
+	s.adoptShared = h.Shared
+	s.preload = h.Preload
 }
 
 func (s *Supervisor) adoptOrSpawn(ctx context.Context, slot int) (*proc, error) {
@@ -361,15 +381,22 @@ func (s *Supervisor) adoptOrSpawn(ctx context.Context, slot int) (*proc, error) 
 }
 
 func (s *Supervisor) adoptProc(hw HandoverWorker) (*proc, error) {
-	if hw.Kind != "go" {
+	if hw.Kind != "go" && (hw.Kind != "node" || hw.Node == nil) {
 		return nil, fmt.Errorf("cannot adopt a %q worker", hw.Kind)
 	}
 	process, err := os.FindProcess(hw.PID)
 	if err != nil {
 		return nil, err
 	}
+	fds := []int{hw.Channel, hw.Stdout, hw.Stderr}
+	if hw.Kind == "node" {
+		fds[0] = -1 // ResumePrimary owns the channel descriptor
+	}
 	files := make([]*os.File, 3)
-	for i, fd := range []int{hw.Channel, hw.Stdout, hw.Stderr} {
+	for i, fd := range fds {
+		if fd < 0 {
+			continue
+		}
 		// Non-blocking, so the files are pollable (deadlines work on the pipes), and
 		// close-on-exec again, so workers started later do not inherit them.
 		if err := unix.SetNonblock(fd, true); err != nil {
@@ -378,55 +405,93 @@ func (s *Supervisor) adoptProc(hw HandoverWorker) (*proc, error) {
 		unix.CloseOnExec(fd)
 		files[i] = os.NewFile(uintptr(fd), "inherited")
 	}
-	c, err := net.FileConn(files[0])
-	files[0].Close()
-	if err != nil {
-		return nil, err
+	var ch Channel
+	if hw.Kind == "node" {
+		primary, err := nodeipc.ResumePrimary(*hw.Node, nodeipc.Config{AckTimeout: s.Balancer.cfg.HandoffTimeout, Logger: s.Logger})
+		if err != nil {
+			process.Kill() // it exits anyway once its channel is gone
+			return nil, err
+		}
+		primary.Shared = s.shared
+		primary.OnQueryServer = s.chooseAppServer
+		primary.Logger = s.Logger.With("worker", hw.Slot)
+		go primary.Run(context.Background())
+		ch = &nodeChannel{p: primary, ch: primary.Channel, timeout: s.Balancer.cfg.HandoffTimeout}
+	} else {
+		c, err := net.FileConn(files[0])
+		files[0].Close()
+		if err != nil {
+			return nil, err
+		}
+		uc, ok := c.(*net.UnixConn)
+		if !ok {
+			c.Close()
+			return nil, errors.New("channel is not a Unix socket")
+		}
+		ch = s.goChannel(hw.Slot, uc)
 	}
-	uc, ok := c.(*net.UnixConn)
-	if !ok {
-		c.Close()
-		return nil, errors.New("channel is not a Unix socket")
-	}
-	goch := s.goChannel(hw.Slot, uc)
-	p := s.watch(hw.Slot, hw.Kind, process, goch, files[1], files[2])
-	p.w = newWorker(hw.Slot, hw.PID, goch, s.Balancer.cfg.WorkerIdle)
+	p := s.watch(hw.Slot, hw.Kind, process, ch, files[1], files[2])
+	p.w = newWorker(hw.Slot, hw.PID, ch, s.Balancer.cfg.WorkerIdle)
 	return p, nil
 }
 
 // Freeze stops supervising, for an edge upgrade, and returns the workers with their
-// descriptors marked to survive the exec. Thaw undoes it if the exec fails.
-func (s *Supervisor) Freeze() ([]HandoverWorker, error) {
+// descriptors marked to survive the exec. Call it after Balancer.Freeze: no handoff may be
+// in flight. Thaw undoes it if the exec fails or Freeze itself does.
+func (s *Supervisor) Freeze() (SupervisorHandover, error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if s.Node {
-		return nil, errors.New("edge upgrade with Node workers is not supported yet: their IPC state cannot be handed over; use a rolling restart (SIGHUP) to deploy a new app version")
-	}
-	var out []HandoverWorker
+	s.frozen = true
+	out := SupervisorHandover{Preload: s.preload}
 	for slot, p := range s.procs {
-		goch, ok := p.ch.(*GoChannel)
-		if !ok {
-			return nil, fmt.Errorf("worker %d: channel cannot be handed over", slot)
-		}
 		hw := HandoverWorker{Slot: slot, PID: p.process.Pid, Kind: p.kind}
 		var err error
-		if hw.Channel, err = rawFD(goch.uc); err != nil {
-			return nil, err
+		switch ch := p.ch.(type) {
+		case *GoChannel:
+			if hw.Channel, err = rawFD(ch.uc); err != nil {
+				return out, err
+			}
+		case *nodeChannel:
+			st, err := detachPrimary(ch.p)
+			if err != nil {
+				return out, fmt.Errorf("worker %d: %w", slot, err)
+			}
+			p.detached = true
+			hw.Node, hw.Channel = &st, st.FD
+		default:
+			return out, fmt.Errorf("worker %d: channel cannot be handed over", slot)
 		}
 		// Stop the output pumps; the next image reads the pipes from where they stopped.
 		p.pumpsStop.Store(true)
 		p.stdout.SetReadDeadline(time.Unix(1, 0))
 		p.stderr.SetReadDeadline(time.Unix(1, 0))
 		if hw.Stdout, err = rawFD(p.stdout); err != nil {
-			return nil, err
+			return out, err
 		}
 		if hw.Stderr, err = rawFD(p.stderr); err != nil {
-			return nil, err
+			return out, err
 		}
-		out = append(out, hw)
+		out.Workers = append(out.Workers, hw)
 	}
-	s.frozen = true
+	if s.shared != nil {
+		fds, err := s.shared.Detach()
+		if err != nil {
+			return out, err
+		}
+		s.detShared, out.Shared = fds, fds
+	}
 	return out, nil
+}
+
+// detachPrimary waits out a Node worker's in-flight IPC exchange (bounded) and detaches.
+func detachPrimary(p *nodeipc.Primary) (nodeipc.PrimaryState, error) {
+	for try := 0; ; try++ {
+		st, err := p.Detach()
+		if !errors.Is(err, nodeipc.ErrBusy) || try == 50 {
+			return st, err
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
 }
 
 // Thaw resumes supervision after a failed edge upgrade.
@@ -437,7 +502,20 @@ func (s *Supervisor) Thaw() {
 		return
 	}
 	s.frozen = false
+	if s.detShared != nil {
+		s.shared = &nodeipc.SharedListeners{}
+		if err := s.shared.Adopt(s.detShared); err != nil {
+			s.Logger.Warn("shared listeners lost after a failed upgrade", "err", err)
+		}
+		s.detShared = nil
+	}
 	for slot, p := range s.procs {
+		if p.detached {
+			// Its IPC state left this image; a fresh worker replaces it.
+			p.asked.Store(true)
+			p.process.Kill()
+			continue
+		}
 		prefix := fmt.Sprintf("[worker %d] ", slot)
 		p.pumpsStop.Store(false)
 		for _, f := range []*os.File{p.stdout, p.stderr} {

@@ -187,7 +187,7 @@ func runEdge(ctx context.Context, mode string, args []string, stderr io.Writer) 
 		}
 		b.Sessions().Restore(handover.Sessions, time.Now())
 		log.Info("edge upgraded: serving with the previous edge's sockets, workers and sessions",
-			"generation", generation, "version", version, "workers", len(handover.Workers),
+			"generation", generation, "version", version, "workers", len(handover.Supervisor.Workers),
 			"connections", len(handover.Conns), "sessions", len(handover.Sessions))
 	} else if lns, err = (balancer.ListenConfig{DeferAccept: true}).Listen(ctx, f.listen); err != nil {
 		return fmt.Errorf("-listen: %w", err)
@@ -223,7 +223,7 @@ func runEdge(ctx context.Context, mode string, args []string, stderr io.Writer) 
 		}
 		cs = &balancer.ControlServer{Balancer: b, AllowUIDs: allowUIDs, Logger: log}
 		if handover != nil {
-			cs.Adopt(handover.Workers)
+			cs.Adopt(handover.Supervisor.Workers)
 		}
 		go cs.Serve(ctl)
 		go func() { <-supCtx.Done(); ctl.Close(); supDone <- nil }()
@@ -241,7 +241,7 @@ func runEdge(ctx context.Context, mode string, args []string, stderr io.Writer) 
 			Logger:       log,
 		}
 		if handover != nil {
-			sup.Adopt(handover.Workers)
+			sup.Adopt(handover.Supervisor)
 		}
 		go func() { supDone <- sup.Run(supCtx) }()
 	}

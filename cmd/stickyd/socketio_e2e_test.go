@@ -13,6 +13,7 @@ import (
 	"net"
 	"net/http"
 	"os"
+	"os/exec"
 	"regexp"
 	"strconv"
 	"strings"
@@ -611,5 +612,46 @@ func TestSocketIOShutdownWithConnectedClients(t *testing.T) {
 			strings.Contains(string(cmdline), "server-listen.js") {
 			t.Errorf("worker %d (pid %d, %q) outlived the edge", w.Slot, w.PID, strings.ReplaceAll(string(cmdline), "\x00", " "))
 		}
+	}
+}
+
+// TestSocketIOEdgeUpgrade upgrades the edge (in place, same pid) twice while 60 socket.io
+// clients of both worker styles are connected over WebSocket and keep talking: no client
+// is disconnected or moved, the Node workers keep their pids, and new clients connect.
+func TestSocketIOEdgeUpgrade(t *testing.T) {
+	for _, app := range []string{"server-listen.js", "server-sticky.js"} {
+		t.Run(app, func(t *testing.T) {
+			dir := nodeFixtures(t)
+			d := startDaemon(t, dir, "run", "-workers", "2", "--", "node", app)
+			before := sioWaitWorkers(t, d, 2, 60*time.Second)
+			ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+			defer cancel()
+			run := startClients(t, ctx, sioClientArgs(d, "--clients", "60", "--expect-upgrade", "--hold-ms", "6000")...)
+			sioWaitEvent(t, run, "holding", 2*time.Minute)
+			for gen := 1; gen <= 2; gen++ {
+				out, err := exec.Command(stickydBinary(t), "upgrade", "-url", "http://"+d.metrics).CombinedOutput()
+				if err != nil || !strings.Contains(string(out), fmt.Sprintf("generation %d", gen)) {
+					t.Fatalf("upgrade %d: %v %s\nlogs:\n%s", gen, err, out, d.logs.String())
+				}
+			}
+			res, err := run.Wait()
+			if err != nil {
+				t.Fatal(err)
+			}
+			if !res.AllOK() || res.SessionUnknown != 0 || res.WorkerChanged != 0 {
+				t.Fatalf("clients across two edge upgrades: %s", res.Raw)
+			}
+			after := d.workers(t)
+			for i := range before {
+				if after[i].PID != before[i].PID {
+					t.Errorf("worker %d restarted across the upgrades (%d → %d)", i, before[i].PID, after[i].PID)
+				}
+			}
+			// The upgraded edge serves new sessions too.
+			res = runClients(t, ctx, sioClientArgs(d, "--clients", "20", "--expect-upgrade")...)
+			if !res.AllOK() {
+				t.Fatalf("new clients after the upgrades: %s", res.Raw)
+			}
+		})
 	}
 }

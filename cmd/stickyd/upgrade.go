@@ -88,46 +88,49 @@ func (u *upgrader) upgrade() error {
 	if err != nil {
 		return fmt.Errorf("edge upgrade: %s does not run (%v): %s", exe, err, strings.TrimSpace(string(out)))
 	}
-	var ws []balancer.HandoverWorker
-	thawWorkers := func() {}
 	st := edgeHandover{Metrics: -1, Control: -1}
-	if u.sup != nil {
-		if ws, err = u.sup.Freeze(); err != nil {
-			return fmt.Errorf("edge upgrade: %w", err)
-		}
-		thawWorkers = u.sup.Thaw
-	} else {
-		// Serve mode: stop admitting sidecar workers; the control socket goes over too.
+	if u.sup == nil {
+		// Serve mode: stop admitting sidecar workers first; the control socket goes over too.
 		u.ctl.SetDeadline(time.Unix(1, 0))
-		if ws, err = u.cs.Freeze(); err != nil {
-			return fmt.Errorf("edge upgrade: %w", err)
+	}
+	// The edge first: once it is frozen no handoff is in flight, which a Node worker's
+	// IPC state needs before it can be detached.
+	ctx, cancel = context.WithTimeout(context.Background(), u.grace)
+	lns, conns, err := u.b.Freeze(ctx)
+	cancel()
+	if err != nil {
+		if u.sup == nil {
+			u.ctl.SetDeadline(time.Time{})
+			go u.cs.Serve(u.ctl)
 		}
+		return fmt.Errorf("edge upgrade: %w", err)
+	}
+	var thawWorkers func()
+	if u.sup != nil {
+		thawWorkers = u.sup.Thaw
+		st.Supervisor, err = u.sup.Freeze()
+	} else {
 		thawWorkers = func() {
 			u.cs.Thaw()
 			u.ctl.SetDeadline(time.Time{})
 			go u.cs.Serve(u.ctl)
 		}
-		if st.Control, err = balancer.InheritFD(u.ctl); err != nil {
-			thawWorkers()
-			return fmt.Errorf("edge upgrade: %w", err)
+		st.Supervisor.Workers, err = u.cs.Freeze()
+		if err == nil {
+			st.Control, err = balancer.InheritFD(u.ctl)
 		}
 	}
-	ctx, cancel = context.WithTimeout(context.Background(), u.grace)
-	lns, conns, err := u.b.Freeze(ctx)
-	cancel()
-	if err != nil {
+	fail := func(err error) error {
 		thawWorkers()
+		u.b.Thaw()
 		return fmt.Errorf("edge upgrade: %w", err)
+	}
+	if err != nil {
+		return fail(err)
 	}
 	st.Generation = u.generation + 1
-	st.Workers = ws
 	st.Conns = conns
 	st.Sessions = u.b.Sessions().Snapshot()
-	fail := func(err error) error {
-		u.b.Thaw()
-		thawWorkers()
-		return fmt.Errorf("edge upgrade: %w", err)
-	}
 	for _, ln := range lns {
 		fd, err := balancer.InheritFD(ln)
 		if err != nil {
@@ -155,7 +158,7 @@ func (u *upgrader) upgrade() error {
 	}
 	env := append(os.Environ(), envHandover+"="+strconv.Itoa(mfd))
 	u.log.Info("edge upgrade: handing over", "binary", exe, "generation", st.Generation,
-		"workers", len(ws), "connections", len(conns), "sessions", len(st.Sessions))
+		"workers", len(st.Supervisor.Workers), "connections", len(conns), "sessions", len(st.Sessions))
 	err = syscall.Exec(exe, os.Args, env)
 	// Still here: the exec failed and this image keeps serving.
 	mf.Close()
