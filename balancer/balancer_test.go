@@ -761,3 +761,121 @@ func TestCookieIdentityLearnedFromSetCookie(t *testing.T) {
 		}
 	}
 }
+
+func TestPipelinedAndHalfClosedClients(t *testing.T) {
+	e := startEdge(t, Config{}, 2)
+	t.Run("pipelined requests", func(t *testing.T) {
+		c, err := net.Dial("tcp", e.addr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		io.WriteString(c, "GET /whoami HTTP/1.1\r\nHost: x\r\n\r\nGET /slow?ms=1 HTTP/1.1\r\nHost: x\r\n\r\nGET /whoami HTTP/1.1\r\nHost: x\r\n\r\n")
+		br := bufio.NewReader(c)
+		c.SetReadDeadline(time.Now().Add(5 * time.Second))
+		for i, want := range []string{"{", "slow", "{"} {
+			resp, err := http.ReadResponse(br, nil)
+			if err != nil {
+				t.Fatalf("response %d: %v", i, err)
+			}
+			body, _ := io.ReadAll(resp.Body)
+			resp.Body.Close()
+			if !strings.HasPrefix(string(body), want) {
+				t.Fatalf("response %d: %q, want it to start with %q (order kept)", i, body, want)
+			}
+		}
+	})
+	t.Run("half-closed after the request", func(t *testing.T) {
+		c, err := net.Dial("tcp", e.addr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		io.WriteString(c, "GET /slow?ms=50 HTTP/1.1\r\nHost: x\r\n\r\n")
+		c.(*net.TCPConn).CloseWrite()
+		c.SetReadDeadline(time.Now().Add(5 * time.Second))
+		resp, err := http.ReadResponse(bufio.NewReader(c), nil)
+		if err != nil {
+			t.Fatalf("a client that half-closed after its request got no answer: %v", err)
+		}
+		body, _ := io.ReadAll(resp.Body)
+		if !strings.HasPrefix(string(body), "slow") {
+			t.Fatalf("body %q", body)
+		}
+	})
+	t.Run("WebSocket upgrade after plain requests on one connection", func(t *testing.T) {
+		c, err := net.Dial("tcp", e.addr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		br := bufio.NewReader(c)
+		c.SetDeadline(time.Now().Add(5 * time.Second))
+		io.WriteString(c, "GET /whoami HTTP/1.1\r\nHost: x\r\n\r\n")
+		resp, err := http.ReadResponse(br, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		io.ReadAll(resp.Body)
+		resp.Body.Close()
+		// The edge has consumed this connection's bytes; the worker gets them with the fd.
+		io.WriteString(c, "GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"+
+			"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
+		resp, err = http.ReadResponse(br, nil)
+		if err != nil || resp.StatusCode != 101 {
+			t.Fatalf("upgrade on a used connection: %v %v", resp, err)
+		}
+	})
+	t.Run("non-HTTP bytes", func(t *testing.T) {
+		c, err := net.Dial("tcp", e.addr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		io.WriteString(c, "SSH-2.0-OpenSSH_9.6\r\n\r\n")
+		c.SetReadDeadline(time.Now().Add(5 * time.Second))
+		got, _ := io.ReadAll(c)
+		if !strings.HasPrefix(string(got), "HTTP/1.1 400") {
+			t.Fatalf("got %q", firstLine(got))
+		}
+	})
+	c, _ := dialWS(t, e.addr, nil)
+	echoOnce(t, c, "still serving")
+	c.Close()
+}
+
+func TestWorkerKilledDuringProxiedRequest(t *testing.T) {
+	e := startEdge(t, Config{}, 1)
+	c, err := net.Dial("tcp", e.addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	io.WriteString(c, "GET /slow?ms=10000 HTTP/1.1\r\nHost: x\r\n\r\n")
+	// The request is in the worker once it holds a virtual connection from the edge.
+	pid := e.sup.Pids()[0]
+	waitFor(t, "the request to reach the worker", 5*time.Second, func() bool {
+		fds, _ := os.ReadDir(fmt.Sprintf("/proc/%d/fd", pid))
+		n := 0
+		for _, fd := range fds {
+			if l, _ := os.Readlink(fmt.Sprintf("/proc/%d/fd/%s", pid, fd.Name())); strings.HasPrefix(l, "socket:") {
+				n++
+			}
+		}
+		return n >= 2 // its channel and the virtual connection
+	})
+	start := time.Now()
+	syscall.Kill(pid, syscall.SIGKILL)
+	c.SetReadDeadline(time.Now().Add(5 * time.Second))
+	resp, err := http.ReadResponse(bufio.NewReader(c), nil)
+	if err != nil {
+		t.Fatalf("client got no answer when its worker died: %v", err)
+	}
+	// 502 (the worker failed the request), or 503 once a retry found no other worker.
+	if resp.StatusCode != 502 && resp.StatusCode != 503 {
+		t.Fatalf("status %d, want 502 or 503", resp.StatusCode)
+	}
+	if el := time.Since(start); el > 3*time.Second {
+		t.Fatalf("the 502 took %v", el)
+	}
+}
