@@ -218,12 +218,7 @@ func (b *Balancer) Serve(ln net.Listener) error {
 				return ErrFrozen // Freeze took the listener, still open
 			}
 			if temporaryAccept(err) {
-				delay = min(max(2*delay, 5*time.Millisecond), time.Second)
-				b.log.Warn("accept failed; retrying", "err", err, "retry_in", delay,
-					"hint", "raise the fd limit (LimitNOFILE) if this is EMFILE")
-				select {
-				case <-time.After(delay):
-				case <-b.done:
+				if !b.backOff(&delay, err) {
 					return ErrClosed
 				}
 				continue
@@ -231,26 +226,49 @@ func (b *Balancer) Serve(ln net.Listener) error {
 			return fmt.Errorf("balancer: accept on %s: %w", ln.Addr(), err)
 		}
 		delay = 0
-		cc := &clientConn{c: c}
-		switch b.track(cc) {
-		case trackClosed:
-			c.Close()
+		if !b.admit(c) {
 			return ErrClosed
-		case trackTooMany:
-			// Keep accepting: a full edge answers and closes instead of leaving clients
-			// in the backlog where they cannot tell a slow edge from a dead one.
-			b.m.Rejections.WithLabelValues(metrics.RejectMaxConns).Inc()
-			b.m.ConnectionsAccepted.WithLabelValues(metrics.AcceptRejected).Inc()
-			go b.reject(c, 503, "the edge is at its connection limit; try again", false)
-			continue
-		case trackPerIP:
-			b.m.Rejections.WithLabelValues(metrics.RejectPerIP).Inc()
-			b.m.ConnectionsAccepted.WithLabelValues(metrics.AcceptRejected).Inc()
-			go b.reject(c, 429, "too many connections from this address", false)
-			continue
 		}
+	}
+}
+
+// backOff sleeps after a transient accept failure, 5 ms doubling to 1 s, as net/http's
+// Serve does: EMFILE would otherwise spin (the pending connection stays queued). It
+// reports false when the edge shut down meanwhile.
+func (b *Balancer) backOff(delay *time.Duration, err error) bool {
+	*delay = min(max(2**delay, 5*time.Millisecond), time.Second)
+	b.log.Warn("accept failed; retrying", "err", err, "retry_in", *delay,
+		"hint", "raise the fd limit (LimitNOFILE) if this is EMFILE")
+	select {
+	case <-time.After(*delay):
+		return true
+	case <-b.done:
+		return false
+	}
+}
+
+// admit tracks a new client connection and starts serving it, or turns it away when a
+// limit is reached. It reports false when the edge is shutting down.
+func (b *Balancer) admit(c net.Conn) bool {
+	cc := &clientConn{c: c}
+	switch b.track(cc) {
+	case trackClosed:
+		c.Close()
+		return false
+	case trackTooMany:
+		// Keep accepting: a full edge answers and closes instead of leaving clients in
+		// the backlog, where they cannot tell a slow edge from a dead one.
+		b.m.Rejections.WithLabelValues(metrics.RejectMaxConns).Inc()
+		b.m.ConnectionsAccepted.WithLabelValues(metrics.AcceptRejected).Inc()
+		go b.reject(c, 503, "the edge is at its connection limit; try again", false)
+	case trackPerIP:
+		b.m.Rejections.WithLabelValues(metrics.RejectPerIP).Inc()
+		b.m.ConnectionsAccepted.WithLabelValues(metrics.AcceptRejected).Inc()
+		go b.reject(c, 429, "too many connections from this address", false)
+	default:
 		go b.serveConn(cc)
 	}
+	return true
 }
 
 func temporaryAccept(err error) bool {

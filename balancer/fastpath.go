@@ -85,12 +85,7 @@ func (b *Balancer) serveTCP(ln *net.TCPListener) error {
 				continue
 			}
 			if temporaryAccept(aerr) {
-				delay = min(max(2*delay, 5*time.Millisecond), time.Second)
-				b.log.Warn("accept failed; retrying", "err", aerr, "retry_in", delay,
-					"hint", "raise the fd limit (LimitNOFILE) if this is EMFILE")
-				select {
-				case <-time.After(delay):
-				case <-b.done:
+				if !b.backOff(&delay, aerr) {
 					return ErrClosed
 				}
 				continue
@@ -106,35 +101,16 @@ func (b *Balancer) serveTCP(ln *net.TCPListener) error {
 		if err != nil {
 			// Out of descriptors for the general path (it duplicates the socket): the
 			// client is shed, as at accept, and the loop backs off until fds are free.
-			delay = min(max(2*delay, 5*time.Millisecond), time.Second)
 			b.m.Rejections.WithLabelValues("overload").Inc()
-			b.log.Warn("accept failed; retrying", "err", err, "retry_in", delay,
-				"hint", "raise the fd limit (LimitNOFILE) if this is EMFILE")
-			select {
-			case <-time.After(delay):
-			case <-b.done:
+			if !b.backOff(&delay, err) {
 				return ErrClosed
 			}
 			continue
 		}
 		delay = 0
-		cc := &clientConn{c: c}
-		switch b.track(cc) {
-		case trackClosed:
-			c.Close()
+		if !b.admit(c) {
 			return ErrClosed
-		case trackTooMany:
-			b.m.Rejections.WithLabelValues("max_connections").Inc()
-			b.m.ConnectionsAccepted.WithLabelValues("rejected").Inc()
-			go b.reject(c, 503, "the edge is at its connection limit; try again", false)
-			continue
-		case trackPerIP:
-			b.m.Rejections.WithLabelValues("per_ip_limit").Inc()
-			b.m.ConnectionsAccepted.WithLabelValues("rejected").Inc()
-			go b.reject(c, 429, "too many connections from this address", false)
-			continue
 		}
-		go b.serveConn(cc)
 	}
 }
 
