@@ -879,3 +879,24 @@ func TestWorkerKilledDuringProxiedRequest(t *testing.T) {
 		t.Fatalf("the 502 took %v", el)
 	}
 }
+
+// TestLongPollWaits25s proxies an engine.io-style long-poll that the worker answers after
+// 25 s (its ping interval): the edge has no response timeout that would cut it.
+func TestLongPollWaits25s(t *testing.T) {
+	t.Parallel()
+	e := startEdge(t, Config{}, 1)
+	start := time.Now()
+	cl := &http.Client{Timeout: 40 * time.Second}
+	resp, err := cl.Get("http://" + e.addr + "/slow?ms=25000")
+	if err != nil {
+		t.Fatal(err)
+	}
+	body, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if resp.StatusCode != 200 || !strings.HasPrefix(string(body), "slow") {
+		t.Fatalf("long-poll: %d %q", resp.StatusCode, body)
+	}
+	if el := time.Since(start); el < 25*time.Second {
+		t.Fatalf("answered after %v: the worker's wait was not kept", el)
+	}
+}

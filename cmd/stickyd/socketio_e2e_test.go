@@ -655,3 +655,38 @@ func TestSocketIOEdgeUpgrade(t *testing.T) {
 		})
 	}
 }
+
+// TestSocketIORollingRestart restarts all 4 Node workers one at a time (drained first)
+// while 200 socket.io clients are connected: every client ends connected, and the only
+// thing any of them saw is the reconnect that draining its worker causes.
+func TestSocketIORollingRestart(t *testing.T) {
+	dir := nodeFixtures(t)
+	d := startDaemon(t, dir, "run", "-workers", "4", "-shutdown-timeout", "2s", "--", "node", "server-listen.js")
+	before := sioWaitWorkers(t, d, 4, 60*time.Second)
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+	defer cancel()
+	run := startClients(t, ctx, sioClientArgs(d, "--clients", "200", "--reconnect", "--until-reconnected", "200", "--timeout-ms", "60000")...)
+	sioWaitEvent(t, run, "connected", 2*time.Minute)
+	if got := httpStatus(t, "POST", "http://"+d.metrics+"/admin/restart"); got != 200 {
+		t.Fatalf("rolling restart: %d\nlogs:\n%s", got, d.logs.String())
+	}
+	after := d.workers(t)
+	for i := range before {
+		if after[i].PID == before[i].PID {
+			t.Errorf("worker %d was not restarted", i)
+		}
+	}
+	res, err := run.Wait()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if res.Connected != 200 || res.OK != 200 || res.SessionUnknown != 0 {
+		t.Fatalf("after a rolling restart: %s", res.Raw)
+	}
+	for msg := range res.Errors {
+		if !strings.Contains(msg, "disconnect") {
+			t.Errorf("client error other than a drain reconnect: %q", msg)
+		}
+	}
+	t.Logf("%d of 200 clients reconnected once their worker was drained", res.Reconnected)
+}
