@@ -18,6 +18,7 @@ import (
 	"net/url"
 	"os"
 	"os/signal"
+	"slices"
 	"strings"
 	"sync/atomic"
 	"syscall"
@@ -33,6 +34,13 @@ const usage = `stickybench: bounded loopback load generator for stickyd
   stickybench serve        -listen 127.0.0.1:0     Go echo WebSocket server (the "direct" baseline)
   stickybench serve-worker                         the same server on fdpass.Listen (under stickyd run)
   stickybench compare   [-stickyd /tmp/stickyd] [-reps 3] ...   direct vs stickyd vs nginx vs HAProxy
+  stickybench compare -polling [-reps 3] [-c 64 -d 5s -mix echo -sources 16]   (= compare-polling)
+                        long-polling, 4 Node socket.io workers behind stickyd, HAProxy balance source,
+                        nginx ip_hash and @socket.io/sticky, one Node process direct as the reference
+  stickybench soak      [-stickyd /tmp/stickyd | -admin http://127.0.0.1:9090 -url ws://127.0.0.1:8080/ws]
+                        [-n 5000] [-d 60s] [-kill-every 15s]   hold WebSockets + HTTP, SIGKILL workers
+  stickybench upgrade-drill [-stickyd /tmp/stickyd | -admin URL -url ws://…/ws] [-n 10000] [-upgrades 2]
+                        hold WebSockets + keep-alive HTTP, upgrade the edge, check nothing dropped
 
 Targets must be loopback (127.0.0.0/8, ::1, localhost). Results: one JSON line per run on stdout.
 Run "stickybench MODE -h" for a mode's flags.
@@ -61,7 +69,17 @@ func main() {
 	case "serve-worker":
 		err = runServe(ctx, args, true)
 	case "compare":
-		err = runCompare(ctx, args, os.Stdout)
+		if i := slices.IndexFunc(args, func(a string) bool { return a == "-polling" || a == "--polling" }); i >= 0 {
+			err = runComparePolling(ctx, slices.Delete(args, i, i+1), os.Stdout)
+		} else {
+			err = runCompare(ctx, args, os.Stdout)
+		}
+	case "compare-polling":
+		err = runComparePolling(ctx, args, os.Stdout)
+	case "soak":
+		err = runSoak(ctx, args, os.Stdout)
+	case "upgrade-drill":
+		err = runUpgradeDrill(ctx, args, os.Stdout)
 	case "-h", "-help", "--help", "help":
 		fmt.Fprint(os.Stdout, usage)
 		return

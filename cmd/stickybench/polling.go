@@ -8,6 +8,7 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"net"
 	"net/http"
 	"net/url"
 	"strconv"
@@ -26,20 +27,24 @@ const (
 )
 
 type pollingResult struct {
-	Mode        string   `json:"mode"`
-	URL         string   `json:"url"`
-	Mix         string   `json:"mix"`
-	RequestMix  string   `json:"request_mix"`
-	C           int      `json:"c"`
-	Sources     int      `json:"sources"`
-	Requests    int64    `json:"requests"`
-	Iterations  int64    `json:"iterations"`
-	Sessions    int64    `json:"sessions"`
-	Errors      int64    `json:"errors"`
-	ErrorSample []string `json:"error_sample,omitempty"`
-	Seconds     float64  `json:"seconds"`
-	Rate        float64  `json:"rate"`
-	IterRate    float64  `json:"iterations_rate"`
+	Mode       string `json:"mode"`
+	URL        string `json:"url"`
+	Mix        string `json:"mix"`
+	RequestMix string `json:"request_mix"`
+	PinSources bool   `json:"pin_sources"`
+	C          int    `json:"c"`
+	Sources    int    `json:"sources"`
+	Requests   int64  `json:"requests"`
+	Iterations int64  `json:"iterations"`
+	Sessions   int64  `json:"sessions"`
+	Errors     int64  `json:"errors"`
+	// SessionUnknown counts the errors that were engine.io's 400 "Session ID unknown":
+	// a request of a session reached a worker that does not hold it.
+	SessionUnknown int64    `json:"session_unknown"`
+	ErrorSample    []string `json:"error_sample,omitempty"`
+	Seconds        float64  `json:"seconds"`
+	Rate           float64  `json:"rate"`
+	IterRate       float64  `json:"iterations_rate"`
 	latency
 }
 
@@ -85,6 +90,7 @@ func runPolling(ctx context.Context, args []string, out io.Writer) error {
 	d := fs.Duration("d", 0, "duration (required)")
 	mix := fs.String("mix", "echo", "request mix: echo (steady sessions, POST event+ack / GET) or handshake (GET open + POST close)")
 	size := fs.Int("size", 16, "echo payload bytes (mix echo)")
+	pin := fs.Bool("pin-sources", false, "virtual client i sends every request from source address i%sources (own keep-alive pool per address, like clients with one IP each; what IP-hash balancers assume); default: one pool whose connections rotate over the addresses, so a session's requests may arrive from several addresses")
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
@@ -107,7 +113,7 @@ func runPolling(ctx context.Context, args []string, out io.Writer) error {
 	if *size < 1 || *size > 1<<16 {
 		return errors.New("-size: want 1..65536")
 	}
-	res, err := polling(ctx, &cm, u, *c, *d, *mix, *size)
+	res, err := polling(ctx, &cm, u, *c, *d, *mix, *size, *pin)
 	if err != nil {
 		return err
 	}
@@ -119,7 +125,22 @@ type poller struct {
 	base     url.Values
 	u        *url.URL
 	requests atomic.Int64
+	unknown  atomic.Int64
 	errs     *errSample
+	parent   *poller // counters live here when set
+}
+
+func (p *poller) counters() *poller {
+	if p.parent != nil {
+		return p.parent
+	}
+	return p
+}
+
+// isSessionUnknown reports whether an engine.io answer is its "Session ID unknown" error
+// (400 {"code":1,"message":"Session ID unknown"}).
+func isSessionUnknown(status int, body []byte) bool {
+	return status == http.StatusBadRequest && bytes.Contains(body, []byte("Session ID unknown"))
 }
 
 // do runs one request and returns the body of a 200; anything else is an error that
@@ -149,27 +170,46 @@ func (p *poller) do(ctx context.Context, method, sid string, body string, lat *[
 	}
 	b, err := io.ReadAll(io.LimitReader(resp.Body, 4<<20))
 	resp.Body.Close()
-	p.requests.Add(1)
+	p.counters().requests.Add(1)
 	*lat = append(*lat, time.Since(t0))
 	if err != nil {
 		return nil, err
 	}
 	if resp.StatusCode != http.StatusOK {
+		if isSessionUnknown(resp.StatusCode, b) && ctx.Err() == nil {
+			p.counters().unknown.Add(1)
+		}
 		return nil, fmt.Errorf("%s %s: %d %s", method, strings.SplitN(body, "[", 2)[0], resp.StatusCode, trunc(b))
 	}
 	return b, nil
 }
 
-func polling(ctx context.Context, cm *common, u *url.URL, c int, dur time.Duration, mix string, size int) (*pollingResult, error) {
-	tr := &http.Transport{
-		DialContext:         sourceDialer(cm.sources, cm.timeout),
-		MaxIdleConnsPerHost: c,
-		MaxIdleConns:        c,
-		IdleConnTimeout:     90 * time.Second,
-		DisableCompression:  true,
+func polling(ctx context.Context, cm *common, u *url.URL, c int, dur time.Duration, mix string, size int, pin bool) (*pollingResult, error) {
+	pools := 1
+	if pin {
+		pools = cm.sources
 	}
-	defer tr.CloseIdleConnections()
-	p := &poller{client: &http.Client{Transport: tr, Timeout: cm.timeout}, u: u, errs: newErrSample()}
+	var pollers []*poller
+	for i := range pools {
+		dial := sourceDialer(cm.sources, cm.timeout)
+		if pin && cm.sources > 1 {
+			d := &net.Dialer{Timeout: cm.timeout, LocalAddr: &net.TCPAddr{IP: net.IPv4(127, 0, 0, byte(i+1))}}
+			dial = func(ctx context.Context, _, addr string) (net.Conn, error) { return d.DialContext(ctx, "tcp4", addr) }
+		}
+		tr := &http.Transport{
+			DialContext:         dial,
+			MaxIdleConnsPerHost: c,
+			MaxIdleConns:        c,
+			IdleConnTimeout:     90 * time.Second,
+			DisableCompression:  true,
+		}
+		defer tr.CloseIdleConnections()
+		pollers = append(pollers, &poller{client: &http.Client{Transport: tr, Timeout: cm.timeout}, u: u})
+	}
+	p := &poller{errs: newErrSample()} // the counters; pollers[i] only carries a client
+	for _, q := range pollers {
+		q.parent = p
+	}
 	var iters, sessions atomic.Int64
 	var rec recorder
 	rctx, cancel := context.WithTimeout(ctx, dur)
@@ -180,15 +220,16 @@ func polling(ctx context.Context, cm *common, u *url.URL, c int, dur time.Durati
 	payload := strings.Repeat("x", size)
 	start := time.Now()
 	var wg sync.WaitGroup
-	for range c {
+	for i := range c {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
+			p := pollers[i%len(pollers)]
 			var lat []time.Duration
 			defer func() { rec.merge(lat) }()
 			fail := func(err error) {
 				if rctx.Err() == nil {
-					p.errs.add(err.Error())
+					p.counters().errs.add(err.Error())
 				}
 			}
 			sid := ""
@@ -265,9 +306,9 @@ func polling(ctx context.Context, cm *common, u *url.URL, c int, dur time.Durati
 		desc = mixHandshake
 	}
 	return &pollingResult{
-		Mode: "polling", URL: cm.url, Mix: mix, RequestMix: desc, C: c, Sources: cm.sources,
+		Mode: "polling", URL: cm.url, Mix: mix, RequestMix: desc, PinSources: pin, C: c, Sources: cm.sources,
 		Requests: p.requests.Load(), Iterations: iters.Load(), Sessions: sessions.Load(),
-		Errors: p.errs.n.Load(), ErrorSample: p.errs.list(),
+		Errors: p.errs.n.Load(), SessionUnknown: p.unknown.Load(), ErrorSample: p.errs.list(),
 		Seconds: round3(el.Seconds()), Rate: round1(float64(p.requests.Load()) / el.Seconds()),
 		IterRate: round1(float64(iters.Load()) / el.Seconds()), latency: rec.summary(),
 	}, nil
