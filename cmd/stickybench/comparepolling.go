@@ -6,6 +6,7 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"math/rand/v2"
 	"net"
 	"net/http"
 	"os"
@@ -210,9 +211,26 @@ func (o *pollOpts) startNode(t *target, port int, id string) error {
 	return nil
 }
 
+// freeListenPort returns a port below the ephemeral range that is free on every
+// address. Node's listen(PORT) binds the wildcard address, which fails with EADDRINUSE
+// while a client connection of an earlier run (from 127.0.0.x, -sources) still holds
+// that port number as its local port — which freePort's ephemeral ports often are.
+func freeListenPort() (int, error) {
+	for range 200 {
+		p := 20000 + rand.IntN(12000)
+		ln, err := net.Listen("tcp", ":"+strconv.Itoa(p))
+		if err != nil {
+			continue
+		}
+		ln.Close()
+		return p, nil
+	}
+	return 0, errors.New("no free port in 20000..31999")
+}
+
 func (o *pollOpts) start(ctx context.Context, name, dir string) (*target, error) {
 	t := &target{name: name}
-	p, err := freePort()
+	p, err := freeListenPort()
 	if err != nil {
 		return nil, err
 	}
@@ -227,7 +245,7 @@ func (o *pollOpts) start(ctx context.Context, name, dir string) (*target, error)
 		if !isExec(o.stickyd) {
 			return nil, fmt.Errorf("no stickyd binary at %s: go build -o %s ./cmd/stickyd", o.stickyd, o.stickyd)
 		}
-		mp, err := freePort()
+		mp, err := freeListenPort()
 		if err != nil {
 			return nil, err
 		}
@@ -256,7 +274,7 @@ func (o *pollOpts) start(ctx context.Context, name, dir string) (*target, error)
 	default: // haproxy, nginx, nginx-hash: 4 Node processes on their own ports
 		var backends []string
 		for i := range o.workers {
-			bp, err := freePort()
+			bp, err := freeListenPort()
 			if err != nil {
 				return t, err
 			}
