@@ -630,7 +630,11 @@ func (s *Supervisor) spawn(ctx context.Context, slot int) (*proc, error) {
 		p.w = newWorker(slot, process.Pid, ch, s.Balancer.cfg.WorkerIdle)
 		return p, nil
 	case <-p.exited:
-		return nil, fmt.Errorf("worker %d (%q) exited before it was ready: %v", slot, s.Command, p.err)
+		why := "with status 0"
+		if p.err != nil {
+			why = p.err.Error()
+		}
+		return nil, fmt.Errorf("worker %d (%q) exited (%s) before it was ready", slot, s.Command, why)
 	case <-timer.C:
 		s.stop(p)
 		hint := "check that the command starts a stickyd worker (fdpass.Listen)"
