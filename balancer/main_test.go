@@ -145,4 +145,3 @@ func engineIOStandIn(id string) http.HandlerFunc {
 	}
 }
 
-var _ = net.Dial

@@ -4,7 +4,6 @@ import (
 	"bufio"
 	"bytes"
 	"errors"
-	"io"
 	"net"
 	"strconv"
 	"testing"
@@ -175,4 +174,3 @@ func BenchmarkProxiedRequest(b *testing.B) {
 	})
 }
 
-var _ = io.EOF

@@ -8,7 +8,6 @@ import (
 	"flag"
 	"fmt"
 	"io"
-	"net/url"
 	"strconv"
 	"strings"
 	"sync"
@@ -633,4 +632,3 @@ func verifyAlive(conns []*websocket.Conn, timeout time.Duration, errs *errSample
 	return alive.Load()
 }
 
-var _ = url.Parse

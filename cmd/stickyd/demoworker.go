@@ -6,13 +6,11 @@ import (
 	"encoding/json"
 	"errors"
 	"flag"
-	"fmt"
 	"html/template"
 	"log/slog"
 	"net"
 	"net/http"
 	"os"
-	"strconv"
 	"time"
 
 	"github.com/gorilla/websocket"
@@ -140,5 +138,3 @@ func reportWebSockets(ctx context.Context, ln *fdpass.Listener, t *upgrade.Track
 	}
 }
 
-var _ = fmt.Sprint
-var _ = strconv.Itoa

@@ -12,7 +12,6 @@ import (
 	"os/exec"
 	"path/filepath"
 	"regexp"
-	"strconv"
 	"strings"
 	"sync"
 	"syscall"
@@ -328,7 +327,6 @@ func TestEnvironmentConfiguresFlags(t *testing.T) {
 	}
 }
 
-var _ = strconv.Itoa
 
 // TestFDExhaustionBacksOffAndRecovers lowers the running edge's RLIMIT_NOFILE until its
 // accept fails with EMFILE: the accept loop must back off (not spin, not exit) and serve
