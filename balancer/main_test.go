@@ -144,4 +144,3 @@ func engineIOStandIn(id string) http.HandlerFunc {
 		io.WriteString(w, "6:worker"+id)
 	}
 }
-

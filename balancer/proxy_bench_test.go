@@ -173,4 +173,3 @@ func BenchmarkProxiedRequest(b *testing.B) {
 		})
 	})
 }
-

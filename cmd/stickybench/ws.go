@@ -631,4 +631,3 @@ func verifyAlive(conns []*websocket.Conn, timeout time.Duration, errs *errSample
 	wg.Wait()
 	return alive.Load()
 }
-

@@ -137,4 +137,3 @@ func reportWebSockets(ctx context.Context, ln *fdpass.Listener, t *upgrade.Track
 		}
 	}
 }
-

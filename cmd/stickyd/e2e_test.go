@@ -327,7 +327,6 @@ func TestEnvironmentConfiguresFlags(t *testing.T) {
 	}
 }
 
-
 // TestFDExhaustionBacksOffAndRecovers lowers the running edge's RLIMIT_NOFILE until its
 // accept fails with EMFILE: the accept loop must back off (not spin, not exit) and serve
 // again once descriptors are free.
