@@ -267,7 +267,7 @@ func init() {
 // received (and closed) rather than silently dropped with MSG_CTRUNC.
 var oobSpace = unix.CmsgSpace(4 * 8)
 
-var recvPool = sync.Pool{New: func() any { b := make([]byte, MaxMessage+1+oobSpace); return &b }}
+var recvPool = sync.Pool{New: func() any { b := make([]byte, recvBufSize); return &b }}
 
 // Recv reads one message from uc. For KindConn and KindVirtual it returns the connection
 // (a *Conn that replays Meta.Consumed and reports Meta.Remote); for other kinds conn is
@@ -275,7 +275,16 @@ var recvPool = sync.Pool{New: func() any { b := make([]byte, MaxMessage+1+oobSpa
 func Recv(uc *net.UnixConn) (net.Conn, Meta, error) {
 	bp := recvPool.Get().(*[]byte)
 	defer recvPool.Put(bp)
-	buf, oob := (*bp)[:MaxMessage+1], (*bp)[MaxMessage+1:]
+	return recvInto(uc, *bp)
+}
+
+// recvBufSize is the buffer recvInto needs: the largest message plus one byte (to see
+// truncation) plus room for control data.
+var recvBufSize = MaxMessage + 1 + oobSpace
+
+// recvInto is Recv with the caller's buffer of recvBufSize bytes (a listener keeps one).
+func recvInto(uc *net.UnixConn, b []byte) (net.Conn, Meta, error) {
+	buf, oob := b[:MaxMessage+1], b[MaxMessage+1:]
 	n, oobn, flags, _, err := uc.ReadMsgUnix(buf, oob)
 	fds, perr := parseRights(oob[:oobn])
 	closeAll := func() {

@@ -8,6 +8,8 @@ import (
 	"strconv"
 	"sync"
 	"time"
+
+	"golang.org/x/sys/unix"
 )
 
 // Environment variables through which the edge tells a worker where its channel is.
@@ -80,14 +82,18 @@ func (c *Conn) CloseWrite() error {
 	return c.Conn.Close()
 }
 
-// Listener is a net.Listener whose connections come from the stickyd edge.
+// Listener is a net.Listener whose connections come from the stickyd edge. Accept reads
+// the channel itself: no goroutine sits between the socket and the server's accept loop.
 type Listener struct {
-	uc    *net.UnixConn
-	conns chan net.Conn
-	done  chan struct{}
-	once  sync.Once
-	mu    sync.Mutex
-	err   error // why the receive loop stopped
+	uc   *net.UnixConn
+	done chan struct{}
+	once sync.Once
+
+	recvMu sync.Mutex // one Accept reads the channel at a time
+	buf    []byte     // Accept's receive buffer
+
+	mu  sync.Mutex
+	err error // why the channel stopped
 }
 
 // Listen connects a Go worker to the edge that started it ($STICKYD_FD) or, in sidecar
@@ -130,7 +136,7 @@ func Dial(path string) (*Listener, error) {
 
 // NewListener serves connections arriving on uc and announces this worker to the edge.
 func NewListener(uc *net.UnixConn) (*Listener, error) {
-	l := &Listener{uc: uc, conns: make(chan net.Conn), done: make(chan struct{})}
+	l := &Listener{uc: uc, done: make(chan struct{})}
 	uc.SetWriteDeadline(time.Now().Add(5 * time.Second))
 	err := Send(uc, nil, Meta{Kind: KindHello, Value: uint64(os.Getpid())})
 	uc.SetWriteDeadline(time.Time{})
@@ -138,29 +144,38 @@ func NewListener(uc *net.UnixConn) (*Listener, error) {
 		uc.Close()
 		return nil, fmt.Errorf("fdpass: announce worker: %w", err)
 	}
-	go l.receive()
+	// Until the server calls Accept, nothing reads the channel, and that is the point:
+	// a worker that does not accept fills its channel and the edge routes elsewhere.
+	// Done must still report an edge that went away, so watch for the hang-up.
+	go l.watchHangup()
 	return l, nil
 }
 
-// receive is a named function so goroutine dumps show what it is.
-func (l *Listener) receive() {
+// watchHangup closes Done when the edge closes the channel even while nobody calls
+// Accept (a worker draining its WebSockets must still learn the edge is gone).
+func (l *Listener) watchHangup() {
+	raw, err := l.uc.SyscallConn()
+	if err != nil {
+		return
+	}
 	for {
-		c, _, err := Recv(l.uc)
-		if err != nil {
-			if errors.Is(err, ErrTruncated) || errors.Is(err, ErrBadMeta) || errors.Is(err, ErrNoFD) {
-				// One lost connection; the channel itself is still fine.
-				continue
-			}
-			l.stop(err)
+		fds := []unix.PollFd{{Events: unix.POLLRDHUP}}
+		var n int
+		var perr error
+		cerr := raw.Control(func(fd uintptr) {
+			fds[0].Fd = int32(fd)
+			n, perr = unix.Poll(fds, 1000)
+		})
+		select {
+		case <-l.done:
+			return
+		default:
+		}
+		if cerr != nil {
 			return
 		}
-		if c == nil {
-			continue
-		}
-		select {
-		case l.conns <- c:
-		case <-l.done:
-			c.Close()
+		if perr == nil && n > 0 && fds[0].Revents&(unix.POLLRDHUP|unix.POLLHUP|unix.POLLERR) != 0 {
+			l.stop(os.ErrClosed)
 			return
 		}
 	}
@@ -178,18 +193,39 @@ func (l *Listener) stop(err error) {
 // Accept waits for the next connection from the edge. Once the edge closes the channel
 // Accept returns an error wrapping net.ErrClosed, which ends http.Server.Serve.
 func (l *Listener) Accept() (net.Conn, error) {
-	select {
-	case c := <-l.conns:
-		return c, nil
-	case <-l.done:
-		l.mu.Lock()
-		err := l.err
-		l.mu.Unlock()
-		if err != nil && !errors.Is(err, net.ErrClosed) && !errors.Is(err, os.ErrClosed) {
-			return nil, fmt.Errorf("fdpass: channel to the edge: %v: %w", err, net.ErrClosed)
-		}
-		return nil, net.ErrClosed
+	l.recvMu.Lock()
+	defer l.recvMu.Unlock()
+	if l.buf == nil {
+		l.buf = make([]byte, recvBufSize)
 	}
+	for {
+		select {
+		case <-l.done:
+			return nil, l.closedErr()
+		default:
+		}
+		c, _, err := recvInto(l.uc, l.buf)
+		if err != nil {
+			if errors.Is(err, ErrTruncated) || errors.Is(err, ErrBadMeta) || errors.Is(err, ErrNoFD) {
+				continue // one lost connection; the channel itself is fine
+			}
+			l.stop(err)
+			return nil, l.closedErr()
+		}
+		if c != nil {
+			return c, nil
+		}
+	}
+}
+
+func (l *Listener) closedErr() error {
+	l.mu.Lock()
+	err := l.err
+	l.mu.Unlock()
+	if err != nil && !errors.Is(err, net.ErrClosed) && !errors.Is(err, os.ErrClosed) {
+		return fmt.Errorf("fdpass: channel to the edge: %v: %w", err, net.ErrClosed)
+	}
+	return net.ErrClosed
 }
 
 // Close stops accepting and closes the channel; connections already accepted stay open.
