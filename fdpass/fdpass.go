@@ -357,6 +357,10 @@ func parseRights(oob []byte) ([]int, error) {
 // fileConn turns a received descriptor into a net.Conn and releases the descriptor:
 // net.FileConn dups it, so the original must be closed here or it leaks.
 func fileConn(fd int) (net.Conn, error) {
+	// Blocking for a moment, so os.NewFile does not register this short-lived descriptor
+	// with the poller only to remove it again; FileConn's duplicate shares the file
+	// description and makes it non-blocking again.
+	unix.SetNonblock(fd, false)
 	f := os.NewFile(uintptr(fd), "fdpass")
 	defer f.Close()
 	c, err := net.FileConn(f)
