@@ -674,7 +674,7 @@ func TestServeModeSidecarWorkers(t *testing.T) {
 		t.Cleanup(func() { cmd.Process.Kill(); cmd.Wait() })
 		return cmd
 	}
-	startWorker("a")
+	wa := startWorker("a")
 	waitFor(t, "worker a admitted", 10*time.Second, func() bool { return len(d.workers(t)) == 1 })
 	c, _, err := websocket.DefaultDialer.Dial("ws://"+d.addr+"/ws", nil)
 	if err != nil {
@@ -706,4 +706,18 @@ func TestServeModeSidecarWorkers(t *testing.T) {
 	if resp.StatusCode != 200 {
 		t.Fatalf("whoami: %d", resp.StatusCode)
 	}
+	// A worker whose channel closes (it died) leaves routing at once; when it comes back
+	// and dials again, it is routed again.
+	wa.Process.Kill()
+	wa.Wait()
+	waitFor(t, "worker a out of routing", 10*time.Second, func() bool { return len(d.workers(t)) == 1 })
+	for range 5 {
+		resp, err := http.Get("http://" + d.addr + "/whoami")
+		if err != nil || resp.StatusCode != 200 {
+			t.Fatalf("with worker a gone: %v %v", resp, err)
+		}
+		resp.Body.Close()
+	}
+	startWorker("a")
+	waitFor(t, "worker a back in routing", 10*time.Second, func() bool { return len(d.workers(t)) == 2 })
 }
