@@ -80,6 +80,19 @@ func (lc ListenConfig) Listen(ctx context.Context, addr string) ([]net.Listener,
 				if serr == nil && lc.DeferAccept {
 					serr = unix.SetsockoptInt(int(fd), unix.IPPROTO_TCP, unix.TCP_DEFER_ACCEPT, 1)
 				}
+				// Accepted sockets inherit these from the listener, so neither the edge
+				// nor a worker spends system calls on them per connection (Go's defaults
+				// for accepted TCP connections: no Nagle, keep-alive probes after 15 s).
+				for _, o := range [][3]int{
+					{unix.IPPROTO_TCP, unix.TCP_NODELAY, 1},
+					{unix.SOL_SOCKET, unix.SO_KEEPALIVE, 1},
+					{unix.IPPROTO_TCP, unix.TCP_KEEPIDLE, 15},
+					{unix.IPPROTO_TCP, unix.TCP_KEEPINTVL, 15},
+				} {
+					if serr == nil {
+						serr = unix.SetsockoptInt(int(fd), o[0], o[1], o[2])
+					}
+				}
 			})
 			if err != nil {
 				return err

@@ -698,7 +698,11 @@ func (s *Supervisor) watch(slot int, kind string, process *os.Process, ch Channe
 		}
 		p.err = err
 		ch.Close()
-		pumps.Wait() // the last lines before a crash are the useful ones
+		pumps.Wait()             // the last lines before a crash are the useful ones
+		if !p.pumpsStop.Load() { // (stopped pumps: the pipes belong to the next edge image)
+			outR.Close()
+			errR.Close()
+		}
 		close(p.exited)
 	}()
 	return p
