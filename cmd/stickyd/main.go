@@ -18,6 +18,7 @@ import (
 	"net/http"
 	"os"
 	"os/signal"
+	"strconv"
 	"strings"
 	"syscall"
 	"time"
@@ -76,7 +77,7 @@ func run(ctx context.Context, args []string, stderr io.Writer) error {
 	case "upgrade":
 		return runUpgrade(ctx, args[1:])
 	case "version", "-version", "--version":
-		fmt.Println("stickyd", version)
+		fmt.Println("stickyd", version, "handover="+strconv.Itoa(handoverFormat))
 		return nil
 	case "-h", "-help", "--help", "help":
 		fmt.Fprintln(stderr, usage)

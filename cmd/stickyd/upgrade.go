@@ -27,8 +27,14 @@ var version = "dev"
 // envHandover names the descriptor of the state an edge passes to its next image.
 const envHandover = "STICKYD_HANDOVER"
 
+// handoverFormat versions edgeHandover. A new image must read every format an older
+// image can write (fields are only ever added); it refuses a newer one before touching
+// anything, and the old image — still there, since the preflight runs first — says why.
+const handoverFormat = 1
+
 // edgeHandover is balancer.HandoverState plus what the command itself owns.
 type edgeHandover struct {
+	Format int
 	balancer.HandoverState
 	Metrics int // -1: none
 	Control int // serve mode's control socket; -1: none
@@ -50,6 +56,9 @@ func loadHandover() (*edgeHandover, error) {
 	var st edgeHandover
 	if err := json.NewDecoder(f).Decode(&st); err != nil {
 		return nil, fmt.Errorf("reading the previous edge's state: %w", err)
+	}
+	if st.Format > handoverFormat {
+		return nil, fmt.Errorf("the previous edge handed over state format %d; this binary reads up to %d", st.Format, handoverFormat)
 	}
 	return &st, nil
 }
@@ -88,7 +97,10 @@ func (u *upgrader) upgrade() error {
 	if err != nil {
 		return fmt.Errorf("edge upgrade: %s does not run (%v): %s", exe, err, strings.TrimSpace(string(out)))
 	}
-	st := edgeHandover{Metrics: -1, Control: -1}
+	if f := handoverFormatOf(string(out)); f < handoverFormat {
+		return fmt.Errorf("edge upgrade: %s reads handover format %d, this edge writes %d: a downgrade that far needs a restart", exe, f, handoverFormat)
+	}
+	st := edgeHandover{Format: handoverFormat, Metrics: -1, Control: -1}
 	if u.sup == nil {
 		// Serve mode: stop admitting sidecar workers first; the control socket goes over too.
 		u.ctl.SetDeadline(time.Unix(1, 0))
@@ -199,4 +211,16 @@ func runUpgrade(ctx context.Context, args []string) error {
 		time.Sleep(100 * time.Millisecond)
 	}
 	return errors.New("upgrade: the edge did not come back with a new generation within 2 minutes; check its log")
+}
+
+// handoverFormatOf reads the "handover N" a binary's version output names (1 if absent).
+func handoverFormatOf(versionOutput string) int {
+	for _, f := range strings.Fields(versionOutput) {
+		if n, ok := strings.CutPrefix(f, "handover="); ok {
+			if v, err := strconv.Atoi(n); err == nil {
+				return v
+			}
+		}
+	}
+	return 1
 }
