@@ -145,7 +145,9 @@ func (b *Balancer) fastHandoff(nfd int, peer, local netip.AddrPort, wildcard boo
 	}
 	start := time.Now()
 	meta := fdpass.Meta{Kind: fdpass.KindConn, ConnID: b.connID.Add(1), Remote: peer, Local: local}
-	if err := gc.trySendFD(nfd, meta); err != nil {
+	// One non-blocking sendmsg: a full channel sends this client down the general path,
+	// which waits for the worker with a deadline or picks another.
+	if err := fdpass.TrySend(gc.uc, nfd, meta); err != nil {
 		return false
 	}
 	unix.Close(nfd) // the worker holds its own descriptor now
@@ -154,10 +156,6 @@ func (b *Balancer) fastHandoff(nfd int, peer, local netip.AddrPort, wildcard boo
 	b.m.ConnectionsAccepted.WithLabelValues("handed_off").Inc()
 	return true
 }
-
-// trySendFD sends one connection without waiting: a full channel is an error here, and
-// the general path then waits for it with a deadline (or picks another worker).
-func (c *GoChannel) trySendFD(fd int, m fdpass.Meta) error { return fdpass.TrySend(c.uc, fd, m) }
 
 // fdConn turns an accepted descriptor into a net.Conn (net.FileConn duplicates it, so the
 // original is closed here).

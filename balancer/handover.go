@@ -127,21 +127,7 @@ func (b *Balancer) Thaw() {
 	// The parked connections are still open in this image: serve them again.
 	for i, c := range parked {
 		closeOnExec(c.(syscall.Conn))
-		var cc *clientConn
-		if buf := conns[i].Buffered; len(buf) > 0 {
-			cc = &clientConn{c: &prefixConn{Conn: c, pending: buf}}
-		} else {
-			cc = &clientConn{c: c}
-		}
-		if b.track(cc) != trackOK {
-			c.Close()
-			continue
-		}
-		if len(conns[i].Buffered) > 0 {
-			go func() { defer b.untrack(cc); b.proxyConn(cc) }()
-		} else {
-			go b.serveConn(cc)
-		}
+		b.resume(c, conns[i].Buffered)
 	}
 }
 
@@ -169,19 +155,25 @@ func (b *Balancer) Adopt(conns []HandoverConn) {
 			b.log.Warn("adopting a client connection failed", "err", err)
 			continue
 		}
-		if len(hc.Buffered) > 0 {
-			c = &prefixConn{Conn: c, pending: hc.Buffered}
-		}
-		cc := &clientConn{c: c}
-		if b.track(cc) != trackOK {
-			c.Close()
-			continue
-		}
-		if len(hc.Buffered) > 0 {
-			go func() { defer b.untrack(cc); b.proxyConn(cc) }()
-		} else {
-			go b.serveConn(cc)
-		}
+		b.resume(c, hc.Buffered)
+	}
+}
+
+// resume serves a parked connection: from its head if nothing of it was read, else
+// through the proxy loop with the bytes already read replayed first.
+func (b *Balancer) resume(c net.Conn, buffered []byte) {
+	if len(buffered) > 0 {
+		c = &prefixConn{Conn: c, pending: buffered}
+	}
+	cc := &clientConn{c: c}
+	if b.track(cc) != trackOK {
+		c.Close()
+		return
+	}
+	if len(buffered) > 0 {
+		go func() { defer b.untrack(cc); b.proxyConn(cc) }()
+	} else {
+		go b.serveConn(cc)
 	}
 }
 

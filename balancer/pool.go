@@ -229,13 +229,6 @@ func (p *connPool) closeIdle() {
 	}
 }
 
-// idleCount is the number of idle connections (tests).
-func (p *connPool) idleCount() int {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	return len(p.conns)
-}
-
 // requests returns the RequestsProxied counter of this worker for status.
 func (p *connPool) requests(m *metrics.Metrics, status int) prometheus.Counter {
 	p.countersOnce.Do(func() {

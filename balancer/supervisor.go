@@ -1,7 +1,6 @@
 package balancer
 
 import (
-	"bufio"
 	"context"
 	"errors"
 	"fmt"
@@ -76,6 +75,7 @@ type proc struct {
 	process   *os.Process
 	stdout    *os.File // read ends of the worker's output pipes
 	stderr    *os.File
+	pumps     sync.WaitGroup // the output pumps
 	pumpsStop atomic.Bool
 	ch        Channel
 	w         *Worker
@@ -509,23 +509,19 @@ func (s *Supervisor) Thaw() {
 		}
 		s.detShared = nil
 	}
-	for slot, p := range s.procs {
+	for _, p := range s.procs {
 		if p.detached {
 			// Its IPC state left this image; a fresh worker replaces it.
 			p.asked.Store(true)
 			p.process.Kill()
 			continue
 		}
-		prefix := fmt.Sprintf("[worker %d] ", slot)
 		p.pumpsStop.Store(false)
 		for _, f := range []*os.File{p.stdout, p.stderr} {
 			f.SetReadDeadline(time.Time{})
 			closeOnExec(f)
 		}
-		var wg sync.WaitGroup
-		wg.Add(2)
-		go pumpLines(&wg, p.stdout, prefixWriter(s.Stdout, prefix), &p.pumpsStop)
-		go pumpLines(&wg, p.stderr, prefixWriter(s.Stderr, prefix), &p.pumpsStop)
+		s.startPumps(p)
 		if g, ok := p.ch.(*GoChannel); ok {
 			closeOnExec(g.uc)
 		}
@@ -685,12 +681,8 @@ func helloReady(goch *GoChannel) <-chan struct{} {
 // watch follows a worker process: its output goes to the edge's, prefixed with the slot,
 // and its exit closes its channel and p.exited.
 func (s *Supervisor) watch(slot int, kind string, process *os.Process, ch Channel, outR, errR *os.File) *proc {
-	prefix := fmt.Sprintf("[worker %d] ", slot)
 	p := &proc{slot: slot, kind: kind, process: process, ch: ch, stdout: outR, stderr: errR, exited: make(chan struct{})}
-	var pumps sync.WaitGroup
-	pumps.Add(2)
-	go pumpLines(&pumps, outR, prefixWriter(s.Stdout, prefix), &p.pumpsStop)
-	go pumpLines(&pumps, errR, prefixWriter(s.Stderr, prefix), &p.pumpsStop)
+	s.startPumps(p)
 	go func() {
 		state, err := process.Wait()
 		if err == nil && !state.Success() {
@@ -698,7 +690,7 @@ func (s *Supervisor) watch(slot int, kind string, process *os.Process, ch Channe
 		}
 		p.err = err
 		ch.Close()
-		pumps.Wait()             // the last lines before a crash are the useful ones
+		p.pumps.Wait()           // the last lines before a crash are the useful ones
 		if !p.pumpsStop.Load() { // (stopped pumps: the pipes belong to the next edge image)
 			outR.Close()
 			errR.Close()
@@ -706,6 +698,14 @@ func (s *Supervisor) watch(slot int, kind string, process *os.Process, ch Channe
 		close(p.exited)
 	}()
 	return p
+}
+
+// startPumps copies the worker's stdout and stderr to the edge's, prefixed with its slot.
+func (s *Supervisor) startPumps(p *proc) {
+	prefix := fmt.Sprintf("[worker %d] ", p.slot)
+	p.pumps.Add(2)
+	go pumpLines(&p.pumps, p.stdout, prefixWriter(s.Stdout, prefix), &p.pumpsStop)
+	go pumpLines(&p.pumps, p.stderr, prefixWriter(s.Stderr, prefix), &p.pumpsStop)
 }
 
 // pumpLines copies a worker's output until the pipe closes (the worker and everything it
@@ -780,7 +780,6 @@ type lineWriter struct {
 	mu     sync.Mutex
 	dst    io.Writer
 	prefix string
-	buf    *bufio.Writer
 	atBOL  bool
 }
 

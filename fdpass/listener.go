@@ -1,6 +1,7 @@
 package fdpass
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"net"
@@ -251,4 +252,25 @@ func (l *Listener) ReportWebSockets(n int) error {
 	l.uc.SetWriteDeadline(time.Now().Add(time.Second))
 	defer l.uc.SetWriteDeadline(time.Time{})
 	return Send(l.uc, nil, Meta{Kind: KindStats, Value: uint64(n)})
+}
+
+// ReportWebSocketsFrom tells the edge how many WebSockets this worker holds — count(),
+// typically an upgrade.Tracker's Len — whenever the number changes, checking once a
+// second, until ctx ends or the listener stops. Run it in its own goroutine.
+func (l *Listener) ReportWebSocketsFrom(ctx context.Context, count func() int) {
+	tick := time.NewTicker(time.Second)
+	defer tick.Stop()
+	last := -1
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-l.done:
+			return
+		case <-tick.C:
+			if n := count(); n != last && l.ReportWebSockets(n) == nil {
+				last = n
+			}
+		}
+	}
 }

@@ -126,3 +126,25 @@ func sendGoingAway(c *websocket.Conn) {
 		c.Close()
 	}
 }
+
+// Echo serves the echo protocol of stickyd's demo and benchmark workers on c: first hello
+// as a text message, then every message back to its sender with the same type. A peer
+// silent (no message, no pong) for idle is dropped; messages are capped at 1 MiB.
+func Echo(c *websocket.Conn, hello []byte, idle time.Duration) {
+	c.SetReadLimit(1 << 20)
+	c.SetReadDeadline(time.Now().Add(idle))
+	c.SetPongHandler(func(string) error { return c.SetReadDeadline(time.Now().Add(idle)) })
+	if err := c.WriteMessage(websocket.TextMessage, hello); err != nil {
+		return
+	}
+	for {
+		typ, msg, err := c.ReadMessage()
+		if err != nil {
+			return
+		}
+		c.SetReadDeadline(time.Now().Add(idle))
+		if err := c.WriteMessage(typ, msg); err != nil {
+			return
+		}
+	}
+}

@@ -153,7 +153,6 @@ func runCompare(ctx context.Context, args []string, out io.Writer) error {
 type targetRuns struct {
 	hsRate, echoRate, echoP99, idleKiB, idleProxyKiB, idleFDs []float64
 	errors                                                    int64
-	workers                                                   map[string]int
 }
 
 func (o *compareOpts) measure(ctx context.Context, t *target, r *targetRuns) error {

@@ -45,10 +45,9 @@ var pollTargetDesc = map[string]string{
 }
 
 type pollRuns struct {
-	rate, p99         []float64
-	errors, unknown   int64
-	samples           []string
-	requests, seconds float64
+	rate, p99       []float64
+	errors, unknown int64
+	samples         []string
 }
 
 func runComparePolling(ctx context.Context, args []string, out io.Writer) error {

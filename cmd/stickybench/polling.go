@@ -122,7 +122,6 @@ func runPolling(ctx context.Context, args []string, out io.Writer) error {
 
 type poller struct {
 	client   *http.Client
-	base     url.Values
 	u        *url.URL
 	requests atomic.Int64
 	unknown  atomic.Int64

@@ -35,30 +35,10 @@ func echoHandler(id string) (http.Handler, *upgrade.Tracker) {
 		}
 		defer c.Close()
 		defer tracker.Add(c)()
-		serveEcho(c, id, pid, r.RemoteAddr)
+		hello, _ := json.Marshal(map[string]any{"type": "hello", "worker": id, "pid": pid, "remote": r.RemoteAddr})
+		upgrade.Echo(c, hello, 120*time.Second)
 	})
 	return mux, tracker
-}
-
-func serveEcho(c *websocket.Conn, id string, pid int, remote string) {
-	const pongWait = 120 * time.Second
-	c.SetReadLimit(1 << 20)
-	c.SetReadDeadline(time.Now().Add(pongWait))
-	c.SetPongHandler(func(string) error { return c.SetReadDeadline(time.Now().Add(pongWait)) })
-	hello, _ := json.Marshal(map[string]any{"type": "hello", "worker": id, "pid": pid, "remote": remote})
-	if err := c.WriteMessage(websocket.TextMessage, hello); err != nil {
-		return
-	}
-	for {
-		typ, msg, err := c.ReadMessage()
-		if err != nil {
-			return
-		}
-		c.SetReadDeadline(time.Now().Add(pongWait))
-		if err := c.WriteMessage(typ, msg); err != nil {
-			return
-		}
-	}
 }
 
 // runServe is `serve` (a TCP listener, the direct baseline) or `serve-worker` (the
@@ -109,7 +89,7 @@ func runServe(ctx context.Context, args []string, worker bool) error {
 	var done <-chan struct{}
 	if fl != nil {
 		done = fl.Done()
-		go reportLoop(ctx, fl, tracker)
+		go fl.ReportWebSocketsFrom(ctx, tracker.Len)
 	}
 	errc := make(chan error, 1)
 	go func() { errc <- srv.Serve(ln) }()
@@ -127,24 +107,4 @@ func runServe(ctx context.Context, args []string, worker bool) error {
 	srv.Shutdown(sctx)
 	tracker.Shutdown(sctx)
 	return nil
-}
-
-// reportLoop tells the edge how many WebSockets this worker holds (as the demo worker
-// does), at most once a second.
-func reportLoop(ctx context.Context, ln *fdpass.Listener, t *upgrade.Tracker) {
-	tick := time.NewTicker(time.Second)
-	defer tick.Stop()
-	last := -1
-	for {
-		select {
-		case <-ctx.Done():
-			return
-		case <-ln.Done():
-			return
-		case <-tick.C:
-			if n := t.Len(); n != last && ln.ReportWebSockets(n) == nil {
-				last = n
-			}
-		}
-	}
 }

@@ -68,11 +68,12 @@ func runDemoWorker(ctx context.Context, args []string, log *slog.Logger) error {
 		done := tracker.Add(c)
 		defer done()
 		defer c.Close()
-		echo(c, id, pid, r.RemoteAddr)
+		hello, _ := json.Marshal(map[string]any{"type": "hello", "worker": id, "pid": pid, "remote": r.RemoteAddr})
+		upgrade.Echo(c, hello, 60*time.Second)
 	})
 	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second, ErrorLog: slog.NewLogLogger(log.Handler(), slog.LevelDebug)}
 	srv.RegisterOnShutdown(tracker.GoingAway)
-	go reportWebSockets(ctx, ln, &tracker)
+	go ln.ReportWebSocketsFrom(ctx, tracker.Len)
 
 	errc := make(chan error, 1)
 	go func() { errc <- srv.Serve(ln) }()
@@ -91,49 +92,4 @@ func runDemoWorker(ctx context.Context, args []string, log *slog.Logger) error {
 	srv.Shutdown(sctx)
 	tracker.Shutdown(sctx)
 	return nil
-}
-
-// echo sends a hello naming this worker, then returns every message to its sender with
-// the same type.
-func echo(c *websocket.Conn, id string, pid int, remote string) {
-	const pongWait = 60 * time.Second
-	c.SetReadLimit(1 << 20)
-	c.SetReadDeadline(time.Now().Add(pongWait))
-	c.SetPongHandler(func(string) error { return c.SetReadDeadline(time.Now().Add(pongWait)) })
-	hello, _ := json.Marshal(map[string]any{"type": "hello", "worker": id, "pid": pid, "remote": remote})
-	if err := c.WriteMessage(websocket.TextMessage, hello); err != nil {
-		return
-	}
-	for {
-		typ, msg, err := c.ReadMessage()
-		if err != nil {
-			return
-		}
-		c.SetReadDeadline(time.Now().Add(pongWait))
-		if err := c.WriteMessage(typ, msg); err != nil {
-			return
-		}
-	}
-}
-
-// reportWebSockets tells the edge how many WebSockets this worker holds whenever the
-// number changes (at most once a second).
-func reportWebSockets(ctx context.Context, ln *fdpass.Listener, t *upgrade.Tracker) {
-	tick := time.NewTicker(time.Second)
-	defer tick.Stop()
-	last := -1
-	for {
-		select {
-		case <-ctx.Done():
-			return
-		case <-ln.Done():
-			return
-		case <-tick.C:
-			if n := t.Len(); n != last {
-				if ln.ReportWebSockets(n) == nil {
-					last = n
-				}
-			}
-		}
-	}
 }

@@ -17,7 +17,6 @@ import (
 type fakePeer struct {
 	t    *testing.T
 	uc   *net.UnixConn
-	buf  []byte
 	fds  int // fds received so far (all closed)
 	pend []byte
 }
