@@ -62,6 +62,20 @@ func (b *Balancer) Drain(slot int) bool {
 	return true
 }
 
+// Undrain puts a draining worker back into routing for new sessions (the undo of
+// Drain); it reports whether slot holds a worker.
+func (b *Balancer) Undrain(slot int) bool {
+	w := b.worker(slot)
+	if w == nil {
+		return false
+	}
+	w.state.CompareAndSwap(int32(StateDraining), int32(StateReady))
+	b.mu.Lock()
+	b.publishWorkerGauges(*b.workers.Load())
+	b.mu.Unlock()
+	return true
+}
+
 // Workers returns the workers in routing, by slot.
 func (b *Balancer) Workers() []*Worker { return *b.workers.Load() }
 
