@@ -36,6 +36,7 @@ const (
 	NameSessionTableSize    = "stickyd_session_table_entries"
 	NameSessionEvictions    = "stickyd_session_evictions_total"
 	NameUnknownSessions     = "stickyd_unknown_sessions_total"
+	NameWorkerProtocolErrs  = "stickyd_worker_protocol_errors_total"
 )
 
 // Values of the result label of stickyd_connections_accepted_total.
@@ -61,6 +62,15 @@ const (
 	RejectPerIP        = "per_ip_limit"
 	RejectBodyTooLarge = "body_too_large"
 	RejectBodyTimeout  = "body_timeout"
+	RejectClientGone   = "client_gone"      // the client left while its request was proxied
+	RejectWorkerFailed = "worker_failed"    // 502: the worker failed to answer
+	RejectWorkerSlow   = "response_timeout" // 504: no response head within the response timeout
+)
+
+// Values of the reason label of stickyd_worker_protocol_errors_total.
+const (
+	ProtoUnsolicited = "unsolicited" // bytes after the end of a response, or while idle
+	ProtoMalformed   = "malformed"   // a response head or body the edge could not parse
 )
 
 // Values of the result label of stickyd_handoffs_total.
@@ -91,7 +101,8 @@ const (
 // them before the first event.
 var (
 	acceptResults   = []string{AcceptHandedOff, AcceptProxied, AcceptRejected, AcceptTunneled}
-	rejectReasons   = []string{RejectHeadTimeout, RejectHeadTooLarge, RejectBadRequest, RejectSmuggling, RejectTLS, RejectVersion, RejectNoWorker, RejectOverload, RejectClientClosed, RejectMaxConns, RejectPerIP, RejectBodyTooLarge, RejectBodyTimeout}
+	rejectReasons   = []string{RejectHeadTimeout, RejectHeadTooLarge, RejectBadRequest, RejectSmuggling, RejectTLS, RejectVersion, RejectNoWorker, RejectOverload, RejectClientClosed, RejectMaxConns, RejectPerIP, RejectBodyTooLarge, RejectBodyTimeout, RejectClientGone, RejectWorkerFailed, RejectWorkerSlow}
+	protoReasons    = []string{ProtoUnsolicited, ProtoMalformed}
 	handoffResults  = []string{HandoffOK, HandoffError, HandoffRetried, HandoffTimeout}
 	workerStates    = []string{WorkerStarting, WorkerReady, WorkerDraining, WorkerFailed}
 	evictionReasons = []string{EvictExpired, EvictCapacity, EvictWorkerGone}
@@ -115,6 +126,7 @@ type Metrics struct {
 	SessionTableSize    prometheus.Gauge        // stickyd_session_table_entries
 	SessionEvictions    *prometheus.CounterVec  // stickyd_session_evictions_total{reason}
 	UnknownSessions     prometheus.Counter      // stickyd_unknown_sessions_total
+	WorkerProtocolErrs  *prometheus.CounterVec  // stickyd_worker_protocol_errors_total{worker,reason}
 	collectors          []prometheus.Collector  // in registration order
 	perWorker           []*prometheus.MetricVec // vecs with a worker label, for DeleteWorker
 }
@@ -177,6 +189,10 @@ func New(reg prometheus.Registerer, withRuntime bool) (*Metrics, error) {
 			Name: NameUnknownSessions,
 			Help: "Requests for a session id the edge does not know, answered 400 Session ID unknown.",
 		}),
+		WorkerProtocolErrs: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: NameWorkerProtocolErrs,
+			Help: "Connections to a worker closed because it broke HTTP/1.1 framing, by worker slot and reason (unsolicited: bytes after a response or while idle; malformed).",
+		}, []string{"worker", "reason"}),
 	}
 	for _, v := range acceptResults {
 		m.ConnectionsAccepted.WithLabelValues(v)
@@ -194,10 +210,11 @@ func New(reg prometheus.Registerer, withRuntime bool) (*Metrics, error) {
 		m.ConnectionsAccepted, m.Rejections, m.Handoffs, m.HandoffDuration,
 		m.RequestsProxied, m.Sessions, m.WebSockets, m.Workers,
 		m.WorkerRestarts, m.SessionTableSize, m.SessionEvictions, m.UnknownSessions,
+		m.WorkerProtocolErrs,
 	}
 	m.perWorker = []*prometheus.MetricVec{
 		m.Handoffs.MetricVec, m.RequestsProxied.MetricVec, m.Sessions.MetricVec,
-		m.WebSockets.MetricVec, m.WorkerRestarts.MetricVec,
+		m.WebSockets.MetricVec, m.WorkerRestarts.MetricVec, m.WorkerProtocolErrs.MetricVec,
 	}
 	if withRuntime {
 		m.collectors = append(m.collectors,
@@ -250,6 +267,7 @@ func Names() []string {
 		NameSessions,
 		NameUnknownSessions,
 		NameWebSockets,
+		NameWorkerProtocolErrs,
 		NameWorkerRestarts,
 		NameWorkers,
 	}
@@ -274,6 +292,7 @@ func Labels() map[string]map[string][]string {
 		NameSessionTableSize:    {},
 		NameSessionEvictions:    {"reason": slices.Clone(evictionReasons)},
 		NameUnknownSessions:     {},
+		NameWorkerProtocolErrs:  {"worker": worker, "reason": slices.Clone(protoReasons)},
 	}
 }
 
