@@ -64,6 +64,8 @@ type Supervisor struct {
 	adopt       map[int]HandoverWorker // workers a previous edge image handed over
 	adoptShared []nodeipc.SharedFD     // and the Node app's shared listeners
 	detShared   []nodeipc.SharedFD     // shared listeners detached by Freeze (for Thaw)
+
+	cluster nodeCluster // Node workers' cluster-adapter relay (nodecluster.go)
 }
 
 // ErrSpawnTimeout means a worker never became ready.
@@ -226,10 +228,7 @@ func (s *Supervisor) drained(p *proc) bool {
 	if s.Balancer.sessions.Count(p.slot) > 0 {
 		return false
 	}
-	if g, ok := p.ch.(*GoChannel); ok {
-		return g.WebSockets.Load() == 0
-	}
-	return true
+	return p.ch.WebSockets() == 0
 }
 
 // RollingRestart restarts every worker, one at a time, each drained first (SIGHUP).
@@ -415,6 +414,7 @@ func (s *Supervisor) adoptProc(hw HandoverWorker) (*proc, error) {
 		primary.Shared = s.shared
 		primary.OnQueryServer = s.chooseAppServer
 		primary.Logger = s.Logger.With("worker", hw.Slot)
+		s.joinNodeCluster(hw.Slot, primary)
 		go primary.Run(context.Background())
 		ch = &nodeChannel{p: primary, ch: primary.Channel, timeout: s.Balancer.cfg.HandoffTimeout}
 	} else {
@@ -572,6 +572,7 @@ func (s *Supervisor) spawn(ctx context.Context, slot int) (*proc, error) {
 		env = append(env, nodeipc.PreloadEnv(s.preload)...)
 		nch := nodeipc.NewChannel(parent, nodeipc.Config{AckTimeout: s.Balancer.cfg.HandoffTimeout, Logger: s.Logger})
 		primary := &nodeipc.Primary{Channel: nch, Shared: s.shared, Logger: s.Logger.With("worker", slot), OnQueryServer: s.chooseAppServer}
+		s.joinNodeCluster(slot, primary)
 		go primary.Run(context.Background())
 		ch = &nodeChannel{p: primary, ch: nch, timeout: s.Balancer.cfg.HandoffTimeout}
 		readyC = primary.Ready()

@@ -26,6 +26,9 @@ type Channel interface {
 	CanReplay() bool
 	// Done is closed when the worker's channel is gone (the process exited or hung up).
 	Done() <-chan struct{}
+	// WebSockets is the number of WebSockets the worker last reported holding (0 until it
+	// reports; Go workers through fdpass, Node workers through the preload).
+	WebSockets() int64
 	Close() error
 }
 
@@ -79,13 +82,8 @@ func (w *Worker) takesNew(now time.Time) bool {
 	return w.State() == StateReady && now.UnixNano() >= w.stuckUntil.Load()
 }
 
-// WebSockets is the number of WebSockets the worker last reported holding (Go workers).
-func (w *Worker) WebSockets() int64 {
-	if g, ok := w.ch.(*GoChannel); ok {
-		return g.WebSockets.Load()
-	}
-	return 0
-}
+// WebSockets is the number of WebSockets the worker last reported holding.
+func (w *Worker) WebSockets() int64 { return w.ch.WebSockets() }
 
 // State returns the worker's current state.
 func (w *Worker) State() WorkerState { return WorkerState(w.state.Load()) }
@@ -113,9 +111,8 @@ type GoChannel struct {
 	done    chan struct{}
 	once    sync.Once
 
-	// WebSockets is the count the worker last reported.
-	WebSockets atomic.Int64
-	onStats    atomic.Pointer[func(n int64)]
+	ws      atomic.Int64 // the count the worker last reported
+	onStats atomic.Pointer[func(n int64)]
 }
 
 // NewGoChannel wraps the edge's end of a worker's SEQPACKET channel. timeout bounds each
@@ -153,7 +150,7 @@ func (c *GoChannel) receive() {
 			default:
 			}
 		case fdpass.KindStats:
-			c.WebSockets.Store(int64(m.Value))
+			c.ws.Store(int64(m.Value))
 			if f := c.onStats.Load(); f != nil && *f != nil {
 				(*f)(int64(m.Value))
 			}
@@ -182,7 +179,11 @@ func (c *GoChannel) Deliver(ctx context.Context, conn syscall.Conn, meta fdpass.
 	return err
 }
 
-func (c *GoChannel) CanReplay() bool       { return true }
+func (c *GoChannel) CanReplay() bool { return true }
+
+// WebSockets is the count the worker last reported.
+func (c *GoChannel) WebSockets() int64 { return c.ws.Load() }
+
 func (c *GoChannel) Done() <-chan struct{} { return c.done }
 
 func (c *GoChannel) Close() error {

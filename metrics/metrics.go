@@ -37,6 +37,7 @@ const (
 	NameSessionEvictions    = "stickyd_session_evictions_total"
 	NameUnknownSessions     = "stickyd_unknown_sessions_total"
 	NameWorkerProtocolErrs  = "stickyd_worker_protocol_errors_total"
+	NameClusterMessages     = "stickyd_cluster_messages_total"
 )
 
 // Values of the result label of stickyd_connections_accepted_total.
@@ -96,6 +97,12 @@ const (
 	EvictWorkerGone = "worker_gone"
 )
 
+// Values of the result label of stickyd_cluster_messages_total.
+const (
+	ClusterRelayed = "relayed"
+	ClusterDropped = "dropped"
+)
+
 // The closed label sets. Series for these values are created at zero by New,
 // so that rate() and alerts such as stickyd_workers{state="ready"} == 0 see
 // them before the first event.
@@ -106,6 +113,7 @@ var (
 	handoffResults  = []string{HandoffOK, HandoffError, HandoffRetried, HandoffTimeout}
 	workerStates    = []string{WorkerStarting, WorkerReady, WorkerDraining, WorkerFailed}
 	evictionReasons = []string{EvictExpired, EvictCapacity, EvictWorkerGone}
+	clusterResults  = []string{ClusterRelayed, ClusterDropped}
 )
 
 // HandoffBuckets are the upper bounds of stickyd_handoff_duration_seconds:
@@ -127,6 +135,7 @@ type Metrics struct {
 	SessionEvictions    *prometheus.CounterVec  // stickyd_session_evictions_total{reason}
 	UnknownSessions     prometheus.Counter      // stickyd_unknown_sessions_total
 	WorkerProtocolErrs  *prometheus.CounterVec  // stickyd_worker_protocol_errors_total{worker,reason}
+	ClusterMessages     *prometheus.CounterVec  // stickyd_cluster_messages_total{result}
 	collectors          []prometheus.Collector  // in registration order
 	perWorker           []*prometheus.MetricVec // vecs with a worker label, for DeleteWorker
 }
@@ -193,6 +202,10 @@ func New(reg prometheus.Registerer, withRuntime bool) (*Metrics, error) {
 			Name: NameWorkerProtocolErrs,
 			Help: "Connections to a worker closed because it broke HTTP/1.1 framing, by worker slot and reason (unsolicited: bytes after a response or while idle; malformed).",
 		}, []string{"worker", "reason"}),
+		ClusterMessages: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: NameClusterMessages,
+			Help: "@socket.io/cluster-adapter messages relayed between Node workers, one per message and receiving worker: relayed, or dropped (the receiver's queue was full, it went away, or a response's requester is unknown).",
+		}, []string{"result"}),
 	}
 	for _, v := range acceptResults {
 		m.ConnectionsAccepted.WithLabelValues(v)
@@ -206,11 +219,14 @@ func New(reg prometheus.Registerer, withRuntime bool) (*Metrics, error) {
 	for _, v := range evictionReasons {
 		m.SessionEvictions.WithLabelValues(v)
 	}
+	for _, v := range clusterResults {
+		m.ClusterMessages.WithLabelValues(v)
+	}
 	m.collectors = []prometheus.Collector{
 		m.ConnectionsAccepted, m.Rejections, m.Handoffs, m.HandoffDuration,
 		m.RequestsProxied, m.Sessions, m.WebSockets, m.Workers,
 		m.WorkerRestarts, m.SessionTableSize, m.SessionEvictions, m.UnknownSessions,
-		m.WorkerProtocolErrs,
+		m.WorkerProtocolErrs, m.ClusterMessages,
 	}
 	m.perWorker = []*prometheus.MetricVec{
 		m.Handoffs.MetricVec, m.RequestsProxied.MetricVec, m.Sessions.MetricVec,
@@ -257,6 +273,7 @@ func (m *Metrics) DeleteWorker(slot int) {
 // Go and process collectors (withRuntime) are not included.
 func Names() []string {
 	return []string{
+		NameClusterMessages,
 		NameConnectionsAccepted,
 		NameHandoffDuration,
 		NameHandoffs,
@@ -293,6 +310,7 @@ func Labels() map[string]map[string][]string {
 		NameSessionEvictions:    {"reason": slices.Clone(evictionReasons)},
 		NameUnknownSessions:     {},
 		NameWorkerProtocolErrs:  {"worker": worker, "reason": slices.Clone(protoReasons)},
+		NameClusterMessages:     {"result": slices.Clone(clusterResults)},
 	}
 }
 

@@ -77,7 +77,7 @@ var (
 type Config struct {
 	AckTimeout time.Duration // 0: 5s — a worker that does not ACK a handle in time is treated as hung
 	MaxResends int           // 0: 3 (on NACK); negative: no resend
-	MaxLine    int           // 0: 1 MiB; a longer line from the child closes the channel with ErrLineTooLong
+	MaxLine    int           // 0: 64 MiB; a longer line from the child closes the channel with ErrLineTooLong
 	Logger     *slog.Logger  // nil: slog.Default()
 }
 
@@ -92,7 +92,9 @@ func (cfg Config) withDefaults() Config {
 		cfg.MaxResends = 0
 	}
 	if cfg.MaxLine <= 0 {
-		cfg.MaxLine = 1 << 20
+		// Large: a @socket.io/cluster-adapter fetchSockets response (every socket of a worker
+		// with its handshake) is one line, and Node's own primary has no limit.
+		cfg.MaxLine = 64 << 20
 	}
 	if cfg.Logger == nil {
 		cfg.Logger = slog.Default()
@@ -297,6 +299,16 @@ func (c *Channel) Send(msg any) error {
 	}
 	defer c.release()
 	return c.writeLine(line, nil)
+}
+
+// sendRaw writes lines (complete JSON lines, each ending in '\n') as they are, ordered like
+// Send. The relay uses it to forward messages byte for byte.
+func (c *Channel) sendRaw(lines []byte) error {
+	if err := c.acquire(context.Background()); err != nil {
+		return err
+	}
+	defer c.release()
+	return c.writeLine(lines, nil)
 }
 
 type handleEnvelope struct {

@@ -38,6 +38,7 @@ type PrimaryState struct {
 	AppListening bool
 	Ready        bool       // Ready() was closed
 	OwnShared    []SharedFD `json:",omitempty"` // the Primary's own shared listeners (Primary.Shared was nil)
+	WebSockets   int64      `json:",omitempty"` // the last count the preload reported
 }
 
 // SharedFD is one listening socket of a SharedListeners handed to the next edge image.
@@ -222,6 +223,7 @@ func (p *Primary) detachLocked() (PrimaryState, error) {
 		AppListening: p.appListening,
 		Ready:        ready,
 		OwnShared:    ownFDs,
+		WebSockets:   p.ws.Load(),
 	}
 	p.detached = true
 	// Closes the Go side's descriptor (its duplicate fd is in st) and fails later sends. The
@@ -286,6 +288,7 @@ func ResumePrimary(st PrimaryState, cfg Config) (*Primary, error) {
 	p.style.Store(int32(st.Style))
 	p.appKey, p.appListening = st.AppKey, st.AppListening
 	p.adoptedOwn = own
+	p.ws.Store(st.WebSockets)
 	if st.Ready {
 		p.setReady()
 	}

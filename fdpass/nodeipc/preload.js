@@ -1,21 +1,81 @@
 // stickyd nodeipc preload. The stickyd edge loads it into the Node workers it spawns
 // (NODE_OPTIONS=--require <this file>, STICKYD_NODEIPC=1) and speaks Node's IPC protocol to them.
 //
-// It changes nothing in the app. Its only job: tell the edge when the app has installed
-// @socket.io/sticky's worker handler. setupWorker(io) adds a process 'message' listener that
-// handles "sticky:connection" and never calls listen(), so without this the edge could not know
-// that the worker is ready nor in which style to hand it connections. When such a listener is
-// added, this file sends {"cmd":"STICKYD","act":"sticky-ready"} on the IPC channel (a cmd that
-// starts with NODE_ is reserved for Node) and removes its own hook.
+// It changes nothing the app can see. Each job is in its own function below:
 //
-// Harmless for other apps: one 'newListener' listener on process until detection, no patched
-// functions, and nothing at all unless STICKYD_NODEIPC=1 and an IPC channel exist. The variable
-// is deleted so that the app's own child processes do not report to the app.
+//  1. stickydDetectStickyWorker: tell the edge when the app has installed @socket.io/sticky's
+//     worker handler. setupWorker(io) adds a process 'message' listener that handles
+//     "sticky:connection" and never calls listen(), so without this the edge could not know
+//     that the worker is ready nor in which style to hand it connections. When such a listener
+//     is added, this file sends {"cmd":"STICKYD","act":"sticky-ready"} on the IPC channel (a cmd
+//     that starts with NODE_ is reserved for Node) and removes its own hook.
+//  2. stickydCountWebSockets: report how many WebSockets the worker holds.
+//
+// Harmless for other apps: one 'newListener' listener on process until detection, one wrapper
+// around the http/https Server emit, and nothing at all unless STICKYD_NODEIPC=1 and an IPC
+// channel exist. The variable is deleted so that the app's own child processes do not report
+// to the app.
 'use strict';
+// Wrapped start commands (`npm start`, `yarn start`, `npx`, `sh -c 'node app.js'`, nodemon).
+// stickydWrappedChannel runs before everything else in this file. Node consumes NODE_CHANNEL_FD
+// and NODE_UNIQUE_ID at bootstrap, before preloads run, so when the edge spawns a wrapper it
+// sets STICKYD_NODE_CHANNEL_FD / STICKYD_NODE_UNIQUE_ID instead: npm's own Node process (and
+// yarn's, pnpm's, npx's, nodemon's) leaves them alone and they reach the app through the
+// wrapper's children with the inherited descriptor. The first Node process of the tree that
+// runs a main script that is not one of those CLIs is the app: it does here what Node's
+// bootstrap would have done with NODE_CHANNEL_FD and NODE_UNIQUE_ID (the IPC channel, then the
+// cluster worker), deletes the variables so that the app's own children do not take the
+// channel, and sets STICKYD_NODEIPC=1 for the functions below.
+(function stickydWrappedChannel() {
+  const env = process.env;
+  const fdText = env.STICKYD_NODE_CHANNEL_FD;
+  if (!fdText) return;
+  // No main script (node -e, node -p, the REPL) or a worker thread: not the app.
+  if (!process.argv[1]) return;
+  try {
+    if (!require('worker_threads').isMainThread) return;
+  } catch (_) {
+    return;
+  }
+  if (stickydIsWrapperCLI(process.argv[1])) return;
+  const fd = Number.parseInt(fdText, 10);
+  const id = env.STICKYD_NODE_UNIQUE_ID || '1';
+  delete env.STICKYD_NODE_CHANNEL_FD;
+  delete env.STICKYD_NODE_UNIQUE_ID;
+  if (!(fd >= 0)) return;
+  // A wrapper that forks (nodemon) gave this process its own IPC channel; stickyd's replaces it
+  // as process.send, which is what the cluster worker below and the app use.
+  require('child_process')._forkChild(fd, 'json');
+  env.NODE_UNIQUE_ID = id;
+  require('cluster')._setupWorker();
+  delete env.NODE_UNIQUE_ID;
+  env.STICKYD_NODEIPC = '1';
+})();
+
+// stickydIsWrapperCLI tells whether main is the script of a CLI that starts the app as a child
+// process: npm, npx, yarn (1.x and berry's .yarn/releases/yarn-*.cjs), pnpm, corepack,
+// nodemon, node-dev, ts-node-dev.
+function stickydIsWrapperCLI(main) {
+  let real = main;
+  try {
+    real = require('fs').realpathSync(main);
+  } catch (_) {}
+  const p = real.split('\\').join('/');
+  if (/\/node_modules\/(npm|yarn|pnpm|corepack|nodemon|node-dev|ts-node-dev|@yarnpkg\/cli-dist)\//.test(p)) return true;
+  const base = p.slice(p.lastIndexOf('/') + 1);
+  return /^(npm-cli|npx-cli|yarn|yarnpkg|pnpm|pnpx|corepack|nodemon)(\.c?js)?$/.test(base) || /^yarn-[0-9][^/]*\.c?js$/.test(base);
+}
+
 (function stickydPreload() {
   if (process.env.STICKYD_NODEIPC !== '1') return;
   delete process.env.STICKYD_NODEIPC;
   if (typeof process.send !== 'function') return;
+  stickydDetectStickyWorker();
+  stickydCountWebSockets();
+})();
+
+// @socket.io/sticky detection (see the top of the file).
+function stickydDetectStickyWorker() {
   function onNewListener(event, listener) {
     if (event !== 'message' || typeof listener !== 'function') return;
     let src;
@@ -30,4 +90,61 @@
     process.send({ cmd: 'STICKYD', act: 'sticky-ready' }, () => {});
   }
   process.on('newListener', onNewListener);
-})();
+}
+
+// WebSocket count. The edge hands a WebSocket's socket to the worker and forgets it, so only
+// the worker knows how many it holds; the edge needs the number for /admin/workers, the
+// stickyd_websockets metric and to know when a draining worker is empty. Every connection
+// that an http or https server hands to its 'upgrade' listeners (ws, engine.io — also in
+// @socket.io/sticky's setupWorker style, whose sockets go through the same server) counts
+// until the socket closes; a refused upgrade closes at once. The count is reported as
+// {"cmd":"STICKYD","act":"websockets","n":N} when it changes, at most every 250 ms.
+//
+// This is the preload's only patch: Server.prototype.emit of http and https gets a wrapper
+// that looks at the event name and calls the original. Servers with no 'upgrade' listener
+// (Node destroys such sockets) are not counted.
+function stickydCountWebSockets() {
+  const INTERVAL_MS = 250;
+  let open = 0;
+  let reported = 0;
+  let lastSent = 0;
+  let timer = null;
+  const counted = new WeakSet();
+
+  function report() {
+    timer = null;
+    if (open === reported || !process.connected) return;
+    reported = open;
+    lastSent = Date.now();
+    process.send({ cmd: 'STICKYD', act: 'websockets', n: open }, () => {});
+  }
+  function changed() {
+    if (timer !== null) return;
+    const wait = Math.max(0, lastSent + INTERVAL_MS - Date.now());
+    timer = setTimeout(report, wait);
+    if (typeof timer.unref === 'function') timer.unref();
+  }
+  function onClose() {
+    open--;
+    changed();
+  }
+  function track(socket) {
+    if (!socket || typeof socket.once !== 'function' || counted.has(socket) || socket.destroyed) return;
+    counted.add(socket);
+    open++;
+    socket.once('close', onClose);
+    changed();
+  }
+  function wrap(proto) {
+    const orig = proto && proto.emit;
+    if (typeof orig !== 'function' || orig.__stickydWebSockets) return;
+    const emit = function emit(event, req, socket) {
+      if (event === 'upgrade' && this.listenerCount('upgrade') > 0) track(socket);
+      return orig.apply(this, arguments);
+    };
+    emit.__stickydWebSockets = true;
+    proto.emit = emit;
+  }
+  wrap(require('http').Server.prototype);
+  wrap(require('https').Server.prototype);
+}

@@ -90,6 +90,12 @@ type Primary struct {
 	// Primary uses its own, closed when Run returns.
 	Shared *SharedListeners
 	Logger *slog.Logger
+	// Relay, if set, forwards the worker's @socket.io/cluster-adapter messages to the other
+	// workers that use the same Relay, and theirs to it, from Run's start until it returns.
+	Relay *Relay
+	// OnWebSockets, if set, is called (from Run) with each WebSocket count the preload
+	// reports; see WebSockets.
+	OnWebSockets func(n int64)
 
 	initOnce  sync.Once
 	readyOnce sync.Once
@@ -99,6 +105,8 @@ type Primary struct {
 	wake      chan struct{} // capacity 1: Detach asks Run to pause between messages
 	seq       atomic.Int64
 	style     atomic.Int32
+	ws        atomic.Int64 // WebSockets the preload last reported
+	relay     *relayMember // (Run's goroutine) this worker in Relay
 
 	mu           sync.Mutex
 	appKey       string // Node key of the app server ("" when none)
@@ -177,6 +185,17 @@ func (p *Primary) Run(ctx context.Context) error {
 	if detached {
 		return ErrDetached
 	}
+	if p.Relay != nil {
+		p.relay = p.Relay.join(p.Channel, p.Logger)
+		gone := true
+		defer func() { p.relay.leave(gone) }()
+		// Detach or ctx: the worker lives on, so the others must not hear it closed.
+		defer func() {
+			if p.Channel.Err() == nil || errors.Is(p.Channel.Err(), ErrDetached) {
+				gone = false
+			}
+		}()
+	}
 	if p.Shared == nil {
 		if adopted != nil {
 			p.Shared = adopted
@@ -234,12 +253,38 @@ func (p *Primary) handle(ctx context.Context, m Message) {
 			p.setReady()
 			p.emit(Event{Kind: EventStickyReady, Message: m})
 		}
+	case m.Cmd == "STICKYD" && m.Act == "websockets":
+		p.websocketsReport(m)
 	case m.Type == "sticky:connection":
 		p.emit(Event{Kind: EventStickyConnection, SID: m.Data, Message: m})
 	case m.Type == "sticky:disconnection":
 		p.emit(Event{Kind: EventStickyDisconnection, SID: m.Data, Message: m})
 	default:
+		if p.relay != nil && p.relay.handle(m.Raw) {
+			return
+		}
 		p.emit(Event{Kind: EventMessage, Message: m})
+	}
+}
+
+// WebSockets is the number of upgraded connections (WebSockets) the worker's HTTP servers
+// hold, as the preload last reported it (at most every 250 ms, on change). 0 before the
+// first report.
+func (p *Primary) WebSockets() int64 { return p.ws.Load() }
+
+func (p *Primary) websocketsReport(m Message) {
+	var r struct {
+		N json.RawMessage `json:"n"`
+	}
+	_ = json.Unmarshal(m.Raw, &r)
+	v := rawInt(r.N)
+	if v == nil || *v < 0 {
+		p.Logger.Debug("nodeipc: bad websockets report", "msg", string(m.Raw))
+		return
+	}
+	p.ws.Store(int64(*v))
+	if p.OnWebSockets != nil {
+		p.OnWebSockets(int64(*v))
 	}
 }
 
