@@ -3,12 +3,10 @@ package main
 import (
 	"context"
 	"encoding/json"
-	"errors"
 	"fmt"
 	"io"
 	"log/slog"
 	"net"
-	"net/http"
 	"os"
 	"os/exec"
 	"strconv"
@@ -177,40 +175,31 @@ func (u *upgrader) upgrade() error {
 	return fail(err)
 }
 
-// runUpgrade asks a running edge to upgrade itself and waits for the new image.
-func runUpgrade(ctx context.Context, args []string) error {
-	base := "http://127.0.0.1:9090"
-	if len(args) >= 2 && (args[0] == "-url" || args[0] == "--url") {
-		base = strings.TrimSuffix(args[1], "/admin/upgrade")
-	} else if len(args) > 0 {
-		return fmt.Errorf("%w: stickyd upgrade [-url http://127.0.0.1:9090]", errUsage)
-	}
-	gen := func() (int, error) {
-		resp, err := http.Get(base + "/admin/workers")
-		if err != nil {
-			return 0, err
-		}
-		defer resp.Body.Close()
-		var v struct{ Generation int }
-		err = json.NewDecoder(resp.Body).Decode(&v)
-		return v.Generation, err
-	}
-	before, err := gen()
+// runUpgrade asks a running edge to upgrade itself and waits (until ctx ends) for the
+// new image to answer with a higher generation.
+func runUpgrade(ctx context.Context, c *adminClient) error {
+	st, err := c.edgeStatus(ctx)
 	if err != nil {
-		return fmt.Errorf("upgrade: reach the edge's admin API at %s: %w", base, err)
-	}
-	if err := runPost(ctx, "upgrade", base+"/admin/upgrade", nil); err != nil {
 		return err
 	}
-	deadline := time.Now().Add(2 * time.Minute)
-	for time.Now().Before(deadline) {
-		if g, err := gen(); err == nil && g > before {
-			fmt.Printf("edge upgraded: generation %d\n", g)
+	if _, err := c.post(ctx, "/admin/upgrade"); err != nil {
+		return err
+	}
+	// Nothing signals the new image's arrival across processes: ask until it answers.
+	tick := time.NewTicker(100 * time.Millisecond)
+	defer tick.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("upgrade: the edge at %s did not come back with a generation above %d within -timeout %v: see its log (a failed upgrade leaves the old image serving)", c.base, st.Generation, c.timeout)
+		case <-tick.C:
+		}
+		// Errors are expected while the new image starts; a wrong answer is not.
+		if now, err := c.edgeStatus(ctx); err == nil && now.Generation > st.Generation {
+			fmt.Fprintf(c.stdout, "edge upgraded: generation %d, version %s\n", now.Generation, now.Version)
 			return nil
 		}
-		time.Sleep(100 * time.Millisecond)
 	}
-	return errors.New("upgrade: the edge did not come back with a new generation within 2 minutes; check its log")
 }
 
 // handoverFormatOf reads the "handover N" a binary's version output names (1 if absent).
