@@ -13,6 +13,7 @@ import (
 	"io"
 	"log/slog"
 	"net"
+	"net/http"
 	"net/netip"
 	"os"
 	"sync"
@@ -46,6 +47,13 @@ type Config struct {
 	BodyTimeout     time.Duration // a request body must make progress this often; 0: HeadTimeout
 	IdleTimeout     time.Duration // keep-alive idle time of proxied client connections; 0: 60 s
 	WorkerIdle      time.Duration // idle virtual connections to workers are retired after; 0: 4 s
+	// ResponseTimeout bounds the wait for a worker's response head, and for each further
+	// piece of its body; 0: 60 s. It must exceed the longest long-poll the app holds
+	// (engine.io: pingInterval, 25 s by default).
+	ResponseTimeout time.Duration
+	// EngineIOPath is the path prefix of engine.io requests (socket.io's "path" option);
+	// only requests under it are routed by sid or learned from; "": /socket.io/.
+	EngineIOPath string
 	// NoFastPath turns off the in-accept-loop handoff of complete WebSocket heads (for
 	// measuring it; the general path handles everything either way).
 	NoFastPath bool
@@ -65,6 +73,10 @@ func (c *Config) applyDefaults() {
 	def(&c.HandoffTimeout, 5*time.Second)
 	def(&c.IdleTimeout, 60*time.Second)
 	def(&c.WorkerIdle, 4*time.Second)
+	def(&c.ResponseTimeout, 60*time.Second)
+	if c.EngineIOPath == "" {
+		c.EngineIOPath = "/socket.io/"
+	}
 	if c.MaxSessions <= 0 {
 		c.MaxSessions = 1_000_000
 	}
@@ -116,6 +128,7 @@ type Balancer struct {
 	done      chan struct{} // closed by Shutdown
 
 	tlsWarned atomic.Int64 // unix seconds of the last "TLS on a plain port" log line
+	warned    sync.Map     // message → *warnState (warnf)
 	draining  atomic.Bool
 
 	// Edge upgrade (handover.go).
@@ -123,6 +136,8 @@ type Balancer struct {
 	frozenLns []net.Listener
 	handed    []HandoverConn
 	parked    []net.Conn
+	handedX   []HandoverExchange
+	parkedX   []parkedExchange
 }
 
 // New returns an edge with no workers yet.
@@ -177,9 +192,10 @@ func (b *Balancer) publishSessionGauges() {
 
 // clientConn is a client connection the edge still holds.
 type clientConn struct {
-	c     net.Conn
-	ip    netip.Addr   // counted in perIP
-	state atomic.Int32 // connHead, connIdle, connActive
+	c       net.Conn
+	ip      netip.Addr   // counted in perIP
+	state   atomic.Int32 // connHead, connIdle, connActive
+	waiting atomic.Pointer[vconn] // the worker connection whose answer it awaits
 }
 
 const (
@@ -378,6 +394,8 @@ func (b *Balancer) wakeIdle() {
 	for cc := range b.conns {
 		if s := cc.state.Load(); s == connHead || s == connIdle {
 			cc.c.SetReadDeadline(past)
+		} else if vc := cc.waiting.Load(); vc != nil && b.frozen() {
+			vc.c.SetReadDeadline(past) // its exchange goes to the next image
 		}
 	}
 }
@@ -426,7 +444,7 @@ func (b *Balancer) serveConn(cc *clientConn) {
 		return
 	}
 	putPeekBuf(ph)
-	b.proxyConn(cc)
+	b.proxyConn(cc, nil)
 }
 
 func (b *Balancer) rejectHead(c net.Conn, err error) {
@@ -467,6 +485,26 @@ func (b *Balancer) rejectHead(c net.Conn, err error) {
 	b.log.Debug("rejected request head", "client", c.RemoteAddr().String(), "status", status, "err", err)
 	b.reject(c, status, err.Error(), true)
 }
+
+// warnf logs a warning about one request at most about once a second per message (a
+// broken worker or a flood of bad clients must not flood the log); the count of the
+// ones left out goes with the next.
+func (b *Balancer) warnf(msg string, args ...any) {
+	now := time.Now().UnixNano()
+	v, _ := b.warned.LoadOrStore(msg, new(warnState))
+	ws := v.(*warnState)
+	last := ws.last.Load()
+	if now-last < int64(time.Second) || !ws.last.CompareAndSwap(last, now) {
+		ws.dropped.Add(1)
+		return
+	}
+	if n := ws.dropped.Swap(0); n > 0 {
+		args = append(args, "similar_suppressed", n)
+	}
+	b.log.Warn(msg, args...)
+}
+
+type warnState struct{ last, dropped atomic.Int64 }
 
 func isTimeout(err error) bool {
 	var ne net.Error
@@ -512,8 +550,10 @@ func (b *Balancer) handoff(cc *clientConn, h *upgrade.Head, consumed []byte) {
 	for attempt := 0; attempt < 3; attempt++ {
 		r := b.route(h, peer.Addr(), tried)
 		if r.unknownSID {
-			b.answerUnknownSession(c)
-			closeGracefully(c, false)
+			// A peeked head is still unread in the socket: closing over it would reset the
+			// connection and destroy the 400, so the edge drains it first.
+			b.answerUnknownSession(c, h.Method == "HEAD")
+			closeGracefully(c, consumed == nil)
 			return
 		}
 		if r.w == nil {
@@ -539,7 +579,7 @@ func (b *Balancer) handoff(cc *clientConn, h *upgrade.Head, consumed []byte) {
 			result = "timeout"
 			// A worker that does not take connections gets no new sessions for a while;
 			// the ones it already holds are not moved.
-			r.w.stuckUntil.Store(time.Now().Add(5 * time.Second).UnixNano())
+			r.w.markStuck(b.log, "a handoff timed out")
 		}
 		b.m.Handoffs.WithLabelValues(r.w.label, result).Inc()
 		b.log.Warn("handoff failed", "worker", r.w.Slot, "err", err)
@@ -571,11 +611,17 @@ func addrPort(a net.Addr) netip.AddrPort {
 	return netip.AddrPort{}
 }
 
-func (b *Balancer) answerUnknownSession(c net.Conn) {
+// answerUnknownSession answers engine.io's own 400 for a sid no live worker holds (no
+// body for HEAD).
+func (b *Balancer) answerUnknownSession(c net.Conn, isHead bool) {
 	b.m.UnknownSessions.Inc()
 	c.SetWriteDeadline(time.Now().Add(time.Second))
+	body := upgrade.SessionUnknownBody
+	if isHead {
+		body = ""
+	}
 	fmt.Fprintf(c, "HTTP/1.1 400 Bad Request\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s",
-		len(upgrade.SessionUnknownBody), upgrade.SessionUnknownBody)
+		len(upgrade.SessionUnknownBody), body)
 	c.SetWriteDeadline(time.Time{})
 }
 
@@ -601,25 +647,8 @@ func putPeekBuf(pb *peekBuf) {
 }
 
 func statusText(code int) string {
-	switch code {
-	case 400:
-		return "Bad Request"
-	case 405:
-		return "Method Not Allowed"
-	case 408:
-		return "Request Timeout"
-	case 413:
-		return "Content Too Large"
-	case 431:
-		return "Request Header Fields Too Large"
-	case 501:
-		return "Not Implemented"
-	case 502:
-		return "Bad Gateway"
-	case 503:
-		return "Service Unavailable"
-	case 505:
-		return "HTTP Version Not Supported"
+	if t := http.StatusText(code); t != "" {
+		return t
 	}
 	return "Error"
 }

@@ -15,6 +15,28 @@ import (
 	"github.com/stickyd/stickyd/sticky"
 )
 
+// parkExchange records an exchange for the next image; the caller leaves both
+// connections open and untouched.
+func (b *Balancer) parkExchange(px parkedExchange) bool {
+	cfd, err := rawFD(px.c)
+	if err != nil {
+		return false
+	}
+	vfd, err := rawFD(px.vc)
+	if err != nil {
+		return false
+	}
+	px.st.Client.FD, px.st.Worker = cfd, vfd
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if !b.frozen() {
+		return false
+	}
+	b.handedX = append(b.handedX, px.st)
+	b.parkedX = append(b.parkedX, px)
+	return true
+}
+
 // An edge upgrade replaces the edge's program image in place (execve): the pid stays, so
 // the workers stay its children and systemd, Docker (pid 1) and terminals see one process
 // throughout. Before the exec the edge freezes: it stops accepting (listeners stay open;
@@ -27,6 +49,26 @@ import (
 type HandoverConn struct {
 	FD       int
 	Buffered []byte `json:",omitempty"` // bytes already read from it (a pipelined request)
+}
+
+// HandoverExchange is a proxied request handed to the next edge image while its worker
+// had not started to answer (a long-poll, typically): the request was sent whole, and
+// the next image relays the answer, then serves the client connection on.
+type HandoverExchange struct {
+	Client     HandoverConn
+	Worker     int // the edge's end of the virtual connection the request went out on
+	Slot       int
+	IsHead     bool `json:",omitempty"`
+	Handshake  bool `json:",omitempty"`
+	Close      bool `json:",omitempty"`
+	Idempotent bool `json:",omitempty"`
+	ProtoMinor int
+}
+
+// parkedExchange is a HandoverExchange with its connections, in either image.
+type parkedExchange struct {
+	c, vc net.Conn
+	st    HandoverExchange
 }
 
 // HandoverWorker is a worker process handed to the next edge image.
@@ -42,6 +84,7 @@ type HandoverState struct {
 	Generation int
 	Listeners  []int
 	Conns      []HandoverConn
+	Exchanges  []HandoverExchange `json:",omitempty"`
 	Supervisor SupervisorHandover
 	Sessions   []sticky.Entry
 }
@@ -52,17 +95,20 @@ var ErrFrozen = errors.New("balancer: frozen for an edge upgrade")
 func (b *Balancer) frozen() bool { return b.freezing.Load() }
 
 // Freeze stops accepting and waits, up to ctx, until every connection the edge holds is
-// either finished or parked between requests; parked ones are handed over. It returns
-// the listeners (still open) and the parked connections. On error the edge is thawed.
-func (b *Balancer) Freeze(ctx context.Context) ([]net.Listener, []HandoverConn, error) {
+// finished or parked: between requests, or with a request whose answer has not started
+// (a long-poll: the next image relays the answer). Listeners are taken at once, so new
+// clients wait in the backlog only for the exec. It returns the listeners (still open),
+// the parked connections and exchanges. On error the edge is thawed and serving again.
+func (b *Balancer) Freeze(ctx context.Context) ([]net.Listener, []HandoverConn, []HandoverExchange, error) {
 	b.mu.Lock()
 	if b.closing {
 		b.mu.Unlock()
-		return nil, nil, ErrClosed
+		return nil, nil, nil, ErrClosed
 	}
 	b.freezing.Store(true)
 	b.frozenLns = nil
 	b.handed = nil
+	b.handedX = nil
 	for ln := range b.listeners {
 		b.frozenLns = append(b.frozenLns, ln)
 	}
@@ -77,43 +123,42 @@ func (b *Balancer) Freeze(ctx context.Context) ([]net.Listener, []HandoverConn, 
 	b.wakeIdle()
 	b.mu.Unlock()
 
-	waited := make(chan struct{})
-	go func() { b.wg.Wait(); close(waited) }()
-	tick := time.NewTicker(20 * time.Millisecond)
+	// Polled rather than waited on b.wg: after a failed freeze, connections admitted
+	// again would race a Wait still running.
+	tick := time.NewTicker(10 * time.Millisecond)
 	defer tick.Stop()
 	for {
+		b.mu.Lock()
+		if len(b.conns) == 0 {
+			lns, conns, xs := b.frozenLns, b.handed, b.handedX
+			b.mu.Unlock()
+			return lns, conns, xs, nil
+		}
+		b.wakeIdle() // requests that finished since are parked now
+		b.mu.Unlock()
 		select {
-		case <-waited:
-			b.mu.Lock()
-			lns, conns := b.frozenLns, b.handed
-			b.mu.Unlock()
-			return lns, conns, nil
 		case <-tick.C:
-			b.mu.Lock()
-			b.wakeIdle() // requests that finished since are parked now
-			b.mu.Unlock()
 		case <-ctx.Done():
 			b.Thaw()
-			<-waited
-			return nil, nil, fmt.Errorf("balancer: requests still in flight: %w", ctx.Err())
+			return nil, nil, nil, fmt.Errorf("balancer: requests still in flight (a request body or a response being streamed): %w", ctx.Err())
 		}
 	}
 }
 
-// Thaw undoes Freeze after a failed upgrade: the edge serves its listeners and the parked
-// connections again.
+// Thaw undoes Freeze after a failed upgrade: the edge serves its listeners, the parked
+// connections and the parked exchanges again.
 func (b *Balancer) Thaw() {
 	b.mu.Lock()
 	lns, conns := b.frozenLns, b.handed
-	b.frozenLns, b.handed = nil, nil
+	b.frozenLns, b.handed, b.handedX = nil, nil, nil
 	b.freezing.Store(false)
 	for ln := range b.listeners {
 		if dl, ok := ln.(interface{ SetDeadline(time.Time) error }); ok {
 			dl.SetDeadline(time.Time{})
 		}
 	}
-	parked := b.parked
-	b.parked = nil
+	parked, parkedX := b.parked, b.parkedX
+	b.parked, b.parkedX = nil, nil
 	b.mu.Unlock()
 	for _, ln := range lns {
 		if dl, ok := ln.(interface{ SetDeadline(time.Time) error }); ok {
@@ -128,6 +173,11 @@ func (b *Balancer) Thaw() {
 	for i, c := range parked {
 		closeOnExec(c.(syscall.Conn))
 		b.resume(c, conns[i].Buffered)
+	}
+	for _, px := range parkedX {
+		closeOnExec(px.c.(syscall.Conn))
+		closeOnExec(px.vc.(syscall.Conn))
+		b.resumeExchange(px)
 	}
 }
 
@@ -145,8 +195,23 @@ func (b *Balancer) park(c net.Conn, buffered []byte) bool {
 	return true
 }
 
-// Adopt serves connections a previous edge image parked.
-func (b *Balancer) Adopt(conns []HandoverConn) {
+// Adopt serves connections and exchanges a previous edge image parked.
+func (b *Balancer) Adopt(conns []HandoverConn, xs []HandoverExchange) {
+	for _, hx := range xs {
+		c, err := adoptConn(hx.Client.FD, "client")
+		if err != nil {
+			b.log.Warn("adopting a client connection with a request in flight failed", "err", err)
+			unix.Close(hx.Worker)
+			continue
+		}
+		vc, err := adoptConn(hx.Worker, "worker")
+		if err != nil {
+			b.log.Warn("adopting a worker connection with a request in flight failed", "err", err)
+			c.Close()
+			continue
+		}
+		b.resumeExchange(parkedExchange{c: c, vc: vc, st: hx})
+	}
 	for _, hc := range conns {
 		f := os.NewFile(uintptr(hc.FD), "client")
 		c, err := net.FileConn(f)
@@ -157,6 +222,30 @@ func (b *Balancer) Adopt(conns []HandoverConn) {
 		}
 		b.resume(c, hc.Buffered)
 	}
+}
+
+func adoptConn(fd int, name string) (net.Conn, error) {
+	f := os.NewFile(uintptr(fd), name)
+	defer f.Close()
+	return net.FileConn(f)
+}
+
+// resumeExchange relays the answer of a parked exchange, then serves its client
+// connection on.
+func (b *Balancer) resumeExchange(px parkedExchange) {
+	c := px.c
+	if len(px.st.Client.Buffered) > 0 {
+		c = &prefixConn{Conn: c, pending: px.st.Client.Buffered}
+	}
+	cc := &clientConn{c: c}
+	if b.track(cc) != trackOK {
+		c.Close()
+		px.vc.Close()
+		return
+	}
+	cc.state.Store(connActive)
+	px.c = c
+	go func() { defer b.untrack(cc); b.proxyConn(cc, &px) }()
 }
 
 // resume serves a parked connection: from its head if nothing of it was read, else
@@ -171,7 +260,7 @@ func (b *Balancer) resume(c net.Conn, buffered []byte) {
 		return
 	}
 	if len(buffered) > 0 {
-		go func() { defer b.untrack(cc); b.proxyConn(cc) }()
+		go func() { defer b.untrack(cc); b.proxyConn(cc, nil) }()
 	} else {
 		go b.serveConn(cc)
 	}

@@ -5,6 +5,7 @@ import (
 	"context"
 	"net"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -38,13 +39,15 @@ type vconn struct {
 	bw     *bufio.Writer // nil while idle
 	idleAt time.Time
 	reused bool // it carried a request before: the worker may have closed it meanwhile
+	sent   atomic.Int64
 }
 
 func (vc *vconn) attach() {
 	vc.br = vcReaderPool.Get().(*bufio.Reader)
 	vc.br.Reset(vc.c)
 	vc.bw = vcWriterPool.Get().(*bufio.Writer)
-	vc.bw.Reset(vc.c)
+	vc.bw.Reset(vc)
+	vc.sent.Store(0)
 }
 
 func (vc *vconn) detach() {
@@ -66,25 +69,47 @@ func (vc *vconn) close() {
 	vc.detach()
 }
 
-// alive reports, without blocking, whether the worker's end still looks open: no EOF and
-// no unexpected bytes are waiting. Used before a request whose body cannot be replayed.
-func (vc *vconn) alive() bool {
+// Idle states of a virtual connection (vconn.probe).
+const (
+	probeIdle        = iota // nothing to read, the worker's end is open
+	probeClosed             // the worker closed its end (or the socket failed)
+	probeUnsolicited        // the worker sent bytes nobody asked for
+)
+
+// probe reports, without blocking, what waits on the connection. A pooled connection is
+// reused only when it is idle: bytes a worker wrote after the end of a response (a body
+// on a 204, bytes past Content-Length, a late second response) would otherwise be read as
+// the answer to the next request — another client's — and shift every pairing after it.
+// This is net/http's "unsolicited response received on idle HTTP channel".
+func (vc *vconn) probe() int {
 	sc, ok := vc.c.(syscall.Conn)
 	if !ok {
-		return true
+		return probeIdle
 	}
 	rc, err := sc.SyscallConn()
 	if err != nil {
-		return false
+		return probeClosed
 	}
-	ok = false
+	state := probeClosed
 	var b [1]byte
-	rc.Read(func(fd uintptr) bool {
+	rc.Control(func(fd uintptr) {
 		n, _, err := unix.Recvfrom(int(fd), b[:], unix.MSG_PEEK|unix.MSG_DONTWAIT)
-		ok = n < 0 && (err == unix.EAGAIN || err == unix.EWOULDBLOCK)
-		return true
+		switch {
+		case n > 0:
+			state = probeUnsolicited
+		case n < 0 && (err == unix.EAGAIN || err == unix.EWOULDBLOCK):
+			state = probeIdle
+		}
 	})
-	return ok
+	return state
+}
+
+// Write counts what the worker's socket accepted, so that a failed request can tell
+// "never reached the worker" (safe to send elsewhere) from "may have been read".
+func (vc *vconn) Write(p []byte) (int, error) {
+	n, err := vc.c.Write(p)
+	vc.sent.Add(int64(n))
+	return n, err
 }
 
 // connPool holds a worker's idle virtual connections, most recently used on top (LIFO:
@@ -113,14 +138,29 @@ func newConnPool(w *Worker, idle time.Duration) *connPool {
 	return &connPool{w: w, idle: idle}
 }
 
-// get returns an idle connection with its buffers attached, or dials a new one.
-func (p *connPool) get(ctx context.Context) (*vconn, error) {
-	if vc := p.getIdle(); vc != nil {
-		return vc, nil
+// get returns an idle connection with its buffers attached, or dials a new one. Idle
+// connections that turn out closed are dropped; ones holding unsolicited bytes are
+// dropped and counted in unsolicited.
+func (p *connPool) get(ctx context.Context) (vc *vconn, unsolicited int, err error) {
+	for {
+		vc := p.getIdle()
+		if vc == nil {
+			break
+		}
+		switch vc.probe() {
+		case probeIdle:
+			vc.attach()
+			return vc, unsolicited, nil
+		case probeUnsolicited:
+			unsolicited++
+		}
+		vc.c.Close()
 	}
-	return p.dial(ctx)
+	vc, err = p.dial(ctx)
+	return vc, unsolicited, err
 }
 
+// getIdle pops the most recently used idle connection, without buffers.
 func (p *connPool) getIdle() *vconn {
 	now := time.Now()
 	p.mu.Lock()
@@ -145,9 +185,6 @@ func (p *connPool) getIdle() *vconn {
 	for _, s := range stale {
 		s.c.Close()
 	}
-	if vc != nil {
-		vc.attach()
-	}
 	return vc
 }
 
@@ -163,11 +200,13 @@ func (p *connPool) dial(ctx context.Context) (*vconn, error) {
 }
 
 // put returns a connection whose last exchange ended cleanly; it keeps it idle unless
-// the pool is closed or full.
-func (p *connPool) put(vc *vconn) {
+// the pool is closed or full. It reports false when the worker had already sent bytes
+// past the end of the response: the connection is closed, never reused. (Bytes that
+// arrive later are found by get's probe.)
+func (p *connPool) put(vc *vconn) bool {
 	if vc.br.Buffered() > 0 {
-		vc.close() // the worker sent bytes nobody asked for
-		return
+		vc.close()
+		return false
 	}
 	vc.detach()
 	vc.reused = true
@@ -176,7 +215,7 @@ func (p *connPool) put(vc *vconn) {
 	if p.closed || len(p.conns) >= maxIdlePerWorker {
 		p.mu.Unlock()
 		vc.c.Close()
-		return
+		return true
 	}
 	p.conns = append(p.conns, vc)
 	if !p.armed {
@@ -188,6 +227,7 @@ func (p *connPool) put(vc *vconn) {
 		}
 	}
 	p.mu.Unlock()
+	return true
 }
 
 // sweep closes connections idle for longer than p.idle and rearms for the next one.

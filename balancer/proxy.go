@@ -10,13 +10,18 @@ import (
 	"net"
 	"net/http"
 	"net/netip"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 	"unsafe"
 
+	"golang.org/x/sys/unix"
+
+	"github.com/stickyd/stickyd/fdpass/nodeipc"
 	"github.com/stickyd/stickyd/metrics"
 	"github.com/stickyd/stickyd/sticky"
 	"github.com/stickyd/stickyd/upgrade"
@@ -62,6 +67,8 @@ type proxyScratch struct {
 	prefix [2048]byte // the start of an engine.io handshake answer
 
 	x exchange // the request in flight (here, not on the heap per request)
+
+	parked bool // the request in flight went to the next edge image with the connection
 }
 
 func (sc *proxyScratch) reset() {
@@ -69,18 +76,33 @@ func (sc *proxyScratch) reset() {
 	sc.head = upgrade.Head{Fields: sc.head.Fields[:0]}
 	sc.body = respBody{}
 	sc.x = exchange{}
+	sc.parked = false
 }
 
 // reqInfo is what the edge needs of a request head after its body was read (the head
 // aliases a buffer that reading the body reuses).
 type reqInfo struct {
 	isHead, handshake, close bool
+	idempotent               bool // safe to send again when no answer came (RFC 9110 §9.2.2)
 	protoMinor               int
 }
 
+// idempotentRequest reports whether a request may be sent to a worker a second time
+// after the first try got no answer: the methods net/http's Transport replays, or a
+// request carrying an idempotency key. A POST that crashed its worker is never carried
+// on to the next one.
+func idempotentRequest(h *upgrade.Head) bool {
+	switch h.Method {
+	case "GET", "HEAD", "OPTIONS", "TRACE":
+		return true
+	}
+	return h.Header("Idempotency-Key") != "" || h.Header("X-Idempotency-Key") != ""
+}
+
 // proxyConn serves a client connection whose requests are proxied one by one, each to
-// the worker its identity maps to.
-func (b *Balancer) proxyConn(cc *clientConn) {
+// the worker its identity maps to. With pending, the connection comes from a previous
+// edge image with its request already sent to a worker: its answer is relayed first.
+func (b *Balancer) proxyConn(cc *clientConn, pending *parkedExchange) {
 	c := cc.c
 	br, _ := readerPool.Get().(*bufio.Reader)
 	if br == nil || br.Size() != b.cfg.MaxHeadBytes {
@@ -104,7 +126,19 @@ func (b *Balancer) proxyConn(cc *clientConn) {
 		}
 	}()
 	peer := addrPort(c.RemoteAddr())
+	trusted := b.cfg.Rules.Trusts(peer.Addr())
 	first, counted := true, false
+	if pending != nil {
+		first, counted = false, true
+		keep := b.finishParked(cc, br, bw, sc, peer, pending)
+		if sc.parked {
+			handedOff = true
+			return
+		}
+		if !keep {
+			return
+		}
+	}
 	for {
 		if !first {
 			cc.state.Store(connIdle)
@@ -162,7 +196,12 @@ func (b *Balancer) proxyConn(cc *clientConn) {
 			counted = true
 			b.m.ConnectionsAccepted.WithLabelValues("proxied").Inc()
 		}
-		if !b.proxyRequest(c, br, bw, sc, peer) {
+		keep := b.proxyRequest(cc, br, bw, sc, peer, trusted)
+		if sc.parked {
+			handedOff = true // the next edge image relays the answer and goes on
+			return
+		}
+		if !keep {
 			return
 		}
 	}
@@ -195,7 +234,8 @@ func readHead(br *bufio.Reader, h *upgrade.Head, max int) (n int, err error) {
 
 // proxyRequest forwards one request and its response. It reports whether the client
 // connection may carry another request.
-func (b *Balancer) proxyRequest(c net.Conn, br *bufio.Reader, bw *bufio.Writer, sc *proxyScratch, peer netip.AddrPort) bool {
+func (b *Balancer) proxyRequest(cc *clientConn, br *bufio.Reader, bw *bufio.Writer, sc *proxyScratch, peer netip.AddrPort, trusted bool) bool {
+	c := cc.c
 	h := &sc.head
 	br.Discard(h.Size)
 	if h.ContentLength > b.cfg.MaxBodyBytes {
@@ -203,8 +243,20 @@ func (b *Balancer) proxyRequest(c net.Conn, br *bufio.Reader, bw *bufio.Writer, 
 		b.reject(c, 413, fmt.Sprintf("request body over the %d-byte limit", b.cfg.MaxBodyBytes), true)
 		return false
 	}
-	info := reqInfo{isHead: h.Method == "HEAD", handshake: isHandshake(h), close: h.Close, protoMinor: h.ProtoMinor}
+	info := reqInfo{isHead: h.Method == "HEAD", handshake: b.isHandshake(h), close: h.Close,
+		idempotent: idempotentRequest(h), protoMinor: h.ProtoMinor}
 	streaming := h.Chunked || h.ContentLength > replayableBody
+	hasBody := h.Chunked || h.ContentLength > 0
+
+	// A client that sent "Expect: 100-continue" waits (curl: one second) before its
+	// body. The edge reads the body before it picks a connection to the worker, so it
+	// answers the expectation itself, as nginx does, and does not forward it.
+	if hasBody && h.ProtoMinor == 1 && expectsContinue(h) {
+		bw.WriteString("HTTP/1.1 100 Continue\r\n\r\n")
+		if bw.Flush() != nil {
+			return false
+		}
+	}
 
 	// Read small bodies whole so a request can be retried on a fresh connection. They
 	// are read straight from the socket once br's buffer is drained, so the head (which
@@ -230,56 +282,90 @@ func (b *Balancer) proxyRequest(c net.Conn, br *bufio.Reader, bw *bufio.Writer, 
 	for attempt := 0; ; attempt++ {
 		r := b.route(h, peer.Addr(), tried)
 		if r.unknownSID {
-			b.answerUnknownSession(c)
+			b.answerUnknownSession(c, info.isHead)
 			return !streaming // an unread streaming body cannot be skipped safely
 		}
 		if r.w == nil {
-			b.m.Rejections.WithLabelValues("no_worker").Inc()
+			b.m.Rejections.WithLabelValues(metrics.RejectNoWorker).Inc()
 			b.reject(c, 503, "no worker is ready; try again", false)
 			return false
 		}
 		x := &sc.x
-		*x = exchange{b: b, c: c, br: br, bw: bw, sc: sc, peer: peer, info: info, small: small, streaming: streaming, w: r.w}
+		*x = exchange{b: b, cc: cc, c: c, br: br, bw: bw, sc: sc, peer: peer, trusted: trusted, info: info,
+			small: small, streaming: streaming, w: r.w, slot: r.w.Slot, label: r.w.label}
 		keep, err := x.run(fresh)
 		if err == nil {
 			return keep
 		}
+		if errors.Is(err, errParked) {
+			sc.parked = true
+			return false
+		}
 		if x.answered {
 			return false // the client has (part of) the answer: all that is left is to close
 		}
-		if errors.Is(err, errBodyTooLarge) {
+		switch {
+		case errors.Is(err, errBodyTooLarge):
 			b.m.Rejections.WithLabelValues(metrics.RejectBodyTooLarge).Inc()
 			b.reject(c, 413, fmt.Sprintf("request body over the %d-byte limit", b.cfg.MaxBodyBytes), false)
 			return false
-		}
-		if x.bodyTimeout {
+		case x.bodyTimeout:
 			b.m.Rejections.WithLabelValues(metrics.RejectBodyTimeout).Inc()
 			b.reject(c, 408, "request body not received in time", false)
 			return false
+		case errors.Is(err, errBadRequestBody):
+			b.m.Rejections.WithLabelValues(metrics.RejectBadRequest).Inc()
+			b.reject(c, 400, "malformed chunked request body", false)
+			return false
+		case errors.Is(err, errClientGone):
+			// Nobody is left to answer; the worker's connection was closed, which tells
+			// it to stop.
+			b.m.Rejections.WithLabelValues(metrics.RejectClientGone).Inc()
+			return false
 		}
+		safe := x.retrySafe()
 		// A pooled connection the worker closed while it was idle: send the request
-		// again once, on a fresh connection (as net/http's Transport does).
-		if x.stale && !streaming && !fresh {
+		// again once, on a fresh connection (as net/http's Transport does) — only when
+		// it cannot have reached the worker or may be sent twice.
+		if x.stale && !streaming && !fresh && safe {
 			fresh = true
 			continue
 		}
-		if errors.Is(err, errBadRequestBody) {
-			b.m.Rejections.WithLabelValues("bad_request").Inc()
-			b.reject(c, 400, "malformed chunked request body", false)
+		stuck := errors.Is(err, ErrWorkerTimeout) || errors.Is(err, nodeipc.ErrAckTimeout)
+		if errors.Is(err, errResponseTimeout) {
+			r.w.markStuck(b.log, "no response head within the response timeout")
+			b.countResponse(x, 504)
+			b.m.Rejections.WithLabelValues(metrics.RejectWorkerSlow).Inc()
+			b.reject(c, 504, fmt.Sprintf("the worker did not answer within %v", b.cfg.ResponseTimeout), false)
 			return false
 		}
-		b.log.Warn("proxied request failed", "worker", r.w.Slot, "err", err)
-		// Retry elsewhere only when nothing of the body was lost and the request is
-		// not bound to this worker's session.
-		if !streaming && r.key.Kind != sticky.KindSID && attempt < 2 && b.isGone(r.w) {
+		if stuck {
+			r.w.markStuck(b.log, "it did not take a connection in time")
+		}
+		b.warnf("proxied request failed", "worker", r.w.Slot, "err", err)
+		// Elsewhere only when nothing of the body was lost, the request is not bound to
+		// this worker's session, and sending it again is safe.
+		if !streaming && r.key.Kind != sticky.KindSID && safe && (stuck && attempt < 2 || b.isGone(r.w) && attempt < 1) {
 			tried |= slotBit(r.w.Slot)
 			fresh = false
 			continue
 		}
-		r.w.pool.requests(b.m, 502).Inc()
+		b.countResponse(x, 502)
+		b.m.Rejections.WithLabelValues(metrics.RejectWorkerFailed).Inc()
 		b.reject(c, 502, "the worker failed to answer", false)
 		return false
 	}
+}
+
+// expectsContinue reports whether the request carries "Expect: 100-continue".
+func expectsContinue(h *upgrade.Head) bool {
+	for i := range h.Fields {
+		if len(h.Fields[i].Name) == 6 && strings.EqualFold(h.Fields[i].Name, "Expect") &&
+			strings.EqualFold(strings.TrimSpace(h.Fields[i].Value), "100-continue") {
+			return true
+		}
+	}
+	return false
 }
 
 // readSmallBody fills p with the request body: first what br holds, then straight from
@@ -316,12 +402,20 @@ func (b *Balancer) isGone(w *Worker) bool {
 }
 
 var (
-	errBodyTooLarge   = errors.New("balancer: request body over the limit")
-	errBadRequestBody = errors.New("balancer: malformed chunked request body")
-	errBadResponse    = errors.New("balancer: malformed response from the worker")
-	errTooMany1xx     = errors.New("balancer: too many 1xx responses from the worker")
-	errResponseTooBig = errors.New("balancer: response head from the worker too large")
+	errBodyTooLarge    = errors.New("balancer: request body over the limit")
+	errBadRequestBody  = errors.New("balancer: malformed chunked request body")
+	errBadResponse     = errors.New("balancer: malformed response from the worker")
+	errTooMany1xx      = errors.New("balancer: too many 1xx responses from the worker")
+	errResponseTooBig  = errors.New("balancer: response head from the worker too large")
+	errResponseTimeout = errors.New("balancer: no response head from the worker within the response timeout")
+	errClientGone      = errors.New("balancer: the client closed its connection while its request was in flight")
+	errParked          = errors.New("balancer: request in flight handed to the next edge image")
 )
+
+// clientCheckInterval is how often an exchange waiting for its response head looks
+// whether the client is still there: a long-poll whose client left must not hold its
+// goroutine, its worker connection and a CLOSE_WAIT socket for the whole poll.
+const clientCheckInterval = time.Second
 
 // aLongTimeAgo is a deadline in the past: it makes a blocked read or write return now.
 var aLongTimeAgo = time.Unix(1, 0)
@@ -329,27 +423,45 @@ var aLongTimeAgo = time.Unix(1, 0)
 // exchange is one request/response over one virtual connection.
 type exchange struct {
 	b         *Balancer
+	cc        *clientConn
 	c         net.Conn
 	br        *bufio.Reader // the client's; its buffer holds the head until the body is read
 	bw        *bufio.Writer // the client's
 	sc        *proxyScratch
 	peer      netip.AddrPort
+	trusted   bool // the peer is a trusted proxy: its forwarding fields are kept
 	info      reqInfo
 	small     []byte
 	streaming bool
-	w         *Worker
+	w         *Worker // nil for an exchange adopted from a previous image whose worker is not back yet
+	slot      int
+	label     string
 
 	// outcome, for the caller
-	answered    bool // bytes of the response went to the client
-	stale       bool // failed on a reused connection before the worker answered anything
-	bodyTimeout bool // the client's body did not make progress within BodyTimeout
+	answered    bool  // bytes of the response went to the client
+	gotResponse bool  // bytes of a response came from the worker
+	sentBytes   int64 // request bytes the worker's socket accepted
+	stale       bool  // failed on a reused connection before the worker answered anything
+	bodyTimeout bool  // the client's body did not make progress within BodyTimeout
+	parked      bool  // handed to the next edge image: nothing may be closed
 
 	vc *vconn
 	// A streaming body's sender: it reports on sent; clientTimeout is set by it before
-	// it reports; aborted tells it that the response side stopped it.
+	// it reports; aborted tells it that the response side stopped it; senderFailed is
+	// set before it wakes the response reader with a past deadline.
 	sent          chan error
 	clientTimeout bool
 	aborted       atomic.Bool
+	senderFailed  atomic.Bool
+}
+
+// retrySafe reports whether the request may go to a worker again: nothing of it reached
+// the worker's socket, or it is idempotent and no response byte came back.
+func (x *exchange) retrySafe() bool {
+	if x.gotResponse {
+		return false
+	}
+	return x.sentBytes == 0 || x.info.idempotent
 }
 
 // run sends the request and relays the response. It returns whether the client
@@ -361,31 +473,22 @@ func (x *exchange) run(fresh bool) (keep bool, err error) {
 	if fresh {
 		vc, err = x.w.pool.dial(context.Background())
 	} else {
-		vc, err = x.w.pool.get(context.Background())
+		var unsolicited int
+		vc, unsolicited, err = x.w.pool.get(context.Background())
+		if unsolicited > 0 {
+			b.protocolError(x, metrics.ProtoUnsolicited, unsolicited, "bytes arrived on an idle connection (a response nobody asked for)")
+		}
 	}
 	if err != nil {
 		return false, err
 	}
-	if x.streaming && vc.reused && !vc.alive() {
-		// The body cannot be sent twice: make sure the worker still has this one open.
-		vc.close()
-		if vc, err = x.w.pool.dial(context.Background()); err != nil {
-			return false, err
-		}
-	}
 	x.vc = vc
 	reusable := false
-	defer func() {
-		if reusable {
-			x.w.pool.put(vc)
-		} else {
-			vc.close()
-		}
-	}()
+	defer func() { x.release(reusable) }()
 
 	// The head goes to the worker before any body byte is read: it aliases the client
 	// reader's buffer.
-	writeRequestHead(vc.bw, &sc.head, x.peer.Addr())
+	writeRequestHead(vc.bw, &sc.head, x.peer.Addr(), x.trusted)
 	if x.streaming {
 		x.sent = make(chan error, 1)
 		go x.sendBody(vc, x.sent, sc.head.Chunked, sc.head.ContentLength)
@@ -398,23 +501,59 @@ func (x *exchange) run(fresh bool) (keep bool, err error) {
 			return false, err
 		}
 	}
+	return x.relay(&reusable)
+}
 
-	rh := &sc.resp
-	if err := readResponseHead(vc.br, sc, x.info.isHead); err != nil {
-		x.stale = vc.reused && len(sc.rh) == 0 && !x.streaming
+// release gives the virtual connection back to the pool, or closes it.
+func (x *exchange) release(reusable bool) {
+	vc := x.vc
+	x.sentBytes = vc.sent.Load()
+	switch {
+	case x.parked:
+		vc.detach() // the descriptor stays open for the next edge image
+	case reusable && x.w != nil:
+		if !x.w.pool.put(vc) {
+			x.b.protocolError(x, metrics.ProtoUnsolicited, 1, "bytes past the end of a response")
+		}
+	default:
+		vc.close()
+	}
+}
+
+// relay waits for the worker's response and sends it to the client.
+func (x *exchange) relay(reusable *bool) (keep bool, err error) {
+	b, sc, vc := x.b, x.sc, x.vc
+	if err := x.awaitResponse(); err != nil {
+		if err == errParked {
+			return false, err
+		}
+		x.stale = vc.reused && !x.streaming && vc.br.Buffered() == 0
 		if berr := x.finishBody(true); berr != nil {
 			return false, berr
 		}
 		return false, err
 	}
-	x.w.pool.requests(b.m, rh.status).Inc()
+	x.gotResponse = true
+	rh := &sc.resp
+	if err := readResponseHead(vc.br, sc, x.info.isHead); err != nil {
+		if errors.Is(err, errBadResponse) || errors.Is(err, errTooMany1xx) || errors.Is(err, errResponseTooBig) {
+			b.protocolError(x, metrics.ProtoMalformed, 1, err.Error())
+		} else if isTimeout(err) && !x.senderFailed.Load() {
+			err = errResponseTimeout
+		}
+		if berr := x.finishBody(true); berr != nil {
+			return false, berr
+		}
+		return false, err
+	}
+	b.countResponse(x, rh.status)
 
 	keep = !x.info.close && !b.isClosing()
 	var prefix []byte
 	body := &sc.body
-	*body = respBody{br: vc.br, mode: rh.bodyMode, n: rh.contentLength}
+	*body = respBody{br: vc.br, conn: vc.c, idle: b.cfg.ResponseTimeout, stop: &x.senderFailed, mode: rh.bodyMode, n: rh.contentLength}
 	if x.info.handshake && rh.status == 200 {
-		prefix, err = b.learnSession(sc, x.w)
+		prefix, err = b.learnSession(sc, x.slot)
 		if err != nil {
 			x.finishBody(true)
 			return false, err
@@ -423,6 +562,9 @@ func (x *exchange) run(fresh bool) (keep bool, err error) {
 	body.flush = x.bw
 	keep, err = x.writeResponse(keep, prefix)
 	if err != nil {
+		if errors.Is(err, errBadResponse) {
+			b.protocolError(x, metrics.ProtoMalformed, 1, err.Error())
+		}
 		x.finishBody(true)
 		return false, err
 	}
@@ -431,14 +573,152 @@ func (x *exchange) run(fresh bool) (keep bool, err error) {
 	if berr := x.finishBody(true); berr != nil {
 		return false, nil
 	}
-	reusable = !rh.close && rh.bodyMode != bodyUntilEOF
+	*reusable = !rh.close && rh.bodyMode != bodyUntilEOF
 	return keep, nil
+}
+
+// awaitResponse waits for the first byte of the worker's answer, up to ResponseTimeout.
+// Meanwhile it looks every clientCheckInterval whether the client left, and it hands the
+// exchange to the next edge image when the edge freezes for an upgrade.
+func (x *exchange) awaitResponse() error {
+	vc, b := x.vc, x.b
+	if vc.br.Buffered() > 0 {
+		return nil
+	}
+	deadline := time.Now().Add(b.cfg.ResponseTimeout)
+	if x.cc != nil {
+		x.cc.waiting.Store(vc)
+		defer x.cc.waiting.Store(nil)
+	}
+	for {
+		wake := time.Now().Add(clientCheckInterval)
+		if wake.After(deadline) {
+			wake = deadline
+		}
+		vc.c.SetReadDeadline(wake)
+		if x.senderFailed.Load() {
+			return errAborted
+		}
+		_, err := vc.br.Peek(1)
+		if err == nil {
+			// The rest of the head gets the same bound.
+			vc.c.SetReadDeadline(time.Now().Add(b.cfg.ResponseTimeout))
+			return nil
+		}
+		if !isTimeout(err) {
+			return err
+		}
+		if x.senderFailed.Load() {
+			return errAborted
+		}
+		if b.frozen() && x.park() {
+			return errParked
+		}
+		// A streaming body's sender reads the client and sees it leave by itself.
+		if !x.streaming && clientGone(x.c) {
+			return errClientGone
+		}
+		if !time.Now().Before(deadline) {
+			return errResponseTimeout
+		}
+	}
+}
+
+// park hands the exchange to the next edge image, if it can go: the request was sent
+// whole and nothing of the answer has arrived.
+func (x *exchange) park() bool {
+	if x.streaming || x.sent != nil || x.vc.br.Buffered() > 0 || x.cc == nil {
+		return false
+	}
+	buffered, _ := x.br.Peek(x.br.Buffered()) // pipelined requests
+	pending := slices.Clone(buffered)
+	if pc, ok := x.c.(*prefixConn); ok {
+		pending = append(pending, pc.pending...)
+	}
+	st := HandoverExchange{Client: HandoverConn{Buffered: pending}, Slot: x.slot, IsHead: x.info.isHead,
+		Handshake: x.info.handshake, Close: x.info.close, Idempotent: x.info.idempotent, ProtoMinor: x.info.protoMinor}
+	if !x.b.parkExchange(parkedExchange{c: x.c, vc: x.vc.c, st: st}) {
+		return false
+	}
+	x.parked = true
+	return true
+}
+
+// finishParked relays the answer to a request a previous edge image sent (or this one,
+// before a failed upgrade), and reports whether the client connection goes on.
+func (b *Balancer) finishParked(cc *clientConn, br *bufio.Reader, bw *bufio.Writer, sc *proxyScratch, peer netip.AddrPort, px *parkedExchange) bool {
+	st := px.st
+	w := b.worker(st.Slot)
+	label := metrics.WorkerLabel(st.Slot)
+	if w != nil {
+		label = w.label
+	}
+	vc := &vconn{c: px.vc, reused: true}
+	vc.attach()
+	x := &sc.x
+	*x = exchange{b: b, cc: cc, c: cc.c, br: br, bw: bw, sc: sc, peer: peer, w: w, slot: st.Slot, label: label, vc: vc,
+		info: reqInfo{isHead: st.IsHead, handshake: st.Handshake, close: st.Close, idempotent: st.Idempotent, protoMinor: st.ProtoMinor}}
+	reusable := false
+	keep, err := x.relay(&reusable)
+	x.release(reusable && w != nil && w.State() != StateGone)
+	if err == nil {
+		return keep
+	}
+	if errors.Is(err, errParked) {
+		sc.parked = true
+		return false
+	}
+	if !x.answered && !errors.Is(err, errClientGone) {
+		b.countResponse(x, 502)
+		b.reject(cc.c, 502, "the worker failed to answer", false)
+	}
+	return false
+}
+
+// clientGone reports, without blocking, whether the client closed its connection (or it
+// failed). A client that only half-closed looks the same; it is treated as gone, as
+// nginx does.
+func clientGone(c net.Conn) bool {
+	sc, ok := c.(syscall.Conn)
+	if !ok {
+		return false
+	}
+	rc, err := sc.SyscallConn()
+	if err != nil {
+		return true
+	}
+	gone := false
+	var b [1]byte
+	if rc.Control(func(fd uintptr) {
+		n, _, err := unix.Recvfrom(int(fd), b[:], unix.MSG_PEEK|unix.MSG_DONTWAIT)
+		gone = (n == 0 && err == nil) || (err != nil && err != unix.EAGAIN && err != unix.EINTR)
+	}) != nil {
+		return true
+	}
+	return gone
+}
+
+// countResponse counts a response status of the exchange's worker.
+func (b *Balancer) countResponse(x *exchange, status int) {
+	if x.w != nil {
+		x.w.pool.requests(b.m, status).Inc()
+		return
+	}
+	b.m.RequestsProxied.WithLabelValues(x.label, metrics.StatusClass(status)).Inc()
+}
+
+// protocolError counts a worker's breach of HTTP/1.1 framing (its connection is closed,
+// never reused) and logs it, rate-limited.
+func (b *Balancer) protocolError(x *exchange, reason string, n int, what string) {
+	b.m.WorkerProtocolErrs.WithLabelValues(x.label, reason).Add(float64(n))
+	b.warnf("worker broke HTTP framing; its connection is closed, not reused", "worker", x.slot, "reason", reason, "detail", what)
 }
 
 // writeRequestHead writes the request line and fields for the worker: the request as
 // the client sent it, less hop-by-hop fields, plus X-Forwarded-For/-Proto and the
-// edge's own framing.
-func writeRequestHead(w *bufio.Writer, h *upgrade.Head, peer netip.Addr) {
+// edge's own framing. Forwarding fields from a peer that is not a trusted proxy are
+// dropped, not appended to: the worker sees exactly one client address, the true one.
+func writeRequestHead(w *bufio.Writer, h *upgrade.Head, peer netip.Addr, trusted bool) {
 	w.WriteString(h.Method)
 	w.WriteByte(' ')
 	if t := h.Target; len(t) > 0 && (t[0] == '/' || t == "*") {
@@ -472,11 +752,15 @@ func writeRequestHead(w *bufio.Writer, h *upgrade.Head, peer netip.Addr) {
 		if skip(f.Name) {
 			continue
 		}
-		if strings.EqualFold(f.Name, "X-Forwarded-For") {
+		switch fwd := forwardingField(f.Name); {
+		case fwd == fwdFor:
 			nXFF++
 			continue
-		}
-		if !hasXFP && strings.EqualFold(f.Name, "X-Forwarded-Proto") {
+		case fwd == fwdExpect:
+			continue // answered by the edge (100 Continue)
+		case fwd != fwdNone && !trusted:
+			continue // a client's claim about itself: dropped
+		case fwd == fwdProto:
 			hasXFP = true
 		}
 		w.WriteString(f.Name)
@@ -485,7 +769,7 @@ func writeRequestHead(w *bufio.Writer, h *upgrade.Head, peer netip.Addr) {
 		w.WriteString("\r\n")
 	}
 	w.WriteString("X-Forwarded-For: ")
-	if nXFF > 0 {
+	if nXFF > 0 && trusted {
 		for _, f := range h.Fields {
 			if strings.EqualFold(f.Name, "X-Forwarded-For") && !skip(f.Name) {
 				w.WriteString(f.Value)
@@ -507,6 +791,41 @@ func writeRequestHead(w *bufio.Writer, h *upgrade.Head, peer netip.Addr) {
 		w.WriteString("\r\n")
 	}
 	w.WriteString("\r\n")
+}
+
+// Request fields the edge rewrites or drops (forwardingField).
+const (
+	fwdNone   = iota
+	fwdFor    // X-Forwarded-For: rebuilt by the edge
+	fwdProto  // X-Forwarded-Proto: kept from a trusted proxy, else written by the edge
+	fwdOther  // other claims about the client: kept only from a trusted proxy
+	fwdExpect // Expect: answered by the edge
+)
+
+func forwardingField(name string) int {
+	switch len(name) {
+	case 6:
+		if strings.EqualFold(name, "Expect") {
+			return fwdExpect
+		}
+	case 9:
+		if strings.EqualFold(name, "Forwarded") || strings.EqualFold(name, "X-Real-IP") {
+			return fwdOther
+		}
+	case 15:
+		if strings.EqualFold(name, "X-Forwarded-For") {
+			return fwdFor
+		}
+	case 16:
+		if strings.EqualFold(name, "X-Forwarded-Host") || strings.EqualFold(name, "X-Forwarded-Port") {
+			return fwdOther
+		}
+	case 17:
+		if strings.EqualFold(name, "X-Forwarded-Proto") {
+			return fwdProto
+		}
+	}
+	return fwdNone
 }
 
 // isHop reports whether a field is connection-level: it never crosses the edge (the
@@ -572,6 +891,7 @@ func (x *exchange) sendBody(vc *vconn, sent chan<- error, chunked bool, n int64)
 		if x.aborted.Load() {
 			err = errAborted
 		} else {
+			x.senderFailed.Store(true) // before the wake-up: see awaitResponse and respBody.fill
 			vc.c.SetReadDeadline(aLongTimeAgo)
 		}
 	}
@@ -1004,6 +1324,9 @@ var tokenChars = func() (t [128]bool) {
 // without copying: each piece is valid until the next call.
 type respBody struct {
 	br      *bufio.Reader
+	conn    net.Conn      // the worker's connection under br
+	idle    time.Duration // the worker must send more of the body within this
+	stop    *atomic.Bool  // set when the request body's sender failed
 	flush   *bufio.Writer // the client's: flushed before a read that may block
 	mode    int
 	n       int64 // bodyLength: bytes left; bodyChunked: bytes left in this chunk
@@ -1020,6 +1343,13 @@ func (r *respBody) fill() error {
 	if r.flush != nil {
 		if err := r.flush.Flush(); err != nil {
 			return err
+		}
+	}
+	if r.conn != nil && r.idle > 0 {
+		// A worker that stops in the middle of a body must not hold the edge forever.
+		r.conn.SetReadDeadline(time.Now().Add(r.idle))
+		if r.stop != nil && r.stop.Load() {
+			return errAborted
 		}
 	}
 	_, err := r.br.Peek(1)
@@ -1248,7 +1578,7 @@ func (x *exchange) respNamedByConnection(name string) bool {
 // learnSession records which worker minted the session in an engine.io handshake
 // answer, before the client can see it: from Set-Cookie (cookie identity) and from the
 // open packet. It returns the body bytes it had to read, which are forwarded first.
-func (b *Balancer) learnSession(sc *proxyScratch, w *Worker) ([]byte, error) {
+func (b *Balancer) learnSession(sc *proxyScratch, slot int) ([]byte, error) {
 	now := time.Now()
 	for _, s := range b.cfg.Rules.Sources {
 		if s.Kind != sticky.KindCookie {
@@ -1260,7 +1590,7 @@ func (b *Balancer) learnSession(sc *proxyScratch, w *Worker) ([]byte, error) {
 			}
 			ck, err := http.ParseSetCookie(sc.str(f.value))
 			if err == nil && ck.Name == s.Name && ck.Value != "" {
-				b.sessions.Put(sticky.NamedKey(sticky.KindCookie, ck.Name, ck.Value).String(), w.Slot, now)
+				b.sessions.Put(sticky.NamedKey(sticky.KindCookie, ck.Name, ck.Value).String(), slot, now)
 			}
 		}
 	}
@@ -1274,7 +1604,7 @@ func (b *Balancer) learnSession(sc *proxyScratch, w *Worker) ([]byte, error) {
 	}
 	prefix := sc.prefix[:n]
 	if sid, ok := upgrade.OpenPacketSID(prefix); ok {
-		if ev := b.sessions.Put(sticky.Key{Kind: sticky.KindSID, Value: sid}.String(), w.Slot, now); ev > 0 {
+		if ev := b.sessions.Put(sticky.Key{Kind: sticky.KindSID, Value: sid}.String(), slot, now); ev > 0 {
 			b.m.SessionEvictions.WithLabelValues("capacity").Add(float64(ev))
 		}
 	}

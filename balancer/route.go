@@ -4,6 +4,7 @@ import (
 	"math/rand/v2"
 	"net/netip"
 	"slices"
+	"strings"
 	"time"
 
 	"github.com/stickyd/stickyd/sticky"
@@ -131,7 +132,15 @@ type route struct {
 // route picks the worker for a request head. Workers whose slot bit is set in tried
 // are skipped (they just failed a handoff).
 func (b *Balancer) route(h *upgrade.Head, peer netip.Addr, tried uint64) route {
-	key := b.cfg.Rules.Identify(sticky.Request{Peer: peer, Query: h.RawQuery, Header: h.Header})
+	query := h.RawQuery
+	if !b.engineIOPath(h.Path) {
+		query = ""
+		if strings.Contains(h.RawQuery, "EIO=") {
+			b.warnf("engine.io request outside the engine.io path: it is not routed by its sid; set -engineio-path to the app's socket.io path option",
+				"path", h.Path, "engineio_path", b.cfg.EngineIOPath)
+		}
+	}
+	key := b.cfg.Rules.Identify(sticky.Request{Peer: peer, Query: query, Header: h.Header})
 	now := time.Now()
 	if key.Kind == sticky.KindSID {
 		tk := key.String()
@@ -142,7 +151,7 @@ func (b *Balancer) route(h *upgrade.Head, peer netip.Addr, tried uint64) route {
 		}
 		return route{key: key, unknownSID: true}
 	}
-	if key.Kind == sticky.KindNone || (isHandshake(h) && (key.Kind == sticky.KindIP || key.Kind == sticky.KindXFF)) {
+	if key.Kind == sticky.KindNone || (b.isHandshake(h) && (key.Kind == sticky.KindIP || key.Kind == sticky.KindXFF)) {
 		// A new engine.io session is not tied to an address: many clients share one
 		// behind NAT or a proxy. Its sid, learned from the answer, pins it from then on.
 		return route{w: b.leastLoaded(tried), key: sticky.Key{}}
@@ -163,9 +172,21 @@ func (b *Balancer) route(h *upgrade.Head, peer netip.Addr, tried uint64) route {
 	return route{w: w, key: key, tableKey: tk}
 }
 
-func isHandshake(h *upgrade.Head) bool {
+// isHandshake reports whether h opens an engine.io session: an EIO query without a sid,
+// under the engine.io path.
+func (b *Balancer) isHandshake(h *upgrade.Head) bool {
+	if !b.engineIOPath(h.Path) {
+		return false
+	}
 	eio, ok := upgrade.ParseEngineIO(h.RawQuery)
 	return ok && eio.SID == ""
+}
+
+// engineIOPath reports whether path is under EngineIOPath. Outside it, a query's sid
+// belongs to the application, not to an engine.io session.
+func (b *Balancer) engineIOPath(path string) bool {
+	p := b.cfg.EngineIOPath
+	return strings.HasPrefix(path, p) || (len(path) == len(p)-1 && strings.HasPrefix(p, path) && p[len(p)-1] == '/')
 }
 
 // candidates lists the workers that take new sessions, with their loads.

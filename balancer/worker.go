@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"log/slog"
 	"net"
 	"os"
 	"sync"
@@ -80,6 +81,18 @@ func newWorker(slot, pid int, ch Channel, idle time.Duration) *Worker {
 // takesNew reports whether the worker may get new sessions now.
 func (w *Worker) takesNew(now time.Time) bool {
 	return w.State() == StateReady && now.UnixNano() >= w.stuckUntil.Load()
+}
+
+// stuckFor is how long a worker that stopped taking work gets no new sessions.
+const stuckFor = 5 * time.Second
+
+// markStuck takes the worker out of routing for new sessions for stuckFor; the sessions
+// it holds stay (they exist nowhere else).
+func (w *Worker) markStuck(log *slog.Logger, why string) {
+	until := time.Now().Add(stuckFor).UnixNano()
+	if prev := w.stuckUntil.Swap(until); prev < time.Now().UnixNano() {
+		log.Warn("worker takes no new sessions for a while: "+why, "worker", w.Slot, "pid", w.PID, "for", stuckFor)
+	}
 }
 
 // WebSockets is the number of WebSockets the worker last reported holding.

@@ -262,6 +262,13 @@ func (k Key) String() string {
 	return k.Kind.String() + ":" + k.Value
 }
 
+// Trusts reports whether peer is a trusted proxy, whose forwarding fields
+// (X-Forwarded-For, Forwarded, X-Forwarded-Proto) may be passed on. A nil
+// *Rules trusts nobody.
+func (r *Rules) Trusts(peer netip.Addr) bool {
+	return r != nil && len(r.TrustedProxies) > 0 && isTrusted(peer.Unmap().WithZone(""), r.TrustedProxies)
+}
+
 // Identify returns the key of the first source in r.Sources that matches req,
 // or a KindNone key. A nil *Rules behaves like the zero value.
 func (r *Rules) Identify(req Request) Key {

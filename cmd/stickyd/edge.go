@@ -311,7 +311,7 @@ func runEdge(ctx context.Context, mode string, args []string, stderr io.Writer) 
 		log.Info("edge listening", "addr", ln.Addr().String(), "mode", mode)
 	}
 	if handover != nil {
-		b.Adopt(handover.Conns)
+		b.Adopt(handover.Conns, handover.Exchanges)
 	}
 
 	<-ctx.Done()

@@ -28,7 +28,9 @@ const envHandover = "STICKYD_HANDOVER"
 // handoverFormat versions edgeHandover. A new image must read every format an older
 // image can write (fields are only ever added); it refuses a newer one before touching
 // anything, and the old image — still there, since the preflight runs first — says why.
-const handoverFormat = 1
+//
+// 2: requests in flight (Exchanges) go over; an older image would leak them.
+const handoverFormat = 2
 
 // edgeHandover is balancer.HandoverState plus what the command itself owns.
 type edgeHandover struct {
@@ -106,7 +108,7 @@ func (u *upgrader) upgrade() error {
 	// The edge first: once it is frozen no handoff is in flight, which a Node worker's
 	// IPC state needs before it can be detached.
 	ctx, cancel = context.WithTimeout(context.Background(), u.grace)
-	lns, conns, err := u.b.Freeze(ctx)
+	lns, conns, exchanges, err := u.b.Freeze(ctx)
 	cancel()
 	if err != nil {
 		if u.sup == nil {
@@ -140,6 +142,7 @@ func (u *upgrader) upgrade() error {
 	}
 	st.Generation = u.generation + 1
 	st.Conns = conns
+	st.Exchanges = exchanges
 	st.Sessions = u.b.Sessions().Snapshot()
 	for _, ln := range lns {
 		fd, err := balancer.InheritFD(ln)
@@ -168,7 +171,7 @@ func (u *upgrader) upgrade() error {
 	}
 	env := append(os.Environ(), envHandover+"="+strconv.Itoa(mfd))
 	u.log.Info("edge upgrade: handing over", "binary", exe, "generation", st.Generation,
-		"workers", len(st.Supervisor.Workers), "connections", len(conns), "sessions", len(st.Sessions))
+		"workers", len(st.Supervisor.Workers), "connections", len(conns), "requests_in_flight", len(exchanges), "sessions", len(st.Sessions))
 	err = syscall.Exec(exe, os.Args, env)
 	// Still here: the exec failed and this image keeps serving.
 	mf.Close()
