@@ -10,7 +10,9 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"runtime"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -42,6 +44,10 @@ type Supervisor struct {
 	DrainGrace           time.Duration // a draining worker's sessions get this long; 0: 30 s
 	GracePeriod          time.Duration // SIGTERM to SIGKILL on shutdown; 0: 30 s
 	MaxRestartsPerMinute int           // then the slot is marked failed; 0: 10
+	// QuickFailures is how many starts in a row may end before the worker is ready (the
+	// command is missing, the script throws at load, the app listens on its own) before the
+	// slot gives up: such a worker fails the same way every time. 0: 5.
+	QuickFailures int
 
 	Stdout, Stderr io.Writer    // worker output, each line prefixed "[worker N] "; nil: os.Stdout/os.Stderr
 	Logger         *slog.Logger // nil: the Balancer's
@@ -66,16 +72,34 @@ type Supervisor struct {
 	detShared   []nodeipc.SharedFD     // shared listeners detached by Freeze (for Thaw)
 
 	cluster nodeCluster // Node workers' cluster-adapter relay (nodecluster.go)
+
+	wrapped   bool           // Node app started through a wrapper (npm, yarn, sh -c …): see spawn
+	settled   chan struct{}  // closed when every slot has been ready once or has given up
+	slotDone  map[int]bool   // slots counted in settled (s.mu)
+	gaveUp    map[int]string // slots that gave up, with the reason (s.mu)
+	live      map[*proc]bool // every worker process not yet reaped, ready or not (s.mu)
+	killing   atomic.Bool    // Kill was called: no grace, no new workers
+	lastShown string         // the last failed start's output shown (s.mu): shown once
 }
 
 // ErrSpawnTimeout means a worker never became ready.
 var ErrSpawnTimeout = errors.New("balancer: worker did not become ready in time")
 
+// ErrWorkerExited means a worker exited before it was ready.
+var ErrWorkerExited = errors.New("balancer: worker exited before it was ready")
+
+// ErrOwnListener means a Node worker listens on a port itself instead of taking the edge's
+// connections: it never got the edge's IPC channel.
+var ErrOwnListener = errors.New("balancer: the worker listens on its own port, bypassing the edge")
+
 type proc struct {
 	slot      int
 	kind      string // "go" or "node"
 	process   *os.Process
-	stdout    *os.File // read ends of the worker's output pipes
+	pgid      int          // the worker's own process group (its pid), 0: signal the pid only
+	killAt    atomic.Int64 // unix nanos: stop's grace ends; the group is killed then
+	errOut    *lineWriter  // stderr, held until ready and with a tail kept (startPumps)
+	stdout    *os.File     // read ends of the worker's output pipes
 	stderr    *os.File
 	pumps     sync.WaitGroup // the output pumps
 	pumpsStop atomic.Bool
@@ -106,6 +130,9 @@ func (s *Supervisor) init() error {
 	if s.MaxRestartsPerMinute <= 0 {
 		s.MaxRestartsPerMinute = 10
 	}
+	if s.QuickFailures <= 0 {
+		s.QuickFailures = 5
+	}
 	if s.Stdout == nil {
 		s.Stdout = os.Stdout
 	}
@@ -115,8 +142,18 @@ func (s *Supervisor) init() error {
 	if s.Logger == nil {
 		s.Logger = s.Balancer.log
 	}
-	if filepath.Base(s.Command[0]) == "node" || filepath.Base(s.Command[0]) == "nodejs" {
+	if err := CheckWorkerCommand(s.Command); err != nil {
+		return err
+	}
+	if IsNodeCommand(s.Command) {
 		s.Node = true
+	}
+	// Node itself takes NODE_CHANNEL_FD at bootstrap: only a command that is node gets it;
+	// anything else that runs Node gets the channel through the preload (see spawn).
+	s.wrapped = s.Node && !isNodeBinary(s.Command[0])
+	if s.wrapped {
+		s.Logger.Info("Node app started through a wrapper: the first Node process of its tree that is not "+
+			"npm, npx, yarn, pnpm, corepack or nodemon takes the edge's channel", "command", strings.Join(s.Command, " "))
 	}
 	s.procs = map[int]*proc{}
 	if s.Node {
@@ -151,10 +188,74 @@ func (s *Supervisor) Ready() <-chan struct{} {
 	return s.ready
 }
 
+// Settled is closed once every worker slot has been ready at least once or has given up
+// (its worker cannot start): the edge starts accepting then.
+func (s *Supervisor) Settled() <-chan struct{} {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.settled == nil {
+		s.settled = make(chan struct{})
+	}
+	return s.settled
+}
+
+// settle counts slot in Settled once. s.mu held.
+func (s *Supervisor) settle(slot int) {
+	if s.slotDone == nil {
+		s.slotDone = map[int]bool{}
+	}
+	if s.slotDone[slot] {
+		return
+	}
+	s.slotDone[slot] = true
+	if len(s.slotDone) == s.Workers {
+		close(s.settled)
+	}
+}
+
+// Health reports whether any worker can run (false once every slot has given up) and, when
+// slots gave up, why: the command and the last error it printed.
+func (s *Supervisor) Health() (ok bool, reason string) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if len(s.gaveUp) == 0 {
+		return true, ""
+	}
+	slots := make([]int, 0, len(s.gaveUp))
+	for slot := range s.gaveUp {
+		slots = append(slots, slot)
+	}
+	slices.Sort(slots)
+	reason = s.gaveUp[slots[0]]
+	if len(slots) == s.Workers {
+		return false, fmt.Sprintf("no worker can start (every slot gave up): %s", reason)
+	}
+	return true, fmt.Sprintf("%d of %d worker slots gave up: %s", len(slots), s.Workers, reason)
+}
+
+// Kill ends every worker now: SIGKILL to each worker's process group, output no longer
+// awaited, no restarts. For a second SIGTERM/SIGINT; Run still returns as usual.
+func (s *Supervisor) Kill() {
+	s.killing.Store(true)
+	s.mu.Lock()
+	live := make([]*proc, 0, len(s.live))
+	for p := range s.live {
+		live = append(live, p)
+	}
+	s.mu.Unlock()
+	for _, p := range live {
+		p.signal(syscall.SIGKILL)
+		p.stdout.SetReadDeadline(time.Unix(1, 0))
+		p.stderr.SetReadDeadline(time.Unix(1, 0))
+	}
+}
+
 // Run starts the workers and keeps them running until ctx ends; then it stops them
-// (channel closed and SIGTERM, SIGKILL after GracePeriod) and returns.
+// (channel closed and SIGTERM to each worker's process group, SIGKILL after GracePeriod)
+// and returns.
 func (s *Supervisor) Run(ctx context.Context) error {
-	s.Ready() // creates the channel before init, so earlier callers see the same one
+	s.Ready() // creates the channels before init, so earlier callers see the same ones
+	s.Settled()
 	if err := s.init(); err != nil {
 		return err
 	}
@@ -267,9 +368,10 @@ func (s *Supervisor) Pids() map[int]int {
 func (s *Supervisor) runSlot(ctx context.Context, slot int) {
 	backoff := 100 * time.Millisecond
 	var starts []time.Time
+	quick := 0 // starts in a row that ended before the worker was ready
 	for {
 		started := time.Now()
-		if s.isFrozen() {
+		if s.isFrozen() || s.killing.Load() {
 			return
 		}
 		p, err := s.adoptOrSpawn(ctx, slot)
@@ -283,6 +385,10 @@ func (s *Supervisor) runSlot(ctx context.Context, slot int) {
 			if s.nReady.Add(1) == int32(s.Workers) {
 				close(s.ready)
 			}
+			s.mu.Lock()
+			s.settle(slot)
+			s.mu.Unlock()
+			quick = 0
 			s.Logger.Info("worker ready", "worker", slot, "pid", p.process.Pid)
 			select {
 			case <-p.exited:
@@ -306,10 +412,21 @@ func (s *Supervisor) runSlot(ctx context.Context, slot int) {
 			err = p.err
 			s.Logger.Warn("worker exited; restarting", "worker", slot, "pid", p.process.Pid, "err", err)
 		} else {
-			if ctx.Err() != nil {
+			if ctx.Err() != nil || s.killing.Load() {
 				return
 			}
-			s.Logger.Error("worker failed to start", "worker", slot, "err", err)
+			if !errors.Is(err, ErrWorkerExited) && !errors.Is(err, ErrOwnListener) && !errors.Is(err, exec.ErrNotFound) && !errors.Is(err, os.ErrNotExist) {
+				// A spawn timeout may be a slow start: it keeps being retried.
+				quick = 0
+				s.Logger.Error("worker failed to start", "worker", slot, "err", err)
+			} else if quick++; quick >= s.QuickFailures {
+				s.giveUp(slot, quick, err)
+				return
+			} else if quick == 1 {
+				s.Logger.Warn("worker failed to start; retrying", "worker", slot, "err", err, "tries_left", s.QuickFailures-quick)
+			} else {
+				s.Logger.Debug("worker failed to start again", "worker", slot, "err", err, "tries_left", s.QuickFailures-quick)
+			}
 		}
 		s.restarts.Add(1)
 		s.Balancer.m.WorkerRestarts.WithLabelValues(strconv.Itoa(slot)).Inc()
@@ -327,6 +444,13 @@ func (s *Supervisor) runSlot(ctx context.Context, slot int) {
 			s.Logger.Error("worker keeps failing; giving up on this slot",
 				"worker", slot, "restarts_last_minute", len(starts), "command", s.Command,
 				"hint", "run the command by hand to see why it exits")
+			s.mu.Lock()
+			if s.gaveUp == nil {
+				s.gaveUp = map[int]string{}
+			}
+			s.gaveUp[slot] = fmt.Sprintf("`%s` exited %d times in a minute", strings.Join(s.Command, " "), len(starts))
+			s.settle(slot)
+			s.mu.Unlock()
 			return
 		}
 		select {
@@ -336,6 +460,35 @@ func (s *Supervisor) runSlot(ctx context.Context, slot int) {
 		}
 		backoff = min(2*backoff, 10*time.Second)
 	}
+}
+
+// giveUp stops restarting slot, whose worker failed to start tries times in a row, with one
+// clear line: the command and the last error line it printed. Slots that give up for the
+// same reason say it once.
+func (s *Supervisor) giveUp(slot, tries int, err error) {
+	s.failed.Add(1)
+	s.Balancer.m.Workers.WithLabelValues("failed").Set(float64(s.failed.Load()))
+	reason := err.Error()
+	var se *startError
+	if errors.As(err, &se) {
+		reason = se.short()
+	}
+	s.mu.Lock()
+	if s.gaveUp == nil {
+		s.gaveUp = map[int]string{}
+	}
+	same := false
+	for _, r := range s.gaveUp {
+		same = same || r == reason
+	}
+	s.gaveUp[slot] = reason
+	s.settle(slot)
+	s.mu.Unlock()
+	if same {
+		s.Logger.Debug("worker cannot start; giving up on this slot (same reason as another slot)", "worker", slot)
+		return
+	}
+	s.Logger.Error(fmt.Sprintf("worker cannot start, giving up after %d tries: %s", tries, reason), "worker", slot)
 }
 
 func (s *Supervisor) isFrozen() bool {
@@ -430,7 +583,7 @@ func (s *Supervisor) adoptProc(hw HandoverWorker) (*proc, error) {
 		}
 		ch = s.goChannel(hw.Slot, uc)
 	}
-	p := s.watch(hw.Slot, hw.Kind, process, ch, files[1], files[2])
+	p := s.watch(hw.Slot, hw.Kind, process, ch, files[1], files[2], false)
 	p.w = newWorker(hw.Slot, hw.PID, ch, s.Balancer.cfg.WorkerIdle)
 	return p, nil
 }
@@ -555,6 +708,11 @@ func (s *Supervisor) spawn(ctx context.Context, slot int) (*proc, error) {
 	}
 	files := []*os.File{nil, outW, errW}
 	closeAfterStart := []*os.File{outW, errW}
+	// A wrapper's Node gets no NODE_* channel variables: it would take the channel itself.
+	env = slices.DeleteFunc(env, func(kv string) bool {
+		return strings.HasPrefix(kv, "NODE_CHANNEL_FD=") || strings.HasPrefix(kv, "NODE_UNIQUE_ID=") ||
+			strings.HasPrefix(kv, "STICKYD_NODE_CHANNEL_FD=") || strings.HasPrefix(kv, "STICKYD_NODE_UNIQUE_ID=")
+	})
 	var (
 		ch     Channel
 		readyC <-chan struct{}
@@ -566,9 +724,19 @@ func (s *Supervisor) spawn(ctx context.Context, slot int) (*proc, error) {
 		if err != nil {
 			return nil, err
 		}
-		files = append(files, child)
 		closeAfterStart = append(closeAfterStart, child)
-		env = append(env, nodeipc.Env(3, slot+1)...)
+		if s.wrapped {
+			// Above the descriptors a forking wrapper gives its child (nodemon forks with
+			// an IPC channel of its own at 3), so that the app inherits it untouched.
+			for len(files) < wrappedChannelFD {
+				files = append(files, nil)
+			}
+			files = append(files, child)
+			env = append(env, nodeipc.WrappedEnv(wrappedChannelFD, slot+1)...)
+		} else {
+			files = append(files, child)
+			env = append(env, nodeipc.Env(3, slot+1)...)
+		}
 		env = append(env, nodeipc.PreloadEnv(s.preload)...)
 		nch := nodeipc.NewChannel(parent, nodeipc.Config{AckTimeout: s.Balancer.cfg.HandoffTimeout, Logger: s.Logger})
 		primary := &nodeipc.Primary{Channel: nch, Shared: s.shared, Logger: s.Logger.With("worker", slot), OnQueryServer: s.chooseAppServer}
@@ -617,32 +785,112 @@ func (s *Supervisor) spawn(ctx context.Context, slot int) (*proc, error) {
 		ch.Close()
 		outR.Close()
 		errR.Close()
-		return nil, fmt.Errorf("start %q: %w", s.Command, err)
+		return nil, &startError{err: fmt.Errorf("start %q: %w", s.Command, err)}
 	}
-	p := s.watch(slot, kind, process, ch, outR, errR)
+	p := s.watch(slot, kind, process, ch, outR, errR, true)
 	timer := time.NewTimer(s.SpawnTimeout)
 	defer timer.Stop()
-	select {
-	case <-readyC:
-		p.w = newWorker(slot, process.Pid, ch, s.Balancer.cfg.WorkerIdle)
-		return p, nil
-	case <-p.exited:
-		why := "with status 0"
-		if p.err != nil {
-			why = p.err.Error()
-		}
-		return nil, fmt.Errorf("worker %d (%q) exited (%s) before it was ready", slot, s.Command, why)
-	case <-timer.C:
-		s.stop(p)
-		hint := "check that the command starts a stickyd worker (fdpass.Listen)"
-		if s.Node {
-			hint = "the app never called server.listen() or @socket.io/sticky's setupWorker(): check the start file (Express generator apps listen in bin/www, not app.js)"
-		}
-		return nil, fmt.Errorf("%w: worker %d (%q) not ready after %v; %s", ErrSpawnTimeout, slot, s.Command, s.SpawnTimeout, hint)
-	case <-ctx.Done():
-		s.stop(p)
-		return nil, ctx.Err()
+	// A Node app that found no channel listens on its port itself: look for that while it
+	// starts, so that it is named at once instead of after the spawn timeout.
+	var probe <-chan time.Time
+	if s.Node {
+		t := time.NewTicker(250 * time.Millisecond)
+		defer t.Stop()
+		probe = t.C
 	}
+	for {
+		select {
+		case <-readyC:
+			s.releaseOutput(p)
+			p.w = newWorker(slot, process.Pid, ch, s.Balancer.cfg.WorkerIdle)
+			return p, nil
+		case <-p.exited:
+			why := "with status 0"
+			if p.err != nil {
+				why = p.err.Error()
+			}
+			s.showFailedOutput(p)
+			cmd := strings.Join(s.Command, " ")
+			summary := fmt.Sprintf("`%s` exited before it was ready (%s)", cmd, why)
+			if line := lastErrorLine(p.errOut.Tail()); line != "" {
+				summary += "; last error: " + line
+			}
+			return nil, &startError{err: fmt.Errorf("%w: worker %d (`%s`) exited (%s)", ErrWorkerExited, slot, cmd, why), summary: summary}
+		case <-probe:
+			lns := ownListeners(p.pgid)
+			if len(lns) == 0 {
+				continue
+			}
+			s.stop(p)
+			s.showFailedOutput(p)
+			cmd := strings.Join(s.Command, " ")
+			return nil, &startError{err: fmt.Errorf("%w: worker %d (`%s`): %s; %s", ErrOwnListener, slot, cmd, lns[0], s.noChannelHint()),
+				summary: fmt.Sprintf("`%s`: %s, bypassing the edge; %s", cmd, lns[0], s.noChannelHint())}
+		case <-timer.C:
+			s.releaseOutput(p)
+			hint := "check that the command starts a stickyd worker (a Go worker calls fdpass.Listen(); a Node app needs -node when the command does not name node, npm, npx, yarn, pnpm or nodemon)"
+			if s.Node {
+				hint = "the app never called server.listen() or @socket.io/sticky's setupWorker(): check the start file (Express generator apps listen in bin/www, not app.js)"
+				if s.wrapped {
+					hint += "; or the app never got stickyd's channel: " + s.noChannelHint()
+				}
+			}
+			if lns := ownListeners(p.pgid); len(lns) > 0 {
+				hint = lns[0] + "; " + hint
+			}
+			s.stop(p)
+			return nil, fmt.Errorf("%w: worker %d (%q) not ready after %v; %s", ErrSpawnTimeout, slot, s.Command, s.SpawnTimeout, hint)
+		case <-ctx.Done():
+			s.stop(p)
+			return nil, ctx.Err()
+		}
+	}
+}
+
+// noChannelHint is the advice for a Node app that did not get the edge's IPC channel.
+func (s *Supervisor) noChannelHint() string {
+	return "the app must get stickyd's channel: start it as `stickyd run -- node server.js`, or keep stickyd's NODE_OPTIONS " +
+		"(a start script that sets NODE_OPTIONS must add to it: NODE_OPTIONS=\"$NODE_OPTIONS --max-old-space-size=4096\")"
+}
+
+// releaseOutput writes the stderr a worker printed while starting, once it is ready (or
+// past the spawn timeout), and lets the rest through as it comes.
+func (s *Supervisor) releaseOutput(p *proc) { p.errOut.Release() }
+
+// showFailedOutput shows the stderr of a worker that failed to start, unless a failed start
+// already showed the same lines: a crash at load time prints one stack trace, not one per
+// try and worker.
+func (s *Supervisor) showFailedOutput(p *proc) {
+	held := p.errOut.TakeHeld()
+	if len(held) == 0 {
+		return
+	}
+	text := strings.Join(held, "\n")
+	s.mu.Lock()
+	same := text == s.lastShown
+	s.lastShown = text
+	s.mu.Unlock()
+	if same {
+		return
+	}
+	p.errOut.writeLines(held)
+}
+
+// startError is a worker start that failed before the worker was ready.
+type startError struct {
+	err     error
+	summary string // one line: the command and why it cannot start ("": err says it)
+}
+
+func (e *startError) Error() string { return e.err.Error() }
+func (e *startError) Unwrap() error { return e.err }
+
+// short is the one line that says why the worker cannot start.
+func (e *startError) short() string {
+	if e.summary == "" {
+		return e.err.Error()
+	}
+	return e.summary
 }
 
 // dedupEnv keeps the last value of every variable, as exec.Cmd does (the child's getenv
@@ -680,9 +928,27 @@ func helloReady(goch *GoChannel) <-chan struct{} {
 }
 
 // watch follows a worker process: its output goes to the edge's, prefixed with the slot,
-// and its exit closes its channel and p.exited.
-func (s *Supervisor) watch(slot int, kind string, process *os.Process, ch Channel, outR, errR *os.File) *proc {
+// and its exit closes its channel and p.exited. starting holds its stderr until ready
+// (releaseOutput, showFailedOutput).
+func (s *Supervisor) watch(slot int, kind string, process *os.Process, ch Channel, outR, errR *os.File, starting bool) *proc {
 	p := &proc{slot: slot, kind: kind, process: process, ch: ch, stdout: outR, stderr: errR, exited: make(chan struct{})}
+	// Workers run in their own process group (spawn sets Setpgid): signals go to the group,
+	// so a wrapper's children (npm's sh and node) get them too. An adopted worker of an
+	// older image is checked rather than assumed.
+	if pg, err := unix.Getpgid(process.Pid); err == nil && pg == process.Pid {
+		p.pgid = pg
+	}
+	p.errOut = prefixWriter(s.Stderr, fmt.Sprintf("[worker %d] ", slot))
+	p.errOut.hold = starting
+	s.mu.Lock()
+	if s.live == nil {
+		s.live = map[*proc]bool{}
+	}
+	s.live[p] = true
+	s.mu.Unlock()
+	if s.killing.Load() {
+		p.signal(syscall.SIGKILL)
+	}
 	s.startPumps(p)
 	go func() {
 		state, err := process.Wait()
@@ -691,14 +957,82 @@ func (s *Supervisor) watch(slot int, kind string, process *os.Process, ch Channe
 		}
 		p.err = err
 		ch.Close()
-		p.pumps.Wait()           // the last lines before a crash are the useful ones
+		s.reapGroup(p)
 		if !p.pumpsStop.Load() { // (stopped pumps: the pipes belong to the next edge image)
 			outR.Close()
 			errR.Close()
 		}
+		s.mu.Lock()
+		delete(s.live, p)
+		s.mu.Unlock()
 		close(p.exited)
 	}()
 	return p
+}
+
+// reapGroup waits, after the worker's main process exited, for the rest of its process
+// group (a wrapper's children) to go and for its output to end — the last lines before a
+// crash are the useful ones — but not forever: what is left after a short wait, or after the
+// grace of a stop, is an orphan of this worker and gets SIGKILL, and output pipes still
+// held open (by a process that left the group) stop being read.
+func (s *Supervisor) reapGroup(p *proc) {
+	pumped := make(chan struct{})
+	go func() { p.pumps.Wait(); close(pumped) }()
+	deadline := time.Now().Add(orphanWait)
+	if at := p.killAt.Load(); at != 0 && time.Unix(0, at).After(deadline) {
+		deadline = time.Unix(0, at)
+	}
+	tick := time.NewTicker(50 * time.Millisecond)
+	defer tick.Stop()
+	for {
+		done := false
+		select {
+		case <-pumped:
+			done = true
+		default:
+		}
+		if done && !p.groupAlive() {
+			return
+		}
+		if s.killing.Load() || time.Now().After(deadline) {
+			break
+		}
+		select {
+		case <-pumped:
+		case <-tick.C:
+		}
+	}
+	if p.groupAlive() {
+		s.Logger.Warn("worker's main process exited but processes of its group remain; killing them", "worker", p.slot, "pgid", p.pgid)
+		p.signal(syscall.SIGKILL)
+	}
+	select {
+	case <-pumped:
+		return
+	case <-time.After(time.Second):
+	}
+	p.stdout.SetReadDeadline(time.Unix(1, 0))
+	p.stderr.SetReadDeadline(time.Unix(1, 0))
+	<-pumped
+}
+
+// orphanWait is how long a worker's group and output pipes get to end with its main
+// process before what is left is killed.
+const orphanWait = 2 * time.Second
+
+// signal sends sig to the worker's process group, or to its process when it has none.
+func (p *proc) signal(sig syscall.Signal) {
+	if p.pgid > 0 {
+		if err := unix.Kill(-p.pgid, sig); err == nil || !errors.Is(err, unix.ESRCH) {
+			return
+		}
+	}
+	p.process.Signal(sig)
+}
+
+// groupAlive reports whether a process of the worker's group is left.
+func (p *proc) groupAlive() bool {
+	return p.pgid > 0 && unix.Kill(-p.pgid, 0) == nil
 }
 
 // startPumps copies the worker's stdout and stderr to the edge's, prefixed with its slot.
@@ -706,7 +1040,7 @@ func (s *Supervisor) startPumps(p *proc) {
 	prefix := fmt.Sprintf("[worker %d] ", p.slot)
 	p.pumps.Add(2)
 	go pumpLines(&p.pumps, p.stdout, prefixWriter(s.Stdout, prefix), &p.pumpsStop)
-	go pumpLines(&p.pumps, p.stderr, prefixWriter(s.Stderr, prefix), &p.pumpsStop)
+	go pumpLines(&p.pumps, p.stderr, p.errOut, &p.pumpsStop)
 }
 
 // pumpLines copies a worker's output until the pipe closes (the worker and everything it
@@ -727,17 +1061,22 @@ func pumpLines(wg *sync.WaitGroup, r *os.File, w *lineWriter, stop *atomic.Bool)
 }
 
 // stop ends a worker: its channel closes (a Go worker then drains and exits on its own),
-// SIGTERM follows, and SIGKILL after the grace period.
+// SIGTERM to its process group follows, and SIGKILL to the group after the grace period.
 func (s *Supervisor) stop(p *proc) error {
+	p.killAt.Store(time.Now().Add(s.GracePeriod).UnixNano())
 	p.ch.Close()
-	p.process.Signal(syscall.SIGTERM)
+	if s.killing.Load() {
+		p.signal(syscall.SIGKILL)
+	} else {
+		p.signal(syscall.SIGTERM)
+	}
 	select {
 	case <-p.exited:
 		return nil
 	case <-time.After(s.GracePeriod):
 		s.Logger.Warn("worker did not stop within the grace period; killing it", "worker", p.slot, "grace", s.GracePeriod)
-		p.process.Kill()
-		<-p.exited
+		p.signal(syscall.SIGKILL)
+		<-p.exited // bounded: reapGroup stops waiting for output after the kill
 		return nil
 	}
 }
@@ -777,12 +1116,25 @@ func (n *nodeChannel) Done() <-chan struct{} { return n.ch.Done() }
 func (n *nodeChannel) Close() error          { return n.ch.Close() }
 
 // lineWriter prefixes every line of a worker's output, so interleaved logs stay readable.
+// It keeps the last lines (Tail) for the edge's own messages, and with hold set it keeps
+// lines back instead of writing them (a starting worker's stderr: see showFailedOutput).
 type lineWriter struct {
-	mu     sync.Mutex
-	dst    io.Writer
-	prefix string
-	atBOL  bool
+	mu      sync.Mutex
+	dst     io.Writer
+	prefix  string
+	atBOL   bool
+	hold    bool
+	held    []string // lines kept back while hold (the last heldMax)
+	dropped int      // lines dropped from held
+	cur     []byte   // the line being written (for tail and held), capped at lineMax
+	tail    []string // the last tailMax complete lines
 }
+
+const (
+	heldMax = 40
+	tailMax = 12
+	lineMax = 1024
+)
 
 func prefixWriter(dst io.Writer, prefix string) *lineWriter {
 	return &lineWriter{dst: dst, prefix: prefix, atBOL: true}
@@ -791,6 +1143,18 @@ func prefixWriter(dst io.Writer, prefix string) *lineWriter {
 func (l *lineWriter) Write(p []byte) (int, error) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
+	for _, c := range p {
+		if c == '\n' {
+			l.endLine()
+			continue
+		}
+		if len(l.cur) < lineMax {
+			l.cur = append(l.cur, c)
+		}
+	}
+	if l.hold {
+		return len(p), nil
+	}
 	out := make([]byte, 0, len(p)+len(l.prefix))
 	for _, c := range p {
 		if l.atBOL {
@@ -808,12 +1172,122 @@ func (l *lineWriter) Write(p []byte) (int, error) {
 	return len(p), nil
 }
 
+// endLine files the current line in tail and, while holding, in held. l.mu held.
+func (l *lineWriter) endLine() {
+	line := strings.TrimRight(string(l.cur), "\r")
+	l.cur = l.cur[:0]
+	if len(l.tail) == tailMax {
+		l.tail = append(l.tail[:0], l.tail[1:]...)
+	}
+	l.tail = append(l.tail, line)
+	if l.hold {
+		if len(l.held) == heldMax {
+			l.held = append(l.held[:0], l.held[1:]...)
+			l.dropped++
+		}
+		l.held = append(l.held, line)
+	}
+}
+
 // Flush ends a last line that had no newline.
 func (l *lineWriter) Flush() {
 	l.mu.Lock()
 	defer l.mu.Unlock()
+	if l.hold {
+		if len(l.cur) > 0 {
+			l.endLine()
+		}
+		return
+	}
+	if len(l.cur) > 0 {
+		l.endLine()
+	}
 	if !l.atBOL {
 		l.dst.Write([]byte("\n"))
 		l.atBOL = true
 	}
+}
+
+// Tail returns the last lines written.
+func (l *lineWriter) Tail() []string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	out := slices.Clone(l.tail)
+	if len(l.cur) > 0 {
+		out = append(out, string(l.cur))
+	}
+	return out
+}
+
+// Release writes the lines held back and stops holding.
+func (l *lineWriter) Release() {
+	l.mu.Lock()
+	held, dropped, partial := l.held, l.dropped, l.hold && len(l.cur) > 0
+	l.held, l.dropped, l.hold = nil, 0, false
+	if dropped > 0 {
+		held = append([]string{fmt.Sprintf("(%d earlier lines not shown)", dropped)}, held...)
+	}
+	l.mu.Unlock()
+	l.writeLines(held)
+	if partial {
+		// The line being written goes out with its end, as it comes.
+		l.mu.Lock()
+		l.dst.Write(append([]byte(l.prefix), l.cur...))
+		l.atBOL = false
+		l.mu.Unlock()
+	}
+}
+
+// TakeHeld returns the lines held back (and a line without its newline yet) and forgets them.
+func (l *lineWriter) TakeHeld() []string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	out := l.held
+	if l.hold && len(l.cur) > 0 {
+		out = append(out, string(l.cur))
+	}
+	if l.dropped > 0 {
+		out = append([]string{fmt.Sprintf("(%d earlier lines not shown)", l.dropped)}, out...)
+	}
+	l.held, l.dropped = nil, 0
+	return out
+}
+
+// writeLines writes whole lines with the prefix.
+func (l *lineWriter) writeLines(lines []string) {
+	if len(lines) == 0 {
+		return
+	}
+	var b strings.Builder
+	for _, line := range lines {
+		b.WriteString(l.prefix)
+		b.WriteString(line)
+		b.WriteByte('\n')
+	}
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	l.dst.Write([]byte(b.String()))
+}
+
+// errorLineRE matches the line of a crash report that names the error: Node's
+// "Error: Cannot find module …", "SyntaxError: …", Go's "panic: …", a shell's "…: not found".
+var errorLineRE = regexp.MustCompile(`^\s*(?:Uncaught )?(?:[A-Z][A-Za-z]*)?(?:Error|Exception)\b|^panic: |^fatal error: |: not found$|: No such file or directory$|: command not found$|: Permission denied$`)
+
+// lastErrorLine picks the line of a failed worker's last stderr lines that says what went
+// wrong: the last one that looks like an error, else the last one that is not part of a
+// stack trace or Node's version footer.
+func lastErrorLine(lines []string) string {
+	for i := len(lines) - 1; i >= 0; i-- {
+		if errorLineRE.MatchString(lines[i]) {
+			return strings.TrimSpace(lines[i])
+		}
+	}
+	for i := len(lines) - 1; i >= 0; i-- {
+		t := strings.TrimSpace(lines[i])
+		if t == "" || strings.HasPrefix(t, "at ") || strings.HasPrefix(t, "Node.js v") || t == "}" || t == "^" {
+			continue
+		}
+		return t
+	}
+	return ""
 }

@@ -114,6 +114,9 @@ func runEdge(ctx context.Context, mode string, args []string, stderr io.Writer) 
 		if len(command) == 0 {
 			return fmt.Errorf("%w: no worker command: stickyd run [flags] -- CMD ARGS... (e.g. -- node server.js)", errUsage)
 		}
+		if err := balancer.CheckWorkerCommand(command); err != nil {
+			return fmt.Errorf("%w: %v", errUsage, err)
+		}
 	case "serve":
 		if len(command) > 0 {
 			return fmt.Errorf("%w: serve takes no command: workers connect to -control (use `stickyd run -- CMD` to spawn them)", errUsage)
@@ -265,18 +268,26 @@ func runEdge(ctx context.Context, mode string, args []string, stderr io.Writer) 
 
 	var adminSrv *http.Server
 	if metricsLn != nil {
-		adminSrv = &http.Server{Handler: adminHandler(b, sup, reg, f.adminRemote, log, generation, upgradeReq), ReadHeaderTimeout: 5 * time.Second}
+		adminSrv = &http.Server{Handler: workerHealth(adminHandler(b, sup, reg, f.adminRemote, log, generation, upgradeReq), b, sup), ReadHeaderTimeout: 5 * time.Second}
 		go adminSrv.Serve(metricsLn)
 		log.Info("metrics listening", "addr", metricsLn.Addr().String())
 	}
 
 	if sup != nil {
-		// Clients that connect before the workers are ready wait in the listen backlog.
+		// Clients that connect before the workers are ready wait in the listen backlog; the
+		// edge accepts once every worker was ready or gave up (it cannot start), or after the
+		// spawn timeout.
+		for _, ln := range lns {
+			log.Info("edge bound; clients wait in the listen backlog until the workers are ready", "addr", ln.Addr().String())
+		}
 		select {
-		case <-sup.Ready():
+		case <-sup.Settled():
 		case <-ctx.Done():
 		case <-time.After(f.spawnTimeout):
 			log.Warn("not every worker is ready; serving with those that are")
+		}
+		if ok, reason := sup.Health(); !ok {
+			log.Error("serving without workers: " + reason)
 		}
 		hup := make(chan os.Signal, 1)
 		signal.Notify(hup, syscall.SIGHUP)
@@ -316,18 +327,25 @@ func runEdge(ctx context.Context, mode string, args []string, stderr io.Writer) 
 
 	<-ctx.Done()
 	log.Info("shutting down", "grace", f.shutdownTimeout)
-	// A second signal means now.
+	// A second signal means now: the workers' process groups get SIGKILL and the edge
+	// exits without waiting for requests in flight.
 	now := make(chan os.Signal, 1)
 	signal.Notify(now, os.Interrupt, syscall.SIGTERM)
 	defer signal.Stop(now)
 	sctx, cancel := context.WithTimeout(context.Background(), f.shutdownTimeout)
 	defer cancel()
+	killed := make(chan struct{})
 	go func() {
 		select {
 		case <-now:
 			log.Warn("second signal: stopping now")
+			close(killed)
 			cancel()
-		case <-sctx.Done():
+			if sup != nil {
+				sup.Kill()
+			}
+		case <-supDone:
+			supDone <- nil // for the wait below
 		}
 	}()
 	if err := b.Shutdown(sctx); err != nil {
@@ -335,15 +353,46 @@ func runEdge(ctx context.Context, mode string, args []string, stderr io.Writer) 
 	}
 	serveWG.Wait()
 	stopWorkers()
+	// The supervisor's own waits are bounded (SIGKILL after the grace, output not awaited
+	// past it); after a second signal its processes are gone within a moment.
 	select {
 	case <-supDone:
-	case <-sctx.Done():
-		// Workers past the grace period are killed by the supervisor; wait for that.
-		<-supDone
+	case <-killed:
+		select {
+		case <-supDone:
+		case <-time.After(5 * time.Second):
+			log.Warn("workers still being reaped after the second signal; exiting")
+		}
 	}
 	if adminSrv != nil {
 		adminSrv.Close()
 	}
 	log.Info("stopped")
 	return nil
+}
+
+// workerHealth answers /healthz and /readyz with what the supervisor knows about workers
+// that cannot start: /healthz fails once no worker slot can run (every one gave up), and a
+// failing /readyz says why. Everything else goes to next.
+func workerHealth(next http.Handler, b *balancer.Balancer, sup *balancer.Supervisor) http.Handler {
+	if sup == nil {
+		return next
+	}
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.Method == http.MethodGet || r.Method == http.MethodHead {
+			switch r.URL.Path {
+			case "/healthz":
+				if ok, reason := sup.Health(); !ok {
+					http.Error(w, "unhealthy: "+reason, http.StatusServiceUnavailable)
+					return
+				}
+			case "/readyz":
+				if _, reason := sup.Health(); reason != "" && !b.Ready() {
+					http.Error(w, "not ready: "+reason, http.StatusServiceUnavailable)
+					return
+				}
+			}
+		}
+		next.ServeHTTP(w, r)
+	})
 }

@@ -24,6 +24,19 @@ func Env(childFD, uniqueID int) []string {
 	}
 }
 
+// WrappedEnv returns the environment entries for a Node app started through a wrapper (npm,
+// yarn, pnpm, npx, nodemon, sh -c …) whose channel is at childFD. Node takes NODE_CHANNEL_FD
+// at bootstrap, so the wrapper's own Node process would take the channel and the app would
+// listen for real; these names are ignored by Node, and the preload (PreloadEnv) turns them
+// into the channel and the cluster worker in the first process of the tree that is not one of
+// those CLIs. The preload is required: without it the app sees no channel.
+func WrappedEnv(childFD, uniqueID int) []string {
+	return []string{
+		"STICKYD_NODE_CHANNEL_FD=" + strconv.Itoa(childFD),
+		"STICKYD_NODE_UNIQUE_ID=" + strconv.Itoa(uniqueID),
+	}
+}
+
 //go:embed preload.js
 var preloadJS string
 
