@@ -303,18 +303,16 @@ func parseClient(name string, args []string, stdout io.Writer) (*adminClient, st
 	}
 	slot, addr := -1, ""
 	for _, p := range pos {
-		if n, err := strconv.Atoi(p); err == nil && cmd.slot && slot < 0 && n >= 0 {
+		// A number is a SLOT (no admin address is one); anything else the ADDR.
+		n, err := strconv.Atoi(p)
+		switch {
+		case err == nil && cmd.slot && slot < 0 && n >= 0:
 			slot = n
-			continue
+		case err != nil && addr == "":
+			addr = p
+		default:
+			return nil, "", fmt.Errorf("%w: %s: unexpected argument %q: stickyd %s %s", errUsage, name, p, name, cmd.args)
 		}
-		if addr != "" {
-			want := "[ADDR]"
-			if cmd.slot {
-				want = "[SLOT] [ADDR]"
-			}
-			return nil, "", fmt.Errorf("%w: %s: unexpected argument %q: stickyd %s %s", errUsage, name, p, name, want)
-		}
-		addr = p
 	}
 	if addrFlag != "" && addr != "" && addrFlag != addr {
 		return nil, "", fmt.Errorf("%w: %s: the admin address is given twice (%q and %q): give it once", errUsage, name, addr, addrFlag)
