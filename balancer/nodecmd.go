@@ -130,25 +130,50 @@ func ownListeners(pgid int) []string {
 }
 
 func procPgid(pid int) int {
+	pg, _ := procStat(pid)
+	return pg
+}
+
+// procStat reads a process's group and state ('Z': zombie) from /proc; -1 when unknown.
+func procStat(pid int) (pgid int, state byte) {
 	b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/stat")
 	if err != nil {
-		return -1
+		return -1, 0
 	}
 	// pid (comm) state ppid pgrp …; comm may hold spaces and parentheses.
 	s := string(b)
 	i := strings.LastIndexByte(s, ')')
 	if i < 0 {
-		return -1
+		return -1, 0
 	}
 	fs := strings.Fields(s[i+1:])
-	if len(fs) < 3 {
-		return -1
+	if len(fs) < 3 || len(fs[0]) == 0 {
+		return -1, 0
 	}
 	pg, err := strconv.Atoi(fs[2])
 	if err != nil {
-		return -1
+		return -1, 0
 	}
-	return pg
+	return pg, fs[0][0]
+}
+
+// groupLiving reports whether the process group pgid has a member that is not a zombie.
+// Without /proc it assumes so.
+func groupLiving(pgid int) bool {
+	ents, err := os.ReadDir("/proc")
+	if err != nil {
+		return true
+	}
+	for _, e := range ents {
+		pid, err := strconv.Atoi(e.Name())
+		if err != nil {
+			continue
+		}
+		if pg, st := procStat(pid); pg == pgid && st != 'Z' {
+			return true
+		}
+	}
+	return false
 }
 
 func procComm(pid int) string {

@@ -1005,6 +1005,11 @@ func (s *Supervisor) reapGroup(p *proc) {
 	if p.groupAlive() {
 		s.Logger.Warn("worker's main process exited but processes of its group remain; killing them", "worker", p.slot, "pgid", p.pgid)
 		p.signal(syscall.SIGKILL)
+		// SIGKILL is delivered asynchronously: give the group a moment to be gone, so
+		// that a caller who saw the worker exit sees its processes gone too.
+		for end := time.Now().Add(time.Second); p.groupAlive() && time.Now().Before(end); {
+			time.Sleep(10 * time.Millisecond)
+		}
 	}
 	select {
 	case <-pumped:
@@ -1030,9 +1035,10 @@ func (p *proc) signal(sig syscall.Signal) {
 	p.process.Signal(sig)
 }
 
-// groupAlive reports whether a process of the worker's group is left.
+// groupAlive reports whether a process of the worker's group is left. Zombies do not count:
+// orphans are reaped by init, which may take its time (or never, when the edge is PID 1).
 func (p *proc) groupAlive() bool {
-	return p.pgid > 0 && unix.Kill(-p.pgid, 0) == nil
+	return p.pgid > 0 && unix.Kill(-p.pgid, 0) == nil && groupLiving(p.pgid)
 }
 
 // startPumps copies the worker's stdout and stderr to the edge's, prefixed with its slot.
