@@ -1,6 +1,7 @@
 package balancer
 
 import (
+	"bufio"
 	"context"
 	"encoding/json"
 	"io"
@@ -33,6 +34,9 @@ func TestMain(m *testing.M) {
 // testWorker is a small Go worker. Modes: "echo" serves; "stuck" announces itself and
 // never reads its channel again; "crash" exits as soon as a connection arrives.
 func testWorker(mode string) int {
+	if m, dir, ok := strings.Cut(mode, ":"); ok && m == "rogue" || mode == "rogue" {
+		return rogueWorker(dir)
+	}
 	if mode == "stuck" {
 		ln, err := fdpass.Listen()
 		if err != nil {
@@ -142,5 +146,95 @@ func engineIOStandIn(id string) http.HandlerFunc {
 			return
 		}
 		io.WriteString(w, "6:worker"+id)
+	}
+}
+
+// The misbehaving answers of the rogue worker, each written as the worker would: the
+// extra bytes in a write of their own, so they are not read together with the answer.
+const (
+	rogueLeak      = "HTTP/1.1 200 OK\r\nContent-Length: 6\r\nSet-Cookie: victim=SECRET\r\n\r\nLEAKED"
+	rogueMarkLate  = "late-sent"
+	rogueMarkDying = "dying"
+)
+
+// rogueWorker is a worker that breaks HTTP/1.1 on purpose, one way per path:
+//
+//	/whoami           a correct answer naming the request's X-Req and the worker
+//	/extra            Content-Length: 2 and then more bytes (a whole second response)
+//	/204              a 204 followed by a body
+//	HEAD /head        a HEAD answer followed by a body
+//	/late             a correct answer, then 50 ms later an unsolicited response
+//
+// Each of those creates dir/late-sent-ID once its extra bytes are written.
+//	/hang             never answers
+//	/die              reads the whole request, then exits (dir/dying first)
+//
+// It reads requests with net/http's parser and writes its answers by hand.
+func rogueWorker(dir string) int {
+	ln, err := fdpass.Listen()
+	if err != nil {
+		os.Stderr.WriteString(err.Error() + "\n")
+		return 1
+	}
+	id := os.Getenv(fdpass.EnvWorkerID)
+	mark := func(name string) {
+		if dir != "" {
+			os.WriteFile(dir+"/"+name+"-"+id, nil, 0o644)
+		}
+	}
+	for {
+		c, err := ln.Accept()
+		if err != nil {
+			return 0
+		}
+		go func() {
+			defer c.Close()
+			br := bufio.NewReader(c)
+			for {
+				r, err := http.ReadRequest(br)
+				if err != nil {
+					return
+				}
+				io.Copy(io.Discard, r.Body)
+				answer := func(s string) {
+					if _, err := io.WriteString(c, s); err != nil {
+						return
+					}
+				}
+				switch r.URL.Path {
+				case "/extra":
+					answer("HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+					time.Sleep(20 * time.Millisecond) // a write of its own
+					answer(rogueLeak)
+					mark(rogueMarkLate)
+				case "/204":
+					answer("HTTP/1.1 204 No Content\r\n\r\n")
+					time.Sleep(20 * time.Millisecond)
+					answer(rogueLeak)
+					mark(rogueMarkLate)
+				case "/head":
+					answer("HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\n")
+					time.Sleep(20 * time.Millisecond)
+					answer("LEAKED")
+					mark(rogueMarkLate)
+				case "/late":
+					answer("HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nlate")
+					go func() {
+						time.Sleep(50 * time.Millisecond)
+						answer(rogueLeak)
+						mark(rogueMarkLate)
+					}()
+				case "/hang":
+					select {}
+				case "/die":
+					mark(rogueMarkDying)
+					os.Exit(7)
+				default:
+					body := "worker=" + id + " req=" + r.Header.Get("X-Req") + " xff=" + r.Header.Get("X-Forwarded-For") +
+						" xfp=" + r.Header.Get("X-Forwarded-Proto") + " fwd=" + r.Header.Get("Forwarded") + " expect=" + r.Header.Get("Expect")
+					answer("HTTP/1.1 200 OK\r\nContent-Length: " + strconv.Itoa(len(body)) + "\r\nSet-Cookie: owner=" + r.Header.Get("X-Req") + "\r\n\r\n" + body)
+				}
+			}
+		}()
 	}
 }

@@ -278,8 +278,8 @@ func (b *Balancer) proxyRequest(cc *clientConn, br *bufio.Reader, bw *bufio.Writ
 	}
 
 	var tried uint64
-	fresh := false
-	for attempt := 0; ; attempt++ {
+	fresh, elsewhere := false, 0
+	for {
 		r := b.route(h, peer.Addr(), tried)
 		if r.unknownSID {
 			b.answerUnknownSession(c, info.isHead)
@@ -345,9 +345,10 @@ func (b *Balancer) proxyRequest(cc *clientConn, br *bufio.Reader, bw *bufio.Writ
 		b.warnf("proxied request failed", "worker", r.w.Slot, "err", err)
 		// Elsewhere only when nothing of the body was lost, the request is not bound to
 		// this worker's session, and sending it again is safe.
-		if !streaming && r.key.Kind != sticky.KindSID && safe && (stuck && attempt < 2 || b.isGone(r.w) && attempt < 1) {
+		if !streaming && r.key.Kind != sticky.KindSID && safe && (stuck && elsewhere < 2 || elsewhere < 1 && b.isGone(r.w)) {
 			tried |= slotBit(r.w.Slot)
 			fresh = false
+			elsewhere++
 			continue
 		}
 		b.countResponse(x, 502)
@@ -391,12 +392,16 @@ func (b *Balancer) readSmallBody(c net.Conn, br *bufio.Reader, p []byte) error {
 	return nil
 }
 
-// isGone reports whether w left routing (its process died): then a retry elsewhere is safe.
+// isGone reports whether w left routing (its process died): then a retry elsewhere is
+// safe. A worker connection that fails is often the first sign of a dying worker, a
+// moment before its channel reports it, so it waits briefly for that.
 func (b *Balancer) isGone(w *Worker) bool {
+	t := time.NewTimer(100 * time.Millisecond)
+	defer t.Stop()
 	select {
 	case <-w.ch.Done():
 		return true
-	default:
+	case <-t.C:
 		return w.State() == StateGone
 	}
 }

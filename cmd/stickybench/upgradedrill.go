@@ -143,6 +143,7 @@ func runUpgradeDrill(ctx context.Context, args []string, out io.Writer) error {
 		}
 		ev := upgradeEvent{FromGeneration: g0.Generation, from: time.Now()}
 		req, _ := http.NewRequestWithContext(ctx, http.MethodPost, admin+"/admin/upgrade", nil)
+		req.Header.Set("X-Stickyd-Admin", "1")
 		resp, err := adminClient.Do(req)
 		if err != nil {
 			return fail(fmt.Errorf("POST /admin/upgrade: %w", err))

@@ -401,6 +401,9 @@ func waitFor(t *testing.T, what string, d time.Duration, cond func() bool) {
 func httpStatus(t *testing.T, method, url string) int {
 	t.Helper()
 	req, _ := http.NewRequest(method, url, nil)
+	if method == http.MethodPost {
+		req.Header.Set("X-Stickyd-Admin", "1") // the admin API's guard against cross-site requests
+	}
 	resp, err := http.DefaultClient.Do(req)
 	if err != nil {
 		t.Fatal(err)
