@@ -193,8 +193,8 @@ func (b *Balancer) publishSessionGauges() {
 // clientConn is a client connection the edge still holds.
 type clientConn struct {
 	c       net.Conn
-	ip      netip.Addr   // counted in perIP
-	state   atomic.Int32 // connHead, connIdle, connActive
+	ip      netip.Addr            // counted in perIP
+	state   atomic.Int32          // connHead, connIdle, connActive
 	waiting atomic.Pointer[vconn] // the worker connection whose answer it awaits
 }
 

@@ -166,6 +166,7 @@ const (
 //	/late             a correct answer, then 50 ms later an unsolicited response
 //
 // Each of those creates dir/late-sent-ID once its extra bytes are written.
+//
 //	/hang             never answers
 //	/die              reads the whole request, then exits (dir/dying first)
 //
