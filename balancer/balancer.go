@@ -16,6 +16,7 @@ import (
 	"net/http"
 	"net/netip"
 	"os"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -35,7 +36,10 @@ type Config struct {
 	Balance sticky.Balance // bounded-load factor; zero: ε = 0.25
 
 	SessionTTL  time.Duration // idle expiry of learned sessions; 0: 45 s (engine.io ping interval + timeout)
-	MaxSessions int           // bound on the session table; 0: 1,000,000
+	MaxSessions int           // bound on learned sessions (sids, session cookies); 0: 1,000,000
+	// MaxAffinity bounds the other pinned keys (client addresses, header values), which
+	// any client can mint; 0: 100,000. Over it the least recently used go first.
+	MaxAffinity int
 
 	MaxHeadBytes    int           // request head size cap; 0: 16 KiB
 	HeadTimeout     time.Duration // time a client gets to send a request head; 0: 10 s
@@ -77,8 +81,17 @@ func (c *Config) applyDefaults() {
 	if c.EngineIOPath == "" {
 		c.EngineIOPath = "/socket.io/"
 	}
+	if !strings.HasPrefix(c.EngineIOPath, "/") {
+		c.EngineIOPath = "/" + c.EngineIOPath
+	}
+	if !strings.HasSuffix(c.EngineIOPath, "/") {
+		c.EngineIOPath += "/"
+	}
 	if c.MaxSessions <= 0 {
 		c.MaxSessions = 1_000_000
+	}
+	if c.MaxAffinity <= 0 {
+		c.MaxAffinity = 100_000
 	}
 	if c.MaxHeadBytes <= 0 {
 		c.MaxHeadBytes = upgrade.DefaultMaxHeadBytes
@@ -112,7 +125,8 @@ type Balancer struct {
 	cfg      Config
 	log      *slog.Logger
 	m        *metrics.Metrics
-	sessions *sticky.Table
+	sessions *sticky.Table // sids and session cookies
+	pins     *sticky.Table // addresses and header values
 	pending  chan struct{} // one token per connection in the head phase
 
 	workers atomic.Pointer[[]*Worker] // copy-on-write snapshot, indexed by nothing: search by Slot
@@ -152,6 +166,7 @@ func New(cfg Config) *Balancer {
 		log:       cfg.Logger,
 		m:         m,
 		sessions:  &sticky.Table{TTL: cfg.SessionTTL, MaxEntries: cfg.MaxSessions},
+		pins:      &sticky.Table{TTL: cfg.SessionTTL, MaxEntries: cfg.MaxAffinity},
 		pending:   make(chan struct{}, cfg.MaxPendingHeads),
 		listeners: map[net.Listener]struct{}{},
 		rawLns:    map[net.Listener]*os.File{},
@@ -167,6 +182,10 @@ func New(cfg Config) *Balancer {
 // Sessions exposes the learned session table (for admin views and edge upgrades).
 func (b *Balancer) Sessions() *sticky.Table { return b.sessions }
 
+// Affinity exposes the table of other pinned keys (addresses, header values), for edge
+// upgrades.
+func (b *Balancer) Affinity() *sticky.Table { return b.pins }
+
 func (b *Balancer) sweepSessions() {
 	t := time.NewTicker(time.Second)
 	defer t.Stop()
@@ -175,7 +194,7 @@ func (b *Balancer) sweepSessions() {
 		case <-b.done:
 			return
 		case now := <-t.C:
-			if n := b.sessions.Sweep(now); n > 0 {
+			if n := b.sessions.Sweep(now) + b.pins.Sweep(now); n > 0 {
 				b.m.SessionEvictions.WithLabelValues("expired").Add(float64(n))
 			}
 			b.publishSessionGauges()
@@ -184,9 +203,9 @@ func (b *Balancer) sweepSessions() {
 }
 
 func (b *Balancer) publishSessionGauges() {
-	b.m.SessionTableSize.Set(float64(b.sessions.Len()))
+	b.m.SessionTableSize.Set(float64(b.sessions.Len() + b.pins.Len()))
 	for _, w := range *b.workers.Load() {
-		b.m.Sessions.WithLabelValues(w.label).Set(float64(b.sessions.Count(w.Slot)))
+		b.m.Sessions.WithLabelValues(w.label).Set(float64(b.load(w.Slot)))
 	}
 }
 
@@ -321,6 +340,11 @@ func (b *Balancer) track(cc *clientConn) int {
 	}
 	if b.cfg.MaxConnsPerIP > 0 {
 		ip := addrPort(cc.c.RemoteAddr()).Addr()
+		if ip.Is6() {
+			// One IPv6 client holds a whole /64: counting addresses one by one would let
+			// it open MaxConnsPerIP connections from each of 2^64 of them.
+			ip = netip.PrefixFrom(ip, 64).Masked().Addr()
+		}
 		if b.perIP[ip] >= b.cfg.MaxConnsPerIP {
 			return trackPerIP
 		}
@@ -587,7 +611,7 @@ func (b *Balancer) handoff(cc *clientConn, h *upgrade.Head, consumed []byte) {
 			break // the session exists only on that worker
 		}
 		if r.tableKey != "" {
-			b.sessions.Delete(r.tableKey)
+			b.tableFor(r.key.Kind).Delete(r.tableKey)
 		}
 		tried |= slotBit(r.w.Slot)
 		b.m.Handoffs.WithLabelValues(r.w.label, "retried").Inc()

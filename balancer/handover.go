@@ -87,6 +87,7 @@ type HandoverState struct {
 	Exchanges  []HandoverExchange `json:",omitempty"`
 	Supervisor SupervisorHandover
 	Sessions   []sticky.Entry
+	Affinity   []sticky.Entry `json:",omitempty"`
 }
 
 // ErrFrozen is returned by Serve when the edge froze for an upgrade; its listener stays open.

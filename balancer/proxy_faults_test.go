@@ -469,3 +469,29 @@ func TestFailedFreezeLeavesAWorkingEdge(t *testing.T) {
 	}
 	e.b.Thaw()
 }
+
+// TestAffinityFloodKeepsSessions: keys any client can mint (here header values) have a
+// budget of their own; flooding it does not evict learned engine.io sessions.
+func TestAffinityFloodKeepsSessions(t *testing.T) {
+	srcs, err := sticky.ParseSources("sid,header:X-Req")
+	if err != nil {
+		t.Fatal(err)
+	}
+	e := startEdge(t, Config{MaxSessions: 10, MaxAffinity: 10, Rules: sticky.Rules{Sources: srcs}}, 2)
+	_, body := rawRequest(t, e.addr, "GET /socket.io/?EIO=4&transport=polling HTTP/1.1\r\nHost: x\r\n\r\n")
+	_, rest, ok := strings.Cut(body, `"sid":"`)
+	sid, _, _ := strings.Cut(rest, `"`)
+	if !ok || sid == "" {
+		t.Fatalf("handshake answer %q", body)
+	}
+	for i := range 50 {
+		rawRequest(t, e.addr, get("/whoami", fmt.Sprint("flood", i)))
+	}
+	resp, body := rawRequest(t, e.addr, "GET /socket.io/?EIO=4&transport=polling&sid="+sid+" HTTP/1.1\r\nHost: x\r\n\r\n")
+	if resp.StatusCode != 200 {
+		t.Fatalf("the session after the flood: %d %q", resp.StatusCode, body)
+	}
+	if n := e.b.Affinity().Len(); n > 10 {
+		t.Fatalf("%d affinity entries, over the budget of 10", n)
+	}
+}

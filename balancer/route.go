@@ -43,7 +43,7 @@ func (b *Balancer) RemoveWorker(w *Worker) {
 	b.publishWorkerGauges(next)
 	b.mu.Unlock()
 	w.state.Store(int32(StateGone))
-	if n := b.sessions.ForgetSlot(w.Slot); n > 0 {
+	if n := b.sessions.ForgetSlot(w.Slot) + b.pins.ForgetSlot(w.Slot); n > 0 {
 		b.m.SessionEvictions.WithLabelValues("worker_gone").Add(float64(n))
 	}
 	b.m.Sessions.WithLabelValues(w.label).Set(0)
@@ -156,8 +156,8 @@ func (b *Balancer) route(h *upgrade.Head, peer netip.Addr, tried uint64) route {
 		// behind NAT or a proxy. Its sid, learned from the answer, pins it from then on.
 		return route{w: b.leastLoaded(tried), key: sticky.Key{}}
 	}
-	tk := key.String()
-	if slot, ok := b.sessions.Get(tk, now); ok {
+	tk, table := key.String(), b.tableFor(key.Kind)
+	if slot, ok := table.Get(tk, now); ok {
 		if w := b.worker(slot); w != nil && w.takesNew(now) && tried&slotBit(slot) == 0 {
 			return route{w: w, key: key, tableKey: tk}
 		}
@@ -166,10 +166,20 @@ func (b *Balancer) route(h *upgrade.Head, peer netip.Addr, tried uint64) route {
 	if w == nil {
 		return route{key: key}
 	}
-	if n := b.sessions.Put(tk, w.Slot, now); n > 0 {
+	if n := table.Put(tk, w.Slot, now); n > 0 {
 		b.m.SessionEvictions.WithLabelValues("capacity").Add(float64(n))
 	}
 	return route{w: w, key: key, tableKey: tk}
+}
+
+// tableFor returns the table that pins keys of kind: sessions (engine.io sids and
+// session cookies, learned from the workers' answers) have a budget of their own, so a
+// flood of addresses or header values cannot evict them.
+func (b *Balancer) tableFor(kind sticky.Kind) *sticky.Table {
+	if kind == sticky.KindSID || kind == sticky.KindCookie {
+		return b.sessions
+	}
+	return b.pins
 }
 
 // isHandshake reports whether h opens an engine.io session: an EIO query without a sid,
@@ -194,7 +204,7 @@ func (b *Balancer) candidates(buf []sticky.Candidate, ws []*Worker, tried uint64
 	now := time.Now()
 	for _, w := range ws {
 		if w.takesNew(now) && tried&slotBit(w.Slot) == 0 {
-			buf = append(buf, sticky.Candidate{Slot: w.Slot, Load: b.sessions.Count(w.Slot)})
+			buf = append(buf, sticky.Candidate{Slot: w.Slot, Load: b.load(w.Slot)})
 		}
 	}
 	return buf
@@ -221,3 +231,7 @@ func (b *Balancer) leastLoaded(tried uint64) *Worker {
 	}
 	return b.worker(cands[i].Slot)
 }
+
+// load is what bounded-load hashing counts for a worker: the sessions and keys pinned
+// to it.
+func (b *Balancer) load(slot int) int { return b.sessions.Count(slot) + b.pins.Count(slot) }

@@ -326,7 +326,7 @@ func (s *Supervisor) drained(p *proc) bool {
 		return true
 	default:
 	}
-	if s.Balancer.sessions.Count(p.slot) > 0 {
+	if s.Balancer.load(p.slot) > 0 {
 		return false
 	}
 	return p.ch.WebSockets() == 0

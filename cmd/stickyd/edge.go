@@ -35,6 +35,9 @@ type edgeFlags struct {
 	node                               bool
 	shutdownTimeout, headTimeout       time.Duration
 	spawnTimeout, sessionTTL, idleTime time.Duration
+	responseTimeout                    time.Duration
+	engineIOPath                       string
+	maxSessions, maxAffinity           int
 	epsilon                            float64
 }
 
@@ -50,6 +53,10 @@ func (f *edgeFlags) register(fs *flag.FlagSet, mode string) {
 	fs.StringVar(&f.trusted, "trusted-proxies", "", "CIDRs whose X-Forwarded-For/Forwarded is believed, e.g. 10.0.0.0/8,::1")
 	fs.Float64Var(&f.epsilon, "balance-factor", 0.25, "bounded load: no worker gets more than (1+ε)× the mean of active sessions")
 	fs.DurationVar(&f.sessionTTL, "session-ttl", 45*time.Second, "forget a session idle this long (engine.io pingInterval + pingTimeout)")
+	fs.DurationVar(&f.responseTimeout, "response-timeout", 60*time.Second, "a worker must start its answer (and send each further piece of it) within this; longer than the app's longest long-poll (engine.io pingInterval)")
+	fs.StringVar(&f.engineIOPath, "engineio-path", "/socket.io/", "path prefix of engine.io requests (socket.io's path option): only there a sid routes and handshakes are learned")
+	fs.IntVar(&f.maxSessions, "max-sessions", 1_000_000, "learned sessions (sids, session cookies) kept at once; the least recently used go first")
+	fs.IntVar(&f.maxAffinity, "max-affinity-entries", 100_000, "other pinned keys (client addresses, header values) kept at once, in a budget of their own so they cannot evict sessions")
 	fs.DurationVar(&f.headTimeout, "head-timeout", 10*time.Second, "time a client gets to send its request head")
 	fs.IntVar(&f.maxHead, "max-head-bytes", 16<<10, "request head size limit")
 	fs.DurationVar(&f.idleTime, "idle-timeout", 60*time.Second, "keep-alive idle time of proxied client connections")
@@ -152,17 +159,21 @@ func runEdge(ctx context.Context, mode string, args []string, stderr io.Writer) 
 		return err
 	}
 	b := balancer.New(balancer.Config{
-		Rules:         sticky.Rules{Sources: sources, TrustedProxies: trusted},
-		Balance:       sticky.Balance{Epsilon: f.epsilon},
-		SessionTTL:    f.sessionTTL,
-		MaxHeadBytes:  f.maxHead,
-		HeadTimeout:   f.headTimeout,
-		IdleTimeout:   f.idleTime,
-		MaxConns:      f.maxConns,
-		MaxConnsPerIP: f.maxPerIP,
-		MaxBodyBytes:  f.maxBody,
-		Metrics:       m,
-		Logger:        log,
+		Rules:           sticky.Rules{Sources: sources, TrustedProxies: trusted},
+		Balance:         sticky.Balance{Epsilon: f.epsilon},
+		SessionTTL:      f.sessionTTL,
+		MaxHeadBytes:    f.maxHead,
+		HeadTimeout:     f.headTimeout,
+		IdleTimeout:     f.idleTime,
+		MaxConns:        f.maxConns,
+		MaxConnsPerIP:   f.maxPerIP,
+		MaxBodyBytes:    f.maxBody,
+		ResponseTimeout: f.responseTimeout,
+		EngineIOPath:    f.engineIOPath,
+		MaxSessions:     f.maxSessions,
+		MaxAffinity:     f.maxAffinity,
+		Metrics:         m,
+		Logger:          log,
 	})
 	handover, err := loadHandover()
 	if err != nil {
@@ -187,6 +198,7 @@ func runEdge(ctx context.Context, mode string, args []string, stderr io.Writer) 
 			}
 		}
 		b.Sessions().Restore(handover.Sessions, time.Now())
+		b.Affinity().Restore(handover.Affinity, time.Now())
 		log.Info("edge upgraded: serving with the previous edge's sockets, workers and sessions",
 			"generation", generation, "version", version, "workers", len(handover.Supervisor.Workers),
 			"connections", len(handover.Conns), "sessions", len(handover.Sessions))

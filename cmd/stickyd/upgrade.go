@@ -144,6 +144,7 @@ func (u *upgrader) upgrade() error {
 	st.Conns = conns
 	st.Exchanges = exchanges
 	st.Sessions = u.b.Sessions().Snapshot()
+	st.Affinity = u.b.Affinity().Snapshot()
 	for _, ln := range lns {
 		fd, err := balancer.InheritFD(ln)
 		if err != nil {
