@@ -73,13 +73,13 @@ type Supervisor struct {
 
 	cluster nodeCluster // Node workers' cluster-adapter relay (nodecluster.go)
 
-	wrapped   bool           // Node app started through a wrapper (npm, yarn, sh -c …): see spawn
-	settled   chan struct{}  // closed when every slot has been ready once or has given up
-	slotDone  map[int]bool   // slots counted in settled (s.mu)
-	gaveUp    map[int]string // slots that gave up, with the reason (s.mu)
-	live      map[*proc]bool // every worker process not yet reaped, ready or not (s.mu)
-	killing   atomic.Bool    // Kill was called: no grace, no new workers
-	lastShown string         // the last failed start's output shown (s.mu): shown once
+	wrapped  bool            // Node app started through a wrapper (npm, yarn, sh -c …): see spawn
+	settled  chan struct{}   // closed when every slot has been ready once or has given up
+	slotDone map[int]bool    // slots counted in settled (s.mu)
+	gaveUp   map[int]string  // slots that gave up, with the reason (s.mu)
+	live     map[*proc]bool  // every worker process not yet reaped, ready or not (s.mu)
+	killing  atomic.Bool     // Kill was called: no grace, no new workers
+	shown    map[string]bool // failed starts' output already shown (s.mu): each shown once
 }
 
 // ErrSpawnTimeout means a worker never became ready.
@@ -867,10 +867,13 @@ func (s *Supervisor) showFailedOutput(p *proc) {
 	}
 	text := strings.Join(held, "\n")
 	s.mu.Lock()
-	same := text == s.lastShown
-	s.lastShown = text
+	if s.shown == nil || len(s.shown) > 64 {
+		s.shown = map[string]bool{}
+	}
+	seen := s.shown[text]
+	s.shown[text] = true
 	s.mu.Unlock()
-	if same {
+	if seen {
 		return
 	}
 	p.errOut.writeLines(held)
@@ -1138,7 +1141,7 @@ type lineWriter struct {
 
 const (
 	heldMax = 40
-	tailMax = 12
+	tailMax = 40
 	lineMax = 1024
 )
 

@@ -43,8 +43,12 @@
   delete env.STICKYD_NODE_CHANNEL_FD;
   delete env.STICKYD_NODE_UNIQUE_ID;
   if (!(fd >= 0)) return;
-  // A wrapper that forks (nodemon) gave this process its own IPC channel; stickyd's replaces it
-  // as process.send, which is what the cluster worker below and the app use.
+  // A wrapper that forks (nodemon) gave this process its own IPC channel. Node's handle
+  // protocol listens for every channel on process ('internalMessage'): with a second channel
+  // each handle the edge sends would be acknowledged and taken twice. The wrapper sends no
+  // handles, so its listener goes; its channel stays open, and stickyd's replaces it as
+  // process.send, which is what the cluster worker below and the app use.
+  if (process.channel) process.removeAllListeners('internalMessage');
   require('child_process')._forkChild(fd, 'json');
   env.NODE_UNIQUE_ID = id;
   require('cluster')._setupWorker();
