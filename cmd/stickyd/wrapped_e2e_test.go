@@ -275,3 +275,60 @@ func TestUnworkableWrapperRefusedAtStart(t *testing.T) {
 		}
 	}
 }
+
+// npm-started workers go over to the next edge image in an upgrade, their process groups
+// with them: a rolling restart after the upgrade ends every process of the adopted groups,
+// and SIGTERM then ends the new ones.
+func TestWrappedWorkersAcrossEdgeUpgradeAndRollingRestart(t *testing.T) {
+	dir := wrappedDir(t)
+	d := startDaemon(t, dir, "run", "-workers", "2", "-key", "sid", "-shutdown-timeout", "10s", "--", "npm", "start")
+	before := sioWaitWorkers(t, d, 2, 90*time.Second)
+	adopted := map[int][]int{}
+	for _, w := range before {
+		adopted[w.PID] = groupPids(w.PID)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	out, err := exec.CommandContext(ctx, stickydBinary(t), "upgrade", "-url", "http://"+d.metrics).CombinedOutput()
+	if err != nil || !strings.Contains(string(out), "generation 1") {
+		t.Fatalf("upgrade: %v %s\nlogs:\n%s", err, out, d.logs.String())
+	}
+	after := sioWaitWorkers(t, d, 2, 30*time.Second)
+	for i := range before {
+		if after[i].PID != before[i].PID {
+			t.Errorf("worker %d restarted across the upgrade (%d → %d)", i, before[i].PID, after[i].PID)
+		}
+	}
+	if _, pid := wrappedWhoami(t, d.addr); pid == 0 {
+		t.Fatal("no answer through the upgraded edge")
+	}
+
+	d.signal(syscall.SIGHUP)
+	waitFor(t, "the rolling restart", 60*time.Second, func() bool {
+		return strings.Contains(d.logs.String(), "rolling restart done")
+	})
+	fresh := sioWaitWorkers(t, d, 2, 30*time.Second)
+	groups := map[int][]int{}
+	for _, w := range fresh {
+		if _, old := adopted[w.PID]; old {
+			t.Errorf("worker %d still runs pid %d after the rolling restart", w.Slot, w.PID)
+		}
+		groups[w.PID] = groupPids(w.PID)
+	}
+	for pgid, members := range adopted {
+		if left := groupPids(pgid); len(left) > 0 {
+			t.Errorf("adopted worker group %d (was %v) still has %v after the rolling restart", pgid, members, left)
+		}
+	}
+	if _, pid := wrappedWhoami(t, d.addr); pid == 0 {
+		t.Fatal("no answer after the rolling restart")
+	}
+
+	d.signal(syscall.SIGTERM)
+	select {
+	case <-d.exited:
+	case <-time.After(20 * time.Second):
+		t.Fatal("stickyd did not exit within the grace after SIGTERM")
+	}
+	checkAllGone(t, d, groups)
+}
