@@ -332,3 +332,38 @@ func TestWrappedWorkersAcrossEdgeUpgradeAndRollingRestart(t *testing.T) {
 	}
 	checkAllGone(t, d, groups)
 }
+
+// A Node app that never gets the edge's channel (here its start script wipes NODE_OPTIONS,
+// so stickyd's preload never loads) listens on its port itself. The edge notices while it
+// starts, names the process and the port, says what to do in Node terms, gives up, and
+// leaves the port free.
+func TestNodeAppWithoutChannelIsNamed(t *testing.T) {
+	dir := wrappedDir(t)
+	port := sioFreePort(t)
+	script := "NODE_OPTIONS= PORT=" + strconv.Itoa(port) + " node server.js"
+	d := startDaemon(t, dir, "run", "-workers", "1", "-spawn-timeout", "120s", "--", "sh", "-c", script)
+	var giveUp string
+	for _, line := range strings.Split(d.logs.String(), "\n") {
+		if strings.Contains(line, "giving up") {
+			giveUp = line
+		}
+	}
+	// [::] or 0.0.0.0, as the machine has IPv6 or not.
+	for _, want := range []string{":" + strconv.Itoa(port) + " itself", "bypassing the edge", "NODE_OPTIONS", "stickyd run -- node server.js"} {
+		if !strings.Contains(giveUp, want) {
+			t.Errorf("the give-up line lacks %q: %q", want, giveUp)
+		}
+	}
+	if strings.Contains(giveUp, "fdpass") {
+		t.Errorf("the advice for a Node app names the Go API: %q", giveUp)
+	}
+	ln, err := net.Listen("tcp", ":"+strconv.Itoa(port))
+	if err != nil {
+		t.Errorf("port %d still taken after the edge gave up: %v", port, err)
+	} else {
+		ln.Close()
+	}
+	if t.Failed() {
+		t.Logf("logs:\n%s", d.logs.String())
+	}
+}
