@@ -1,0 +1,220 @@
+package nodeipc
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+)
+
+// relayWorker is a Primary on a fake channel, taking part in a Relay.
+type relayWorker struct {
+	p    *Primary
+	peer *fakePeer
+	done chan struct{} // closed when Run returns
+}
+
+func startRelayWorker(t *testing.T, r *Relay) *relayWorker {
+	t.Helper()
+	ch, peer := newFakeChannel(t, Config{})
+	w := &relayWorker{p: &Primary{Channel: ch, Relay: r}, peer: peer, done: make(chan struct{})}
+	go func() {
+		defer close(w.done)
+		w.p.Run(context.Background())
+	}()
+	t.Cleanup(func() {
+		ch.Close()
+		<-w.done
+	})
+	return w
+}
+
+// adapterLine is a message as NodeClusterAdapter's process.send writes it in JSON mode.
+func adapterLine(typ int, uid string, extra string) string {
+	s := fmt.Sprintf(`{"type":%d,"uid":%q,"nsp":"/","source":"_sio_adapter"`, typ, uid)
+	if extra != "" {
+		s += "," + extra
+	}
+	return s + "}\n"
+}
+
+// expectLine reads the next line the worker receives and compares it.
+func (w *relayWorker) expectLine(t *testing.T, want string) {
+	t.Helper()
+	got, _, err := w.peer.readLine(5 * time.Second)
+	if err != nil {
+		t.Fatalf("waiting for %q: %v", want, err)
+	}
+	if got+"\n" != want {
+		t.Fatalf("worker got %q, want %q", got, want)
+	}
+}
+
+// expectNothing checks that the worker receives nothing within d.
+func (w *relayWorker) expectNothing(t *testing.T, d time.Duration) {
+	t.Helper()
+	if got, _, err := w.peer.readLine(d); err == nil {
+		t.Fatalf("worker got %q, want nothing", got)
+	}
+}
+
+// TestRelayRoutesLikeSetupPrimary: broadcasts go to every other worker, byte for byte;
+// FETCH_SOCKETS/SERVER_SIDE_EMIT responses go to the worker that sent the request's uid
+// only; other processes' messages are not relayed.
+func TestRelayRoutesLikeSetupPrimary(t *testing.T) {
+	r := &Relay{}
+	a, b, c := startRelayWorker(t, r), startRelayWorker(t, r), startRelayWorker(t, r)
+	waitMembers(t, r, 3)
+
+	// A Buffer in JSON mode, an odd key order and spacing: relayed as received.
+	bcast := `{"source":"_sio_adapter","uid":"ua","nsp":"/","type":3,  "data":{"packet":{"type":2,"data":["x",{"type":"Buffer","data":[1,2]}],"nsp":"/"},"opts":{"rooms":[],"except":[],"flags":{}}}}` + "\n"
+	a.peer.write(bcast)
+	b.expectLine(t, bcast)
+	c.expectLine(t, bcast)
+
+	// b and c make themselves known (heartbeats), then a asks and both answer.
+	hb := adapterLine(2, "ub", "")
+	b.peer.write(hb)
+	a.expectLine(t, hb)
+	c.expectLine(t, hb)
+	hc := adapterLine(2, "uc", "")
+	c.peer.write(hc)
+	a.expectLine(t, hc)
+	b.expectLine(t, hc)
+
+	fetch := adapterLine(7, "ua", `"data":{"requestId":"r1","opts":{"rooms":[],"except":[],"flags":{}}}`)
+	a.peer.write(fetch)
+	b.expectLine(t, fetch)
+	c.expectLine(t, fetch)
+	for _, typ := range []int{8, 10, 11, 12} {
+		resp := adapterLine(typ, "ub", fmt.Sprintf(`"data":{"requestId":"r1"},"requesterUid":"ua"`))
+		b.peer.write(resp)
+		a.expectLine(t, resp)
+	}
+	// A response to an unknown requester goes nowhere.
+	b.peer.write(adapterLine(8, "ub", `"data":{"requestId":"r2","sockets":[]},"requesterUid":"nobody"`))
+
+	// Not the adapter's: stays with the worker's own primary (an Event), relayed to nobody.
+	b.peer.write(`{"source":"other","type":3,"uid":"ub"}` + "\n")
+	b.peer.write(`{"cmd":"app","text":"_sio_adapter"}` + "\n")
+	marker := adapterLine(2, "ub", `"n":"marker"`)
+	b.peer.write(marker)
+	a.expectLine(t, marker) // nothing came before it
+	c.expectLine(t, marker)
+	for range 2 {
+		select {
+		case e := <-b.p.Events():
+			if e.Kind != EventMessage {
+				t.Errorf("event %v, want EventMessage", e.Kind)
+			}
+		case <-time.After(5 * time.Second):
+			t.Fatal("non-adapter message not passed up as an Event")
+		}
+	}
+	b.expectNothing(t, 100*time.Millisecond)
+	// The writers count a copy once written: the last count may trail the last read.
+	deadline := time.Now().Add(5 * time.Second)
+	for tot := r.Totals(); tot.Relayed != 2+2+2+2+4+2 || tot.Dropped != 1; tot = r.Totals() {
+		if time.Now().After(deadline) {
+			t.Fatalf("totals %+v, want 14 relayed, 1 dropped", tot)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}
+
+func waitMembers(t *testing.T, r *Relay, n int) {
+	t.Helper()
+	deadline := time.Now().Add(5 * time.Second)
+	for r.Totals().Workers != n {
+		if time.Now().After(deadline) {
+			t.Fatalf("relay has %d workers, want %d", r.Totals().Workers, n)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}
+
+// TestRelayWorkerGoneClosesItsAdapters: when a worker's channel closes, the others get an
+// ADAPTER_CLOSE for each of its uids, so their pending requests stop waiting for it; a
+// worker that joins later takes part.
+func TestRelayWorkerGoneClosesItsAdapters(t *testing.T) {
+	r := &Relay{}
+	a, b := startRelayWorker(t, r), startRelayWorker(t, r)
+	waitMembers(t, r, 2)
+	b.peer.write(adapterLine(1, "ub", ""))
+	b.peer.write(adapterLine(2, "ub2", `"x":1`)) // a second namespace
+	a.expectLine(t, adapterLine(1, "ub", ""))
+	a.expectLine(t, adapterLine(2, "ub2", `"x":1`))
+	b.peer.uc.Close() // the worker exited
+	<-b.done
+	got := map[string]bool{}
+	for range 2 {
+		line, _, err := a.peer.readLine(5 * time.Second)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var m struct {
+			Type   int
+			UID    string
+			Nsp    string
+			Source string
+		}
+		if err := json.Unmarshal([]byte(line), &m); err != nil || m.Type != 13 || m.Source != "_sio_adapter" || m.Nsp != "/" {
+			t.Fatalf("got %q, want an ADAPTER_CLOSE", line)
+		}
+		got[m.UID] = true
+	}
+	if !got["ub"] || !got["ub2"] {
+		t.Fatalf("ADAPTER_CLOSE for %v, want ub and ub2", got)
+	}
+
+	c := startRelayWorker(t, r) // a restarted worker
+	waitMembers(t, r, 2)
+	init := adapterLine(1, "uc", "")
+	c.peer.write(init)
+	a.expectLine(t, init)
+	hb := adapterLine(2, "ua", "")
+	a.peer.write(hb)
+	c.expectLine(t, hb)
+}
+
+// TestRelaySlowWorkerDoesNotBlockOthers: a worker that stops reading its channel fills its
+// own bounded queue; messages for it are then dropped (counted), and the sender's and the
+// other workers' traffic keeps flowing.
+func TestRelaySlowWorkerDoesNotBlockOthers(t *testing.T) {
+	var mu sync.Mutex
+	dropped := 0
+	r := &Relay{QueueLen: 8, QueueBytes: 1 << 20, Stats: func(_, d int) {
+		mu.Lock()
+		dropped += d
+		mu.Unlock()
+	}}
+	a, b, slow := startRelayWorker(t, r), startRelayWorker(t, r), startRelayWorker(t, r)
+	waitMembers(t, r, 3)
+	_ = slow // never reads: its socket buffer fills, then its queue
+	big := strings.Repeat("x", 64<<10)
+	const n = 200
+	go func() {
+		for i := range n {
+			a.peer.write(adapterLine(3, "ua", fmt.Sprintf(`"i":%d,"pad":%q`, i, big)))
+		}
+	}()
+	for i := range n {
+		line, _, err := b.peer.readLine(10 * time.Second)
+		if err != nil {
+			t.Fatalf("message %d to the reading worker: %v", i, err)
+		}
+		if !strings.Contains(line, fmt.Sprintf(`"i":%d,`, i)) {
+			t.Fatalf("message %d out of order: %.40q", i, line)
+		}
+	}
+	mu.Lock()
+	d := dropped
+	mu.Unlock()
+	if d == 0 {
+		t.Fatal("no message dropped for the worker that does not read")
+	}
+	t.Logf("dropped for the slow worker: %d of %d", d, n)
+}
