@@ -103,6 +103,11 @@ func TestWrappedStartCommands(t *testing.T) {
 	}{
 		{"npm start", []string{"npm", "start"}},
 		{"sh -c", []string{"sh", "-c", "node server.js"}},
+		// A Node step before the app (`node step.js && node server.js`) ends and the app
+		// after it takes the channel.
+		{"npm step then app", []string{"npm", "run", "start:with-step"}},
+		// @socket.io/sticky's setupWorker style under a wrapper.
+		{"npm sticky", []string{"npm", "run", "start:sticky"}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			dir := wrappedDir(t)

@@ -10,8 +10,10 @@
 //     is added, this file sends {"cmd":"STICKYD","act":"sticky-ready"} on the IPC channel (a cmd
 //     that starts with NODE_ is reserved for Node) and removes its own hook.
 //  2. stickydCountWebSockets: report how many WebSockets the worker holds.
+//  3. stickydReviveAdapterBuffers: give @socket.io/cluster-adapter its Buffers back (the edge
+//     relays the adapter's messages between workers; JSON mode turns Buffers into objects).
 //
-// Harmless for other apps: one 'newListener' listener on process until detection, one wrapper
+// Harmless for other apps: 'newListener' listeners on process until detection, one wrapper
 // around the http/https Server emit, and nothing at all unless STICKYD_NODEIPC=1 and an IPC
 // channel exist. The variable is deleted so that the app's own child processes do not report
 // to the app.
@@ -51,9 +53,29 @@
   if (process.channel) process.removeAllListeners('internalMessage');
   require('child_process')._forkChild(fd, 'json');
   env.NODE_UNIQUE_ID = id;
-  require('cluster')._setupWorker();
+  const cluster = require('cluster');
+  cluster._setupWorker();
   delete env.NODE_UNIQUE_ID;
   env.STICKYD_NODEIPC = '1';
+  // A cluster worker's channel keeps it alive. That is right for the app, but the first Node
+  // process of the tree may be a step before it (`node migrate.js && node server.js`): it
+  // must exit as it would without stickyd, and the next one takes the channel. So the channel
+  // holds the process only once it serves: it listens (cluster._getServer) or listens for
+  // messages (@socket.io/sticky's setupWorker, the app's own process.on('message')).
+  const channel = process.channel;
+  if (!channel || typeof channel.unref !== 'function') return;
+  channel.unref();
+  const hold = () => channel.ref();
+  const getServer = cluster._getServer;
+  if (typeof getServer === 'function') {
+    cluster._getServer = function () {
+      hold();
+      return getServer.apply(this, arguments);
+    };
+  }
+  process.on('newListener', (event) => {
+    if (event === 'message') hold();
+  });
 })();
 
 // stickydIsWrapperCLI tells whether main is the script of a CLI that starts the app as a child
@@ -76,6 +98,7 @@ function stickydIsWrapperCLI(main) {
   if (typeof process.send !== 'function') return;
   stickydDetectStickyWorker();
   stickydCountWebSockets();
+  stickydReviveAdapterBuffers();
 })();
 
 // @socket.io/sticky detection (see the top of the file).
@@ -151,4 +174,50 @@ function stickydCountWebSockets() {
   }
   wrap(require('http').Server.prototype);
   wrap(require('https').Server.prototype);
+}
+
+// @socket.io/cluster-adapter in JSON serialization mode. The edge relays the adapter's
+// messages between workers as Node's cluster primary would, but on a JSON channel a Buffer
+// goes out as {"type":"Buffer","data":[...]} (Buffer.prototype.toJSON) and comes in as that
+// plain object: a binary payload broadcast from another worker would reach its clients as an
+// object. When the adapter adds its process 'message' listener, this one is put in front of
+// it and turns such objects in the adapter's messages back into Buffers, so binary
+// broadcasts, acks and fetchSockets data work as with serialization "advanced". (An app
+// object that is literally {type:"Buffer", data:[bytes]} becomes a Buffer too.)
+function stickydReviveAdapterBuffers() {
+  const MAX_DEPTH = 64;
+  function isBufferJSON(v) {
+    if (v.type !== 'Buffer' || !Array.isArray(v.data)) return false;
+    const keys = Object.keys(v);
+    return keys.length === 2;
+  }
+  function revive(v, depth) {
+    if (v === null || typeof v !== 'object' || depth > MAX_DEPTH || ArrayBuffer.isView(v)) return v;
+    if (Array.isArray(v)) {
+      for (let i = 0; i < v.length; i++) v[i] = revive(v[i], depth + 1);
+      return v;
+    }
+    if (isBufferJSON(v)) return Buffer.from(v.data);
+    for (const k of Object.keys(v)) v[k] = revive(v[k], depth + 1);
+    return v;
+  }
+  function onAdapterMessage(msg) {
+    if (msg !== null && typeof msg === 'object' && msg.source === '_sio_adapter' && msg.data) {
+      revive(msg.data, 0);
+    }
+  }
+  function onNewListener(event, listener) {
+    if (event !== 'message' || typeof listener !== 'function') return;
+    let src;
+    try {
+      src = Function.prototype.toString.call(listener);
+    } catch (_) {
+      return;
+    }
+    if (src.indexOf('MESSAGE_SOURCE') === -1 && src.indexOf('_sio_adapter') === -1) return;
+    process.removeListener('newListener', onNewListener);
+    // 'newListener' fires before the listener is added: prepending puts this one first.
+    process.prependListener('message', onAdapterMessage);
+  }
+  process.on('newListener', onNewListener);
 }
