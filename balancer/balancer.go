@@ -35,8 +35,11 @@ type Config struct {
 	Rules   sticky.Rules   // identity sources; zero: sid, then client IP
 	Balance sticky.Balance // bounded-load factor; zero: ε = 0.25
 
-	SessionTTL  time.Duration // idle expiry of learned sessions; 0: 45 s (engine.io ping interval + timeout)
-	MaxSessions int           // bound on learned sessions (sids, session cookies); 0: 1,000,000
+	SessionTTL time.Duration // idle expiry of learned sessions; 0: 45 s (engine.io ping interval + timeout)
+	// FixedSessionTTL keeps SessionTTL as it is; otherwise it rises to the app's
+	// pingInterval + pingTimeout, read from each engine.io handshake answer.
+	FixedSessionTTL bool
+	MaxSessions     int // bound on learned sessions (sids, session cookies); 0: 1,000,000
 	// MaxAffinity bounds the other pinned keys (client addresses, header values), which
 	// any client can mint; 0: 100,000. Over it the least recently used go first.
 	MaxAffinity int

@@ -1608,6 +1608,11 @@ func (b *Balancer) learnSession(sc *proxyScratch, slot int) ([]byte, error) {
 		return nil, err
 	}
 	prefix := sc.prefix[:n]
+	if d, ok := upgrade.OpenPacketTimeout(prefix); ok && !b.cfg.FixedSessionTTL && b.sessions.RaiseTTL(d) {
+		// The app keeps silent sessions longer than the edge did: so must the edge, or
+		// it forgets them first and answers "Session ID unknown".
+		b.log.Info("session TTL raised to the app's pingInterval + pingTimeout", "ttl", d)
+	}
 	if sid, ok := upgrade.OpenPacketSID(prefix); ok {
 		if ev := b.sessions.Put(sticky.Key{Kind: sticky.KindSID, Value: sid}.String(), slot, now); ev > 0 {
 			b.m.SessionEvictions.WithLabelValues("capacity").Add(float64(ev))

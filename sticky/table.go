@@ -77,6 +77,20 @@ func (t *Table) init(now time.Time) {
 	}
 }
 
+// RaiseTTL makes entries live at least d from their last use from now on (the
+// engine.io app's own pingInterval + pingTimeout, learned from its handshake). It
+// never shortens the TTL, so concurrent apps or workers cannot make sessions expire
+// early; it reports whether the TTL changed.
+func (t *Table) RaiseTTL(d time.Duration) bool {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if d <= time.Duration(t.ttl()) {
+		return false
+	}
+	t.TTL = d
+	return true
+}
+
 func (t *Table) ttl() int64 {
 	if t.TTL > 0 {
 		return int64(t.TTL)

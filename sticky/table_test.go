@@ -338,3 +338,19 @@ func TestTableConcurrent(t *testing.T) {
 		t.Fatalf("counts sum %d, Len %d", sum, tb.Len())
 	}
 }
+
+func TestRaiseTTLOnlyLengthens(t *testing.T) {
+	tb := &Table{TTL: 45 * time.Second}
+	now := time.Now()
+	tb.Put("a", 1, now)
+	if tb.RaiseTTL(30 * time.Second) {
+		t.Fatal("a shorter TTL was applied")
+	}
+	if !tb.RaiseTTL(80 * time.Second) {
+		t.Fatal("a longer TTL was refused")
+	}
+	tb.Put("b", 2, now)
+	if _, ok := tb.Get("b", now.Add(70*time.Second)); !ok {
+		t.Fatal("an entry put after the raise expired at the old TTL")
+	}
+}

@@ -3,6 +3,7 @@ package upgrade
 import (
 	"net/url"
 	"strings"
+	"time"
 )
 
 // SessionUnknownBody is engine.io's own answer to a request for a session it
@@ -82,6 +83,61 @@ const (
 // The sid must be at most 256 bytes of URL-safe characters
 // ([A-Za-z0-9_-.~]); anything else gives ok false. The result is a copy.
 func OpenPacketSID(body []byte) (string, bool) {
+	obj, ok := openPacketObject(body)
+	if !ok {
+		return "", false
+	}
+	sid, ok := jsonTopLevelString(obj, "sid")
+	if !ok || len(sid) == 0 || len(sid) > maxSIDLen {
+		return "", false
+	}
+	for _, c := range sid {
+		if !isSIDChar[c] {
+			return "", false
+		}
+	}
+	return string(sid), true
+}
+
+// OpenPacketTimeout returns how long the engine.io server keeps a silent session:
+// pingInterval + pingTimeout from the open packet in body (as OpenPacketSID reads it).
+// ok is false unless both are present as integers of milliseconds below a day.
+func OpenPacketTimeout(body []byte) (d time.Duration, ok bool) {
+	obj, ok := openPacketObject(body)
+	if !ok {
+		return 0, false
+	}
+	interval, ok1 := jsonTopLevelMillis(obj, "pingInterval")
+	timeout, ok2 := jsonTopLevelMillis(obj, "pingTimeout")
+	if !ok1 || !ok2 {
+		return 0, false
+	}
+	return interval + timeout, true
+}
+
+// jsonTopLevelMillis reads the member key of the object at the start of b as a
+// non-negative integer count of milliseconds, below a day.
+func jsonTopLevelMillis(b []byte, key string) (time.Duration, bool) {
+	i, ok := jsonTopLevelValue(b, key)
+	if !ok {
+		return 0, false
+	}
+	var n int64
+	digits := 0
+	for ; i < len(b) && b[i] >= '0' && b[i] <= '9'; i++ {
+		n = n*10 + int64(b[i]-'0')
+		if digits++; digits > 9 {
+			return 0, false
+		}
+	}
+	if digits == 0 || n >= int64(24*time.Hour/time.Millisecond) {
+		return 0, false
+	}
+	return time.Duration(n) * time.Millisecond, true
+}
+
+// openPacketObject returns the JSON object of the open packet that starts body.
+func openPacketObject(body []byte) ([]byte, bool) {
 	if len(body) > openScanLimit {
 		body = body[:openScanLimit]
 	}
@@ -92,7 +148,7 @@ func OpenPacketSID(body []byte) (string, bool) {
 			i++
 		}
 		if i == len(body) || body[i] != ':' {
-			return "", false
+			return nil, false
 		}
 		body = body[i+1:]
 	case len(body) > 0 && body[0] == 0: // EIO3 binary payload, string packet
@@ -101,23 +157,14 @@ func OpenPacketSID(body []byte) (string, bool) {
 			i++
 		}
 		if i == 1 || i == len(body) || body[i] != 0xff {
-			return "", false
+			return nil, false
 		}
 		body = body[i+1:]
 	}
 	if len(body) < 2 || body[0] != '0' {
-		return "", false
+		return nil, false
 	}
-	sid, ok := jsonTopLevelString(body[1:], "sid")
-	if !ok || len(sid) == 0 || len(sid) > maxSIDLen {
-		return "", false
-	}
-	for _, c := range sid {
-		if !isSIDChar[c] {
-			return "", false
-		}
-	}
-	return string(sid), true
+	return body[1:], true
 }
 
 var isSIDChar [256]bool
@@ -134,41 +181,48 @@ func init() {
 // It stops as soon as the member is found, so a truncated object whose sid
 // came first still works. Values with escapes are rejected (sids have none).
 func jsonTopLevelString(b []byte, key string) ([]byte, bool) {
+	i, ok := jsonTopLevelValue(b, key)
+	if !ok || i >= len(b) || b[i] != '"' {
+		return nil, false
+	}
+	vs, ve, vesc, ok := scanString(b, i)
+	if !ok || vesc {
+		return nil, false
+	}
+	return b[vs:ve], true
+}
+
+// jsonTopLevelValue scans the JSON object at the start of b for the member key and
+// returns where its value starts.
+func jsonTopLevelValue(b []byte, key string) (int, bool) {
 	i := skipWS(b, 0)
 	if i >= len(b) || b[i] != '{' {
-		return nil, false
+		return 0, false
 	}
 	i++
 	for {
 		i = skipWS(b, i)
 		if i >= len(b) || b[i] != '"' {
-			return nil, false
+			return 0, false
 		}
 		ks, ke, esc, ok := scanString(b, i)
 		if !ok {
-			return nil, false
+			return 0, false
 		}
 		i = skipWS(b, ke+1)
 		if i >= len(b) || b[i] != ':' {
-			return nil, false
+			return 0, false
 		}
 		i = skipWS(b, i+1)
 		if !esc && string(b[ks:ke]) == key {
-			if i >= len(b) || b[i] != '"' {
-				return nil, false
-			}
-			vs, ve, vesc, ok := scanString(b, i)
-			if !ok || vesc {
-				return nil, false
-			}
-			return b[vs:ve], true
+			return i, true
 		}
 		if i = skipValue(b, i); i < 0 {
-			return nil, false
+			return 0, false
 		}
 		i = skipWS(b, i)
 		if i >= len(b) || b[i] != ',' {
-			return nil, false // '}' (not found) or malformed
+			return 0, false // '}' (not found) or malformed
 		}
 		i++
 	}

@@ -3,6 +3,7 @@ package upgrade
 import (
 	"strings"
 	"testing"
+	"time"
 )
 
 func TestParseEngineIO(t *testing.T) {
@@ -77,5 +78,27 @@ func TestOpenPacketSID(t *testing.T) {
 	b[9] = 'X'
 	if sid != "lv_VI97HAXpY6yYWAAAC" {
 		t.Error("OpenPacketSID result aliases body")
+	}
+}
+
+func TestOpenPacketTimeout(t *testing.T) {
+	for _, tc := range []struct {
+		body string
+		want time.Duration
+		ok   bool
+	}{
+		{`0{"sid":"abc","upgrades":["websocket"],"pingInterval":25000,"pingTimeout":20000,"maxPayload":1000000}`, 45 * time.Second, true},
+		{`0{"pingTimeout":5000,"sid":"x","pingInterval":60000}`, 65 * time.Second, true},
+		{"96:0{\"sid\":\"x\",\"pingInterval\":1000,\"pingTimeout\":2000}", 3 * time.Second, true},
+		{`0{"sid":"abc","pingInterval":25000}`, 0, false},
+		{`0{"sid":"abc","pingInterval":"25000","pingTimeout":1}`, 0, false},
+		{`0{"sid":"abc","pingInterval":-1,"pingTimeout":1}`, 0, false},
+		{`0{"sid":"abc","pingInterval":99999999999,"pingTimeout":1}`, 0, false},
+		{`4hello`, 0, false},
+	} {
+		got, ok := OpenPacketTimeout([]byte(tc.body))
+		if got != tc.want || ok != tc.ok {
+			t.Errorf("%s: %v %v, want %v %v", tc.body, got, ok, tc.want, tc.ok)
+		}
 	}
 }

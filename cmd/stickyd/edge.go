@@ -52,7 +52,7 @@ func (f *edgeFlags) register(fs *flag.FlagSet, mode string) {
 	fs.StringVar(&f.key, "key", "sid,ip", "identity sources in order: sid, cookie:NAME, header:NAME, xff, ip")
 	fs.StringVar(&f.trusted, "trusted-proxies", "", "CIDRs whose X-Forwarded-For/Forwarded is believed, e.g. 10.0.0.0/8,::1")
 	fs.Float64Var(&f.epsilon, "balance-factor", 0.25, "bounded load: no worker gets more than (1+ε)× the mean of active sessions")
-	fs.DurationVar(&f.sessionTTL, "session-ttl", 45*time.Second, "forget a session idle this long (engine.io pingInterval + pingTimeout)")
+	fs.DurationVar(&f.sessionTTL, "session-ttl", 45*time.Second, "forget a session idle this long; without this flag it rises to the app's own pingInterval + pingTimeout, read from its handshake answers")
 	fs.DurationVar(&f.responseTimeout, "response-timeout", 60*time.Second, "a worker must start its answer (and send each further piece of it) within this; longer than the app's longest long-poll (engine.io pingInterval)")
 	fs.StringVar(&f.engineIOPath, "engineio-path", "/socket.io/", "path prefix of engine.io requests (socket.io's path option): only there a sid routes and handshakes are learned")
 	fs.IntVar(&f.maxSessions, "max-sessions", 1_000_000, "learned sessions (sids, session cookies) kept at once; the least recently used go first")
@@ -103,6 +103,10 @@ func runEdge(ctx context.Context, mode string, args []string, stderr io.Writer) 
 	if err := fs.Parse(args); err != nil {
 		return fmt.Errorf("%w: %v", errUsage, err)
 	}
+	fixedTTL := false // -session-ttl given: the edge does not learn the app's
+	fs.Visit(func(fl *flag.Flag) { fixedTTL = fixedTTL || fl.Name == "session-ttl" })
+	_, envTTL := os.LookupEnv("STICKYD_SESSION_TTL")
+	fixedTTL = fixedTTL || envTTL
 	if err := applyEnv(fs); err != nil {
 		return fmt.Errorf("%w: %v", errUsage, err)
 	}
@@ -169,6 +173,7 @@ func runEdge(ctx context.Context, mode string, args []string, stderr io.Writer) 
 		MaxConnsPerIP:   f.maxPerIP,
 		MaxBodyBytes:    f.maxBody,
 		ResponseTimeout: f.responseTimeout,
+		FixedSessionTTL: fixedTTL,
 		EngineIOPath:    f.engineIOPath,
 		MaxSessions:     f.maxSessions,
 		MaxAffinity:     f.maxAffinity,
