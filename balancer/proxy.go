@@ -493,7 +493,7 @@ func (x *exchange) run(fresh bool) (keep bool, err error) {
 
 	// The head goes to the worker before any body byte is read: it aliases the client
 	// reader's buffer.
-	writeRequestHead(vc.bw, &sc.head, x.peer.Addr(), x.trusted)
+	writeRequestHead(vc.bw, &sc.head, x.peer.Addr(), x.clientAddr())
 	if x.streaming {
 		x.sent = make(chan error, 1)
 		go x.sendBody(vc, x.sent, sc.head.Chunked, sc.head.ContentLength)
@@ -723,7 +723,9 @@ func (b *Balancer) protocolError(x *exchange, reason string, n int, what string)
 // the client sent it, less hop-by-hop fields, plus X-Forwarded-For/-Proto and the
 // edge's own framing. Forwarding fields from a peer that is not a trusted proxy are
 // dropped, not appended to: the worker sees exactly one client address, the true one.
-func writeRequestHead(w *bufio.Writer, h *upgrade.Head, peer netip.Addr, trusted bool) {
+// client, when valid, goes in ClientAddrField (client is the peer unless trusted).
+func writeRequestHead(w *bufio.Writer, h *upgrade.Head, peer netip.Addr, client netip.AddrPort) {
+	trusted := client.IsValid() && client.Addr() != peer
 	w.WriteString(h.Method)
 	w.WriteByte(' ')
 	if t := h.Target; len(t) > 0 && (t[0] == '/' || t == "*") {
@@ -761,8 +763,8 @@ func writeRequestHead(w *bufio.Writer, h *upgrade.Head, peer netip.Addr, trusted
 		case fwd == fwdFor:
 			nXFF++
 			continue
-		case fwd == fwdExpect:
-			continue // answered by the edge (100 Continue)
+		case fwd == fwdExpect || fwd == fwdEdge:
+			continue // answered by the edge (100 Continue), or the edge's own
 		case fwd != fwdNone && !trusted:
 			continue // a client's claim about itself: dropped
 		case fwd == fwdProto:
@@ -787,6 +789,9 @@ func writeRequestHead(w *bufio.Writer, h *upgrade.Head, peer netip.Addr, trusted
 	if !hasXFP {
 		w.WriteString("X-Forwarded-Proto: http\r\n")
 	}
+	if client.IsValid() {
+		writeClientAddr(w, client)
+	}
 	switch {
 	case h.Chunked:
 		w.WriteString("Transfer-Encoding: chunked\r\n")
@@ -805,13 +810,45 @@ const (
 	fwdProto  // X-Forwarded-Proto: kept from a trusted proxy, else written by the edge
 	fwdOther  // other claims about the client: kept only from a trusted proxy
 	fwdExpect // Expect: answered by the edge
+	fwdEdge   // the edge's own fields (ClientAddrField): never from a client
 )
+
+// ClientAddrField carries the client's address ("ip:port", port 0 when it came from a
+// trusted proxy's X-Forwarded-For) to workers whose connection from the edge has no
+// address of its own: Node workers reached over socketpairs, where the preload makes it
+// the request's socket.remoteAddress. Whatever a client sends under this name is dropped.
+const ClientAddrField = "X-Stickyd-Client-Addr"
+
+func writeClientAddr(w *bufio.Writer, client netip.AddrPort) {
+	w.WriteString(ClientAddrField)
+	w.WriteString(": ")
+	w.Write(client.AppendTo(w.AvailableBuffer()))
+	w.WriteString("\r\n")
+}
+
+// clientAddr is the client as the worker should see it: the peer, or the client a
+// trusted proxy names.
+func (x *exchange) clientAddr() netip.AddrPort {
+	if !x.trusted {
+		return x.peer
+	}
+	h := &x.sc.head
+	a := x.b.cfg.Rules.Client(sticky.Request{Peer: x.peer.Addr(), Header: h.Header})
+	if a == x.peer.Addr() {
+		return x.peer
+	}
+	return netip.AddrPortFrom(a, 0)
+}
 
 func forwardingField(name string) int {
 	switch len(name) {
 	case 6:
 		if strings.EqualFold(name, "Expect") {
 			return fwdExpect
+		}
+	case len(ClientAddrField):
+		if strings.EqualFold(name, ClientAddrField) {
+			return fwdEdge
 		}
 	case 9:
 		if strings.EqualFold(name, "Forwarded") || strings.EqualFold(name, "X-Real-IP") {
@@ -1637,7 +1674,18 @@ func (b *Balancer) tunnel(cc *clientConn, w *Worker, consumed []byte) {
 	}
 	defer vc.Close()
 	b.m.ConnectionsAccepted.WithLabelValues("tunneled").Inc()
-	if _, err := vc.Write(consumed); err != nil {
+	// The worker's end is a socketpair: the client's address goes in a field of the
+	// edge's own, right after the request line (a client's field of that name comes
+	// later, and the preload reads the first).
+	if i := bytes.IndexByte(consumed, '\n'); i > 0 {
+		bw := bufio.NewWriterSize(vc, len(consumed)+96)
+		bw.Write(consumed[:i+1])
+		writeClientAddr(bw, addrPort(c.RemoteAddr()))
+		bw.Write(consumed[i+1:])
+		if bw.Flush() != nil {
+			return
+		}
+	} else if _, err := vc.Write(consumed); err != nil {
 		return
 	}
 	errc := make(chan error, 2)

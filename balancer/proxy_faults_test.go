@@ -222,11 +222,12 @@ func TestStuckChannelWorkerIsSkippedOnTheProxyPath(t *testing.T) {
 // X-Forwarded-Proto and Forwarded do not reach the worker; a trusted proxy's do.
 func TestForwardingFieldsFromUntrustedClientsAreReplaced(t *testing.T) {
 	dir := t.TempDir()
-	lie := "GET /whoami HTTP/1.1\r\nHost: x\r\nX-Req: r\r\nX-Forwarded-For: 6.6.6.6\r\nX-Forwarded-Proto: https\r\nForwarded: for=6.6.6.6\r\n\r\n"
+	lie := "GET /whoami HTTP/1.1\r\nHost: x\r\nX-Req: r\r\nX-Forwarded-For: 6.6.6.6\r\nX-Forwarded-Proto: https\r\nForwarded: for=6.6.6.6\r\n" +
+		"X-Stickyd-Client-Addr: 6.6.6.6:1\r\n\r\n"
 	t.Run("untrusted", func(t *testing.T) {
 		e := startEdge(t, Config{}, 1, "rogue:"+dir)
 		_, body := rawRequest(t, e.addr, lie)
-		if !strings.Contains(body, " xff=127.0.0.1 xfp=http fwd= ") {
+		if !strings.Contains(body, " xff=127.0.0.1 xfp=http fwd= ") || !strings.Contains(body, " client=127.0.0.1:") || strings.Contains(body, "6.6.6.6") {
 			t.Fatalf("worker saw %q", body)
 		}
 	})
@@ -234,7 +235,7 @@ func TestForwardingFieldsFromUntrustedClientsAreReplaced(t *testing.T) {
 		trusted, _ := sticky.ParsePrefixes("127.0.0.0/8")
 		e := startEdge(t, Config{Rules: sticky.Rules{TrustedProxies: trusted}}, 1, "rogue:"+dir)
 		_, body := rawRequest(t, e.addr, lie)
-		if !strings.Contains(body, " xff=6.6.6.6, 127.0.0.1 xfp=https fwd=for=6.6.6.6 ") {
+		if !strings.Contains(body, " xff=6.6.6.6, 127.0.0.1 xfp=https fwd=for=6.6.6.6 ") || !strings.HasSuffix(body, " client=6.6.6.6:0") {
 			t.Fatalf("worker saw %q", body)
 		}
 	})

@@ -269,6 +269,21 @@ func (r *Rules) Trusts(peer netip.Addr) bool {
 	return r != nil && len(r.TrustedProxies) > 0 && isTrusted(peer.Unmap().WithZone(""), r.TrustedProxies)
 }
 
+// Client returns the client's address as far as the edge can vouch for it: from the
+// X-Forwarded-For/Forwarded chain when the peer is a trusted proxy, else the peer.
+func (r *Rules) Client(req Request) netip.Addr {
+	peer := req.Peer.Unmap().WithZone("")
+	if !r.Trusts(peer) {
+		return peer
+	}
+	if v, ok := forwardedClient(&req, r.TrustedProxies); ok {
+		if a, err := netip.ParseAddr(v); err == nil {
+			return a.Unmap()
+		}
+	}
+	return peer
+}
+
 // Identify returns the key of the first source in r.Sources that matches req,
 // or a KindNone key. A nil *Rules behaves like the zero value.
 func (r *Rules) Identify(req Request) Key {
