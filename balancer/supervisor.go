@@ -479,7 +479,7 @@ func (s *Supervisor) giveUp(slot, tries int, err error) {
 	}
 	same := false
 	for _, r := range s.gaveUp {
-		same = same || r == reason
+		same = same || digitsRE.ReplaceAllString(r, "#") == digitsRE.ReplaceAllString(reason, "#")
 	}
 	s.gaveUp[slot] = reason
 	s.settle(slot)
@@ -865,7 +865,8 @@ func (s *Supervisor) showFailedOutput(p *proc) {
 	if len(held) == 0 {
 		return
 	}
-	text := strings.Join(held, "\n")
+	// Pids, ports and timestamps differ from one try to the next; the failure does not.
+	text := digitsRE.ReplaceAllString(strings.Join(held, "\n"), "#")
 	s.mu.Lock()
 	if s.shown == nil || len(s.shown) > 64 {
 		s.shown = map[string]bool{}
@@ -1282,9 +1283,16 @@ func (l *lineWriter) writeLines(lines []string) {
 // "Error: Cannot find module …", "SyntaxError: …", Go's "panic: …", a shell's "…: not found".
 var errorLineRE = regexp.MustCompile(`^\s*(?:Uncaught )?(?:[A-Z][A-Za-z]*)?(?:Error|Exception)\b|^panic: |^fatal error: |: not found$|: No such file or directory$|: command not found$|: Permission denied$`)
 
+// noiseLineRE matches the lines of a crash report that never say what went wrong: stack
+// frames, Node's version footer, npm's summary of a failed script.
+var noiseLineRE = regexp.MustCompile(`^at |^Node\.js v|^[}^]$|A complete log of this run can be found|^npm (?:error|ERR!) (?:code|path|command|errno|syscall|signal|Lifecycle|Exit status|Failed at)\b|^npm (?:error|ERR!)\s*$`)
+
+// digitsRE finds the numbers (pids, ports, timestamps) that differ between two tries of
+// the same failure.
+var digitsRE = regexp.MustCompile(`[0-9]+`)
+
 // lastErrorLine picks the line of a failed worker's last stderr lines that says what went
-// wrong: the last one that looks like an error, else the last one that is not part of a
-// stack trace or Node's version footer.
+// wrong: the last one that looks like an error, else the last one that is not noise.
 func lastErrorLine(lines []string) string {
 	for i := len(lines) - 1; i >= 0; i-- {
 		if errorLineRE.MatchString(lines[i]) {
@@ -1293,7 +1301,7 @@ func lastErrorLine(lines []string) string {
 	}
 	for i := len(lines) - 1; i >= 0; i-- {
 		t := strings.TrimSpace(lines[i])
-		if t == "" || strings.HasPrefix(t, "at ") || strings.HasPrefix(t, "Node.js v") || t == "}" || t == "^" {
+		if t == "" || noiseLineRE.MatchString(t) {
 			continue
 		}
 		return t

@@ -240,6 +240,10 @@ func TestLastErrorLine(t *testing.T) {
 		{[]string{"/srv/app.js:3", "SyntaxError: Unexpected token '}'", "Node.js v20.20.2"}, "SyntaxError: Unexpected token '}'"},
 		{[]string{"sh: 1: nodee: not found"}, "sh: 1: nodee: not found"},
 		{[]string{"listening", "bye", "Node.js v20.1.0"}, "bye"},
+		{[]string{`npm error npx canceled due to missing packages and no YES option: ["nodemon@3.1.14"]`,
+			"npm error A complete log of this run can be found in: /root/.npm/_logs/2026-12-01T14_26_50_702Z-debug-0.log"},
+			`npm error npx canceled due to missing packages and no YES option: ["nodemon@3.1.14"]`},
+		{[]string{"npm error path /srv", "npm error command failed", "npm error command sh -c node x.js"}, ""},
 		{nil, ""},
 	} {
 		if got := lastErrorLine(tc.lines); got != tc.want {
