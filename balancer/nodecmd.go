@@ -87,8 +87,9 @@ func CheckWorkerCommand(cmd []string) error {
 
 // ownListeners lists the TCP sockets listening in the process group pgid that this process
 // does not hold too (a Node app's other servers are bound by the edge and shared): a Node
-// worker that listens itself never got the edge's channel. Linux /proc; nil elsewhere.
-func ownListeners(pgid int) []string {
+// worker that listens itself never got the edge's channel. nodeOnly: only Node processes'.
+// Linux /proc; nil elsewhere.
+func ownListeners(pgid int, nodeOnly bool) []string {
 	if pgid <= 0 {
 		return nil
 	}
@@ -118,6 +119,9 @@ func ownListeners(pgid int) []string {
 	for _, e := range ents {
 		pid, err := strconv.Atoi(e.Name())
 		if err != nil || procPgid(pid) != pgid {
+			continue
+		}
+		if nodeOnly && !nodeBinaries[procComm(pid)] {
 			continue
 		}
 		for ino := range socketInodes(pid) {

@@ -791,12 +791,15 @@ func (s *Supervisor) spawn(ctx context.Context, slot int) (*proc, error) {
 	timer := time.NewTimer(s.SpawnTimeout)
 	defer timer.Stop()
 	// A Node app that found no channel listens on its port itself: look for that while it
-	// starts, so that it is named at once instead of after the spawn timeout.
-	var probe <-chan time.Time
-	if s.Node {
-		t := time.NewTicker(250 * time.Millisecond)
-		defer t.Stop()
-		probe = t.C
+	// starts, so that it is named at once instead of after the spawn timeout. In Go mode
+	// only Node processes count (a Go worker may serve metrics on a port of its own): a
+	// Node app whose command did not say so (`./start.sh`) needs -node.
+	t := time.NewTicker(250 * time.Millisecond)
+	defer t.Stop()
+	probe := t.C
+	hint := s.noChannelHint()
+	if !s.Node {
+		hint = fmt.Sprintf("a Node app: say so with -node (`stickyd run -node -- %s`), which gives it stickyd's channel", strings.Join(s.Command, " "))
 	}
 	for {
 		select {
@@ -817,15 +820,15 @@ func (s *Supervisor) spawn(ctx context.Context, slot int) (*proc, error) {
 			}
 			return nil, &startError{err: fmt.Errorf("%w: worker %d (`%s`) exited (%s)", ErrWorkerExited, slot, cmd, why), summary: summary}
 		case <-probe:
-			lns := ownListeners(p.pgid)
+			lns := ownListeners(p.pgid, !s.Node)
 			if len(lns) == 0 {
 				continue
 			}
 			s.stop(p)
 			s.showFailedOutput(p)
 			cmd := strings.Join(s.Command, " ")
-			return nil, &startError{err: fmt.Errorf("%w: worker %d (`%s`): %s; %s", ErrOwnListener, slot, cmd, lns[0], s.noChannelHint()),
-				summary: fmt.Sprintf("`%s`: %s, bypassing the edge; %s", cmd, lns[0], s.noChannelHint())}
+			return nil, &startError{err: fmt.Errorf("%w: worker %d (`%s`): %s; %s", ErrOwnListener, slot, cmd, lns[0], hint),
+				summary: fmt.Sprintf("`%s`: %s, bypassing the edge; %s", cmd, lns[0], hint)}
 		case <-timer.C:
 			s.releaseOutput(p)
 			hint := "check that the command starts a stickyd worker (a Go worker calls fdpass.Listen(); a Node app needs -node when the command does not name node, npm, npx, yarn, pnpm or nodemon)"
@@ -835,7 +838,7 @@ func (s *Supervisor) spawn(ctx context.Context, slot int) (*proc, error) {
 					hint += "; or the app never got stickyd's channel: " + s.noChannelHint()
 				}
 			}
-			if lns := ownListeners(p.pgid); len(lns) > 0 {
+			if lns := ownListeners(p.pgid, false); len(lns) > 0 {
 				hint = lns[0] + "; " + hint
 			}
 			s.stop(p)
