@@ -17,10 +17,13 @@ type relayWorker struct {
 	done chan struct{} // closed when Run returns
 }
 
-func startRelayWorker(t *testing.T, r *Relay) *relayWorker {
+func startRelayWorker(t *testing.T, r *Relay, configure ...func(*Primary)) *relayWorker {
 	t.Helper()
 	ch, peer := newFakeChannel(t, Config{})
 	w := &relayWorker{p: &Primary{Channel: ch, Relay: r}, peer: peer, done: make(chan struct{})}
+	for _, f := range configure {
+		f(w.p)
+	}
 	go func() {
 		defer close(w.done)
 		w.p.Run(context.Background())
@@ -217,4 +220,65 @@ func TestRelaySlowWorkerDoesNotBlockOthers(t *testing.T) {
 		t.Fatal("no message dropped for the worker that does not read")
 	}
 	t.Logf("dropped for the slow worker: %d of %d", d, n)
+}
+
+// TestWebSocketsReportAndHandover: the preload's {"cmd":"STICKYD","act":"websockets","n":N}
+// sets WebSockets and calls OnWebSockets; the count travels in the handover state; a
+// detached worker leaves the relay without the others hearing that its adapter closed, and
+// the resumed Primary relays again.
+func TestWebSocketsReportAndHandover(t *testing.T) {
+	r := &Relay{}
+	got := make(chan int64, 4)
+	a := startRelayWorker(t, r)
+	b := startRelayWorker(t, r, func(p *Primary) { p.OnWebSockets = func(n int64) { got <- n } })
+	waitMembers(t, r, 2)
+
+	b.peer.write(`{"cmd":"STICKYD","act":"websockets","n":3}` + "\n")
+	select {
+	case n := <-got:
+		if n != 3 || b.p.WebSockets() != 3 {
+			t.Fatalf("OnWebSockets(%d), WebSockets() %d; want 3", n, b.p.WebSockets())
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("OnWebSockets not called")
+	}
+	hello := adapterLine(1, "ub", "")
+	b.peer.write(hello)
+	a.expectLine(t, hello)
+
+	st, err := b.p.Detach()
+	if err != nil {
+		t.Fatal(err)
+	}
+	<-b.done
+	if st.WebSockets != 3 {
+		t.Errorf("state WebSockets %d, want 3", st.WebSockets)
+	}
+	a.expectNothing(t, 200*time.Millisecond) // no ADAPTER_CLOSE: the worker lives on
+	waitMembers(t, r, 1)
+
+	p2, err := ResumePrimary(roundTrip(t, st), Config{Logger: testLogger(t)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if p2.WebSockets() != 3 {
+		t.Errorf("resumed WebSockets() %d, want 3", p2.WebSockets())
+	}
+	p2.Relay = r
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		p2.Run(context.Background())
+	}()
+	t.Cleanup(func() {
+		p2.Channel.Close()
+		<-done
+	})
+	waitMembers(t, r, 2)
+	hb := adapterLine(2, "ub", "")
+	b.peer.write(hb)
+	a.expectLine(t, hb)
+	ha := adapterLine(2, "ua", "")
+	a.peer.write(ha)
+	b.expectLine(t, ha)
 }
