@@ -410,7 +410,11 @@ func (s *Supervisor) runSlot(ctx context.Context, slot int) {
 				continue
 			}
 			err = p.err
-			s.Logger.Warn("worker exited; restarting", "worker", slot, "pid", p.process.Pid, "err", err)
+			if line := lastErrorLine(p.errOut.Tail()); line != "" {
+				s.Logger.Warn("worker exited; restarting", "worker", slot, "pid", p.process.Pid, "err", err, "last_error", line)
+			} else {
+				s.Logger.Warn("worker exited; restarting", "worker", slot, "pid", p.process.Pid, "err", err)
+			}
 		} else {
 			if ctx.Err() != nil || s.killing.Load() {
 				return
