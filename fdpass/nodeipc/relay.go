@@ -22,6 +22,10 @@ import (
 //     sent requesterUid (dropped when none did);
 //   - everything else goes to every worker but the sender.
 //
+// (0.1.x/0.2.x, which carry no uid and number their types differently, are routed as their
+// own setupPrimary does: responses by data.workerId, the cluster.worker.id of the requester;
+// a worker that goes away is announced with WORKER_EXIT.)
+//
 // Relay does the same, with two differences that change nothing the adapter can observe:
 // BROADCAST_CLIENT_COUNT (11) and BROADCAST_ACK (12) — responses that setupPrimary sends to
 // every other worker, where all but the requester ignore them — go to the requester only when
@@ -53,6 +57,7 @@ type Relay struct {
 	mu      sync.Mutex
 	members map[*relayMember]struct{}
 	uids    map[string]*relayMember // adapter uid -> the worker that sent it
+	legacy  map[int]*relayMember    // 0.1/0.2 adapters: cluster.worker.id -> the worker
 }
 
 // Adapter message types (socket.io-adapter's MessageType) the relay routes specially.
@@ -63,7 +68,15 @@ const (
 	sioBroadcastAck           = 12
 	sioAdapterClose           = 13
 	sioSource                 = "_sio_adapter"
-	maxUIDsPerWorker          = 1024 // one per namespace; a bound against a runaway app
+
+	// @socket.io/cluster-adapter 0.1.x/0.2.x numbered its own types.
+	legacyWorkerInit             = 1
+	legacyWorkerPing             = 2
+	legacyWorkerExit             = 3
+	legacyFetchSocketsResponse   = 9
+	legacyServerSideEmitResponse = 11
+
+	maxUIDsPerWorker = 1024 // one per namespace; a bound against a runaway app
 )
 
 // RelayTotals are the relay's counts since it was created.
@@ -82,13 +95,14 @@ func (r *Relay) Totals() RelayTotals {
 
 // relayMember is one worker taking part in the relay.
 type relayMember struct {
-	r      *Relay
-	c      *Channel
-	log    *slog.Logger
-	uids   map[string]string // uid -> nsp
-	notify chan struct{}     // capacity 1
-	stop   chan struct{}
-	done   chan struct{}
+	r        *Relay
+	c        *Channel
+	log      *slog.Logger
+	uids     map[string]string // uid -> nsp
+	legacyID *int              // (Relay.mu) cluster.worker.id a 0.1/0.2 adapter of this worker announced
+	notify   chan struct{}     // capacity 1
+	stop     chan struct{}
+	done     chan struct{}
 
 	qmu    sync.Mutex
 	queue  [][]byte // lines without '\n'
@@ -110,6 +124,7 @@ func (r *Relay) join(c *Channel, log *slog.Logger) *relayMember {
 	if r.members == nil {
 		r.members = map[*relayMember]struct{}{}
 		r.uids = map[string]*relayMember{}
+		r.legacy = map[int]*relayMember{}
 	}
 	r.members[m] = struct{}{}
 	r.mu.Unlock()
@@ -140,6 +155,19 @@ func (m *relayMember) leave(gone bool) {
 			}
 		}
 	}
+	if id := m.legacyID; id != nil {
+		if r.legacy[*id] == m {
+			delete(r.legacy, *id)
+		}
+		if gone { // what 0.1/0.2's setupPrimary sends on cluster "exit"
+			b, _ := json.Marshal(struct {
+				Source string `json:"source"`
+				Type   int    `json:"type"`
+				Data   int    `json:"data"`
+			}{sioSource, legacyWorkerExit, *id})
+			closes = append(closes, b)
+		}
+	}
 	var others []*relayMember
 	if len(closes) > 0 {
 		for o := range r.members {
@@ -161,6 +189,7 @@ type adapterMsg struct {
 	UID          string          `json:"uid"`
 	Nsp          string          `json:"nsp"`
 	RequesterUID string          `json:"requesterUid"`
+	Data         json.RawMessage `json:"data"`
 }
 
 // isAdapterMessage is a cheap pre-check before decoding.
@@ -183,6 +212,9 @@ func (m *relayMember) handle(raw []byte) bool {
 		typ = *v
 	}
 	r := m.r
+	if a.UID == "" {
+		return m.handleLegacy(raw, typ, a.Data)
+	}
 	var targets []*relayMember
 	r.mu.Lock()
 	if a.UID != "" {
@@ -213,6 +245,48 @@ func (m *relayMember) handle(raw []byte) bool {
 	if toRequester && len(targets) == 0 {
 		r.count(0, 1)
 		m.log.Debug("nodeipc: cluster adapter response for an unknown requester dropped", "type", typ, "requester", a.RequesterUID)
+		return true
+	}
+	r.count(0, m.fanout(raw, targets))
+	return true
+}
+
+// handleLegacy routes a message of @socket.io/cluster-adapter 0.1.x/0.2.x (no uid; its own
+// type numbers), as that version's setupPrimary does: FETCH_SOCKETS_RESPONSE (9) and
+// SERVER_SIDE_EMIT_RESPONSE (11) go to the worker whose cluster.worker.id is data.workerId,
+// everything else to every other worker. A worker's id is learnt from its WORKER_INIT (1) and
+// WORKER_PING (2), whose data it is.
+func (m *relayMember) handleLegacy(raw []byte, typ int, data json.RawMessage) bool {
+	r := m.r
+	var targets []*relayMember
+	toRequester := typ == legacyFetchSocketsResponse || typ == legacyServerSideEmitResponse
+	r.mu.Lock()
+	switch {
+	case typ == legacyWorkerInit || typ == legacyWorkerPing:
+		if id := rawInt(data); id != nil {
+			m.legacyID = id
+			r.legacy[*id] = m
+		}
+	case toRequester:
+		var d struct {
+			WorkerID json.RawMessage `json:"workerId"`
+		}
+		_ = json.Unmarshal(data, &d)
+		if id := rawInt(d.WorkerID); id != nil && r.legacy[*id] != nil {
+			targets = append(targets, r.legacy[*id])
+		}
+	}
+	if !toRequester {
+		for o := range r.members {
+			if o != m {
+				targets = append(targets, o)
+			}
+		}
+	}
+	r.mu.Unlock()
+	if toRequester && len(targets) == 0 {
+		r.count(0, 1)
+		m.log.Debug("nodeipc: cluster adapter (0.2) response for an unknown worker dropped", "type", typ)
 		return true
 	}
 	r.count(0, m.fanout(raw, targets))

@@ -282,3 +282,42 @@ func TestWebSocketsReportAndHandover(t *testing.T) {
 	a.peer.write(ha)
 	b.expectLine(t, ha)
 }
+
+// TestRelayLegacyAdapter: @socket.io/cluster-adapter 0.2.x messages (no uid, their own type
+// numbers) are routed as 0.2.x's setupPrimary does: responses to the worker whose
+// cluster.worker.id is data.workerId, WORKER_EXIT when a worker goes away.
+func TestRelayLegacyAdapter(t *testing.T) {
+	r := &Relay{}
+	a, b, c := startRelayWorker(t, r), startRelayWorker(t, r), startRelayWorker(t, r)
+	waitMembers(t, r, 3)
+	legacy := func(typ int, data string) string {
+		return fmt.Sprintf(`{"type":%d,"data":%s,"nsp":"/","source":"_sio_adapter"}`, typ, data) + "\n"
+	}
+	for i, w := range []*relayWorker{a, b, c} {
+		init := legacy(1, fmt.Sprint(i+1)) // WORKER_INIT, data: cluster.worker.id
+		w.peer.write(init)
+		for j, o := range []*relayWorker{a, b, c} {
+			if j != i {
+				o.expectLine(t, init)
+			}
+		}
+	}
+	// FETCH_SOCKETS (8 in 0.2.x) is a request: to everyone else.
+	req := legacy(8, `{"requestId":"q","workerId":1,"opts":{}}`)
+	a.peer.write(req)
+	b.expectLine(t, req)
+	c.expectLine(t, req)
+	// FETCH_SOCKETS_RESPONSE (9) and SERVER_SIDE_EMIT_RESPONSE (11): to worker 1 only.
+	for _, typ := range []int{9, 11} {
+		resp := legacy(typ, `{"requestId":"q","workerId":1,"sockets":[]}`)
+		c.peer.write(resp)
+		a.expectLine(t, resp)
+	}
+	b.expectNothing(t, 100*time.Millisecond)
+
+	c.peer.uc.Close() // worker 3 exits
+	<-c.done
+	exit := `{"source":"_sio_adapter","type":3,"data":3}` + "\n"
+	a.expectLine(t, exit)
+	b.expectLine(t, exit)
+}
