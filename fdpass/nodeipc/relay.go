@@ -14,8 +14,8 @@ import (
 // the socket.io cluster recipe (io.adapter(createAdapter())) loses every cross-worker message:
 // io.emit reaches only the clients of the emitting worker, fetchSockets sees only its own.
 //
-// The adapter (NodeClusterAdapter, @socket.io/cluster-adapter 0.2.x/0.3.x over
-// socket.io-adapter's ClusterAdapterWithHeartbeat) sends every message with
+// The adapter (NodeClusterAdapter of @socket.io/cluster-adapter 0.3.x, over socket.io-adapter's
+// ClusterAdapterWithHeartbeat) sends every message with
 // process.send({source:"_sio_adapter", type, uid, nsp, data, requesterUid?}). setupPrimary
 // records, per worker, every uid (one per namespace) that worker sent, then:
 //   - FETCH_SOCKETS_RESPONSE (8) and SERVER_SIDE_EMIT_RESPONSE (10) go to the one worker that
@@ -36,7 +36,9 @@ import (
 //
 // Messages are relayed byte for byte as received. In JSON serialization mode (the only mode
 // stickyd speaks) a Buffer in a packet travels as {"type":"Buffer","data":[...]}: the preload
-// turns those back into Buffers in the receiving worker (see preload.js).
+// turns those back into Buffers in the receiving worker (0.3.x; see preload.js). Messages
+// sent to a worker while it is being handed to the next edge image (stickyd upgrade) are
+// lost, like those to a worker that is not running.
 //
 // The relay never blocks a worker's reader: each worker has a bounded queue (QueueLen
 // messages, QueueBytes bytes) drained by its own writer goroutine; a message that does not fit
