@@ -1,7 +1,8 @@
-// Package upgrade reads, validates and classifies the HTTP/1.x request head
-// that starts every client connection of the edge, recognises engine.io
-// handshakes, and provides the worker-side glue that closes upgraded
-// WebSockets cleanly on shutdown.
+// Package upgrade is stickyd's HTTP/1.x wire code: it reads, validates and
+// classifies the request head that starts every client connection of the
+// edge, recognises engine.io handshakes, and reads the workers' responses
+// (status line, fields, Content-Length and chunked bodies) for the
+// per-request proxy. It is pure: no sockets of its own, no goroutines.
 //
 // The package does no I/O beyond the connection it is handed.
 //
