@@ -17,6 +17,7 @@ import (
 	"github.com/gorilla/websocket"
 
 	"github.com/stickyd/stickyd/fdpass"
+	"github.com/stickyd/stickyd/fdpass/wsworker"
 	"github.com/stickyd/stickyd/upgrade"
 )
 
@@ -65,7 +66,7 @@ func testWorker(mode string) int {
 		ln.Accept()
 		os.Exit(3)
 	}
-	var tracker upgrade.Tracker
+	var tracker wsworker.Tracker
 	var up websocket.Upgrader
 	mux := http.NewServeMux()
 	mux.HandleFunc("/ws", func(w http.ResponseWriter, r *http.Request) {

@@ -255,7 +255,7 @@ func (l *Listener) ReportWebSockets(n int) error {
 }
 
 // ReportWebSocketsFrom tells the edge how many WebSockets this worker holds — count(),
-// typically an upgrade.Tracker's Len — whenever the number changes, checking once a
+// typically an wsworker.Tracker's Len — whenever the number changes, checking once a
 // second, until ctx ends or the listener stops. Run it in its own goroutine.
 func (l *Listener) ReportWebSocketsFrom(ctx context.Context, count func() int) {
 	tick := time.NewTicker(time.Second)

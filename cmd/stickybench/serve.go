@@ -14,14 +14,14 @@ import (
 	"github.com/gorilla/websocket"
 
 	"github.com/stickyd/stickyd/fdpass"
-	"github.com/stickyd/stickyd/upgrade"
+	"github.com/stickyd/stickyd/fdpass/wsworker"
 )
 
 // echoHandler serves /ws like stickyd's demo worker (a JSON hello, then every message
 // echoed with its type) and /whoami.
-func echoHandler(id string) (http.Handler, *upgrade.Tracker) {
+func echoHandler(id string) (http.Handler, *wsworker.Tracker) {
 	pid := os.Getpid()
-	tracker := new(upgrade.Tracker)
+	tracker := new(wsworker.Tracker)
 	up := websocket.Upgrader{ReadBufferSize: 1024, WriteBufferSize: 1024}
 	mux := http.NewServeMux()
 	mux.HandleFunc("GET /whoami", func(w http.ResponseWriter, r *http.Request) {
@@ -36,7 +36,7 @@ func echoHandler(id string) (http.Handler, *upgrade.Tracker) {
 		defer c.Close()
 		defer tracker.Add(c)()
 		hello, _ := json.Marshal(map[string]any{"type": "hello", "worker": id, "pid": pid, "remote": r.RemoteAddr})
-		upgrade.Echo(c, hello, 120*time.Second)
+		wsworker.Echo(c, hello, 120*time.Second)
 	})
 	return mux, tracker
 }

@@ -16,7 +16,7 @@ import (
 	"github.com/gorilla/websocket"
 
 	"github.com/stickyd/stickyd/fdpass"
-	"github.com/stickyd/stickyd/upgrade"
+	"github.com/stickyd/stickyd/fdpass/wsworker"
 )
 
 //go:embed demo.html
@@ -45,7 +45,7 @@ func runDemoWorker(ctx context.Context, args []string, log *slog.Logger) error {
 	}
 	id := os.Getenv(fdpass.EnvWorkerID)
 	pid := os.Getpid()
-	var tracker upgrade.Tracker
+	var tracker wsworker.Tracker
 	up := websocket.Upgrader{ReadBufferSize: 1024, WriteBufferSize: 1024}
 
 	mux := http.NewServeMux()
@@ -69,7 +69,7 @@ func runDemoWorker(ctx context.Context, args []string, log *slog.Logger) error {
 		defer done()
 		defer c.Close()
 		hello, _ := json.Marshal(map[string]any{"type": "hello", "worker": id, "pid": pid, "remote": r.RemoteAddr})
-		upgrade.Echo(c, hello, 60*time.Second)
+		wsworker.Echo(c, hello, 60*time.Second)
 	})
 	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second, ErrorLog: slog.NewLogLogger(log.Handler(), slog.LevelDebug)}
 	srv.RegisterOnShutdown(tracker.GoingAway)

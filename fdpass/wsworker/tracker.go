@@ -1,4 +1,8 @@
-package upgrade
+// Package wsworker is the WebSocket side of a Go worker behind stickyd: it tracks the
+// WebSockets a worker serves (so shutdown closes them with 1001 and the edge hears how
+// many are open) and has the echo loop of the demo and bench workers. It is apart from
+// package fdpass so that the edge, which links fdpass, does not link gorilla/websocket.
+package wsworker
 
 import (
 	"context"
