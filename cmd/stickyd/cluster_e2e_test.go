@@ -286,3 +286,51 @@ func TestNodeWorkerWebSocketsCounted(t *testing.T) {
 		})
 	}
 }
+
+// TestNodeWorkerDrainWaitsForWebSockets: restarting a Node worker drains it first, and the
+// drain now waits for its WebSockets. Clients that go straight to WebSocket leave no session
+// in the edge's table (their handshake travels inside the handed-off socket), so before the
+// preload counted them a restart stopped the worker at once, under its clients.
+func TestNodeWorkerDrainWaitsForWebSockets(t *testing.T) {
+	dir := nodeFixtures(t)
+	d := startDaemon(t, dir, "run", "-workers", "2", "-shutdown-timeout", "60s", "--", "node", "server-listen.js")
+	sioWaitWorkers(t, d, 2, 60*time.Second)
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	const n = 16
+	run := startClients(t, ctx, sioClientArgs(d, "--clients", fmt.Sprint(n), "--transports", "websocket", "--hold-ms", "4000", "--timeout-ms", "60000")...)
+	sioWaitEvent(t, run, "holding", time.Minute)
+	per := waitWebSockets(t, d, n, 3*time.Second)
+	slot := 0
+	if per[1] > per[0] {
+		slot = 1
+	}
+	if per[slot] == 0 {
+		t.Fatalf("no WebSockets on any worker: %v", per)
+	}
+	restarted := make(chan time.Time, 1)
+	go func() {
+		req, _ := http.NewRequest("POST", fmt.Sprintf("http://%s/admin/restart/%d", d.metrics, slot), nil)
+		req.Header.Set("X-Stickyd-Admin", "1")
+		if resp, err := (&http.Client{Timeout: 90 * time.Second}).Do(req); err == nil {
+			resp.Body.Close()
+		}
+		restarted <- time.Now()
+	}()
+	res, err := run.Wait()
+	closed := time.Now()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !res.AllOK() {
+		t.Fatalf("the restart of worker %d (%d WebSockets) cut its clients off: %s", slot, per[slot], res.Raw)
+	}
+	select {
+	case at := <-restarted:
+		if at.Before(closed.Add(-time.Second)) {
+			t.Errorf("the restart ended %v before the clients closed", closed.Sub(at))
+		}
+	case <-time.After(40 * time.Second):
+		t.Fatal("the restart did not end once the WebSockets were gone (it waits for the drain grace, 60 s)")
+	}
+}
