@@ -191,7 +191,6 @@ type adapterMsg struct {
 	UID          string          `json:"uid"`
 	Nsp          string          `json:"nsp"`
 	RequesterUID string          `json:"requesterUid"`
-	Data         json.RawMessage `json:"data"`
 }
 
 // isAdapterMessage is a cheap pre-check before decoding.
@@ -215,7 +214,7 @@ func (m *relayMember) handle(raw []byte) bool {
 	}
 	r := m.r
 	if a.UID == "" {
-		return m.handleLegacy(raw, typ, a.Data)
+		return m.handleLegacy(raw, typ)
 	}
 	var targets []*relayMember
 	r.mu.Lock()
@@ -258,7 +257,12 @@ func (m *relayMember) handle(raw []byte) bool {
 // SERVER_SIDE_EMIT_RESPONSE (11) go to the worker whose cluster.worker.id is data.workerId,
 // everything else to every other worker. A worker's id is learnt from its WORKER_INIT (1) and
 // WORKER_PING (2), whose data it is.
-func (m *relayMember) handleLegacy(raw []byte, typ int, data json.RawMessage) bool {
+func (m *relayMember) handleLegacy(raw []byte, typ int) bool {
+	var msg struct {
+		Data json.RawMessage `json:"data"`
+	}
+	_ = json.Unmarshal(raw, &msg) // valid JSON: handle decoded it
+	data := msg.Data
 	r := m.r
 	var targets []*relayMember
 	toRequester := typ == legacyFetchSocketsResponse || typ == legacyServerSideEmitResponse
