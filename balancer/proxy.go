@@ -17,7 +17,6 @@ import (
 	"sync/atomic"
 	"syscall"
 	"time"
-	"unsafe"
 
 	"golang.org/x/sys/unix"
 
@@ -32,13 +31,8 @@ import (
 // are small); larger bodies stream and are never retried.
 const replayableBody = 64 << 10
 
-// Limits on what a worker may answer.
-const (
-	maxResponseHead   = 64 << 10 // bytes of status line and fields
-	maxResponseFields = 256
-	max1xxResponses   = 5
-	maxTrailerLines   = 100
-)
+// maxTrailerLines bounds the trailer of a chunked request body.
+const maxTrailerLines = 100
 
 var (
 	readerPool  sync.Pool
@@ -47,9 +41,8 @@ var (
 	smallPool   = sync.Pool{New: func() any { b := make([]byte, replayableBody); return &b }}
 	scratchPool = sync.Pool{New: func() any {
 		return &proxyScratch{
-			head:   upgrade.Head{Fields: make([]upgrade.Field, 0, 32)},
-			rh:     make([]byte, 0, 2048),
-			fields: make([]respField, 0, 32),
+			head: upgrade.Head{Fields: make([]upgrade.Field, 0, 32)},
+			resp: upgrade.Response{Raw: make([]byte, 0, 2048), Fields: make([]upgrade.RespField, 0, 32)},
 		}
 	}}
 )
@@ -58,12 +51,8 @@ var (
 type proxyScratch struct {
 	head upgrade.Head // aliases the client reader's buffer: valid until the body is read
 
-	// The worker's response head: its lines copied into rh (so they stay valid while the
-	// body is read through the same buffer), the fields as offsets into rh.
-	rh     []byte
-	fields []respField
-	resp   respHead
-	body   respBody
+	resp   upgrade.Response // the worker's response head (its own copy of the lines)
+	body   upgrade.Body
 	prefix [2048]byte // the start of an engine.io handshake answer
 
 	x exchange // the request in flight (here, not on the heap per request)
@@ -74,7 +63,7 @@ type proxyScratch struct {
 func (sc *proxyScratch) reset() {
 	clear(sc.head.Fields[:cap(sc.head.Fields)])
 	sc.head = upgrade.Head{Fields: sc.head.Fields[:0]}
-	sc.body = respBody{}
+	sc.body = upgrade.Body{}
 	sc.x = exchange{}
 	sc.parked = false
 }
@@ -409,9 +398,6 @@ func (b *Balancer) isGone(w *Worker) bool {
 var (
 	errBodyTooLarge    = errors.New("balancer: request body over the limit")
 	errBadRequestBody  = errors.New("balancer: malformed chunked request body")
-	errBadResponse     = errors.New("balancer: malformed response from the worker")
-	errTooMany1xx      = errors.New("balancer: too many 1xx responses from the worker")
-	errResponseTooBig  = errors.New("balancer: response head from the worker too large")
 	errResponseTimeout = errors.New("balancer: no response head from the worker within the response timeout")
 	errClientGone      = errors.New("balancer: the client closed its connection while its request was in flight")
 	errParked          = errors.New("balancer: request in flight handed to the next edge image")
@@ -540,8 +526,8 @@ func (x *exchange) relay(reusable *bool) (keep bool, err error) {
 	}
 	x.gotResponse = true
 	rh := &sc.resp
-	if err := readResponseHead(vc.br, sc, x.info.isHead); err != nil {
-		if errors.Is(err, errBadResponse) || errors.Is(err, errTooMany1xx) || errors.Is(err, errResponseTooBig) {
+	if err := upgrade.ReadResponseHead(vc.br, &sc.resp, x.info.isHead); err != nil {
+		if errors.Is(err, upgrade.ErrBadResponse) || errors.Is(err, upgrade.ErrTooMany1xx) || errors.Is(err, upgrade.ErrResponseTooBig) {
 			b.protocolError(x, metrics.ProtoMalformed, 1, err.Error())
 		} else if isTimeout(err) && !x.senderFailed.Load() {
 			err = errResponseTimeout
@@ -551,23 +537,22 @@ func (x *exchange) relay(reusable *bool) (keep bool, err error) {
 		}
 		return false, err
 	}
-	b.countResponse(x, rh.status)
+	b.countResponse(x, rh.Status)
 
 	keep = !x.info.close && !b.isClosing()
 	var prefix []byte
 	body := &sc.body
-	*body = respBody{br: vc.br, conn: vc.c, idle: b.cfg.ResponseTimeout, stop: &x.senderFailed, mode: rh.bodyMode, n: rh.contentLength}
-	if x.info.handshake && rh.status == 200 {
+	*body = upgrade.Body{R: vc.br, Wait: x, Mode: rh.BodyMode, N: rh.ContentLength}
+	if x.info.handshake && rh.Status == 200 {
 		prefix, err = b.learnSession(sc, x.slot)
 		if err != nil {
 			x.finishBody(true)
 			return false, err
 		}
 	}
-	body.flush = x.bw
 	keep, err = x.writeResponse(keep, prefix)
 	if err != nil {
-		if errors.Is(err, errBadResponse) {
+		if errors.Is(err, upgrade.ErrBadResponse) {
 			b.protocolError(x, metrics.ProtoMalformed, 1, err.Error())
 		}
 		x.finishBody(true)
@@ -578,7 +563,7 @@ func (x *exchange) relay(reusable *bool) (keep bool, err error) {
 	if berr := x.finishBody(true); berr != nil {
 		return false, nil
 	}
-	*reusable = !rh.close && rh.bodyMode != bodyUntilEOF
+	*reusable = !rh.Close && rh.BodyMode != upgrade.BodyUntilEOF
 	return keep, nil
 }
 
@@ -680,6 +665,21 @@ func (b *Balancer) finishParked(cc *clientConn, br *bufio.Reader, bw *bufio.Writ
 	return false
 }
 
+// WaitRead is called before a read of the worker's body that may block: what the
+// client has not been sent yet goes out first (long-polls and streamed answers reach it
+// at once), and a worker that stops in the middle of a body must not hold the edge
+// longer than ResponseTimeout.
+func (x *exchange) WaitRead() error {
+	if err := x.bw.Flush(); err != nil {
+		return err
+	}
+	x.vc.c.SetReadDeadline(time.Now().Add(x.b.cfg.ResponseTimeout))
+	if x.senderFailed.Load() { // after the deadline: see awaitResponse
+		return errAborted
+	}
+	return nil
+}
+
 // clientGone reports, without blocking, whether the client closed its connection (or it
 // failed). A client that only half-closed looks the same; it is treated as gone, as
 // nginx does.
@@ -752,7 +752,7 @@ func writeRequestHead(w *bufio.Writer, h *upgrade.Head, peer netip.Addr, client 
 		}
 	}
 	skip := func(name string) bool {
-		return isHop(name) || (hasConn && namedByConnection(h.Fields, name))
+		return upgrade.IsHop(name) || (hasConn && upgrade.NamedByConnection(h.Fields, name))
 	}
 	nXFF, hasXFP := 0, false
 	for _, f := range h.Fields {
@@ -868,54 +868,6 @@ func forwardingField(name string) int {
 		}
 	}
 	return fwdNone
-}
-
-// isHop reports whether a field is connection-level: it never crosses the edge (the
-// edge writes its own Host and framing).
-func isHop(name string) bool {
-	switch len(name) {
-	case 2:
-		return strings.EqualFold(name, "TE")
-	case 4:
-		return strings.EqualFold(name, "Host")
-	case 7:
-		return strings.EqualFold(name, "Trailer") || strings.EqualFold(name, "Upgrade")
-	case 10:
-		return strings.EqualFold(name, "Connection") || strings.EqualFold(name, "Keep-Alive")
-	case 14:
-		return strings.EqualFold(name, "Content-Length")
-	case 16:
-		return strings.EqualFold(name, "Proxy-Connection")
-	case 17:
-		return strings.EqualFold(name, "Transfer-Encoding")
-	case 18:
-		return strings.EqualFold(name, "Proxy-Authenticate")
-	case 19:
-		return strings.EqualFold(name, "Proxy-Authorization")
-	}
-	return false
-}
-
-// namedByConnection reports whether a Connection field lists name.
-func namedByConnection(fields []upgrade.Field, name string) bool {
-	for _, f := range fields {
-		if strings.EqualFold(f.Name, "Connection") && hasToken(f.Value, name) {
-			return true
-		}
-	}
-	return false
-}
-
-// hasToken reports whether the comma-separated list holds token (case-insensitive).
-func hasToken(list, token string) bool {
-	for list != "" {
-		var t string
-		t, list, _ = strings.Cut(list, ",")
-		if strings.EqualFold(strings.Trim(t, " \t"), token) {
-			return true
-		}
-	}
-	return false
 }
 
 // sendBody streams a body that is not buffered (chunked, or larger than
@@ -1039,7 +991,7 @@ func (x *exchange) sendChunked(vw *bufio.Writer) error {
 		if err != nil {
 			return err
 		}
-		size, ok := parseChunkSize(line)
+		size, ok := upgrade.ParseChunkSize(line)
 		if !ok {
 			return errBadRequestBody
 		}
@@ -1112,449 +1064,46 @@ func (x *exchange) bodyLine(vw *bufio.Writer) ([]byte, error) {
 	return line[:len(line)-1], nil
 }
 
-// parseChunkSize parses a chunk-size line (hex digits, optional extensions, which are
-// dropped).
-func parseChunkSize(line []byte) (int64, bool) {
-	if i := bytes.IndexByte(line, ';'); i >= 0 {
-		line = line[:i]
-	}
-	line = bytes.TrimRight(line, " \t")
-	if len(line) == 0 || len(line) > 15 {
-		return 0, false
-	}
-	var n int64
-	for _, c := range line {
-		var d byte
-		switch {
-		case '0' <= c && c <= '9':
-			d = c - '0'
-		case 'a' <= c && c <= 'f':
-			d = c - 'a' + 10
-		case 'A' <= c && c <= 'F':
-			d = c - 'A' + 10
-		default:
-			return 0, false
-		}
-		n = n<<4 | int64(d)
-	}
-	return n, true
-}
-
-// Response body framings.
-const (
-	bodyNone = iota
-	bodyLength
-	bodyChunked
-	bodyUntilEOF
-)
-
-// respHead is the worker's response head as the edge needs it.
-type respHead struct {
-	status        int
-	statusText    span // "200 OK": code and reason as sent
-	contentLength int64
-	clValue       span // the Content-Length value as sent (HEAD answers)
-	bodyMode      int
-	close         bool // the worker closes the connection after this response
-	hasConnection bool
-}
-
-type span struct{ start, end int32 }
-
-type respField struct{ name, value span }
-
-func (sc *proxyScratch) str(s span) string { return bstr(sc.rh[s.start:s.end]) }
-
-// bstr views b as a string without copying; only for use while b is unchanged.
-func bstr(b []byte) string { return unsafe.String(unsafe.SliceData(b), len(b)) }
-
-// readResponseHead reads the worker's status line and fields into sc, skipping interim
-// (1xx) responses. Anything malformed is an error: the caller closes the connection.
-func readResponseHead(br *bufio.Reader, sc *proxyScratch, isHead bool) error {
-	for n1xx := 0; ; n1xx++ {
-		if n1xx > max1xxResponses {
-			return errTooMany1xx
-		}
-		sc.rh = sc.rh[:0]
-		sc.fields = sc.fields[:0]
-		rh := &sc.resp
-		*rh = respHead{contentLength: -1}
-		line, err := readRespLine(br, sc)
-		if err != nil {
-			if n1xx == 0 && len(sc.rh) == 0 && err == io.EOF {
-				return io.EOF
-			}
-			return err
-		}
-		// HTTP/1.x SP 3DIGIT [SP reason]
-		l := sc.rh[line.start:line.end]
-		if len(l) < 12 || string(l[:7]) != "HTTP/1." || (l[7] != '0' && l[7] != '1') || l[8] != ' ' ||
-			(len(l) > 12 && l[12] != ' ') {
-			return errBadResponse
-		}
-		minor := int(l[7] - '0')
-		status := 0
-		for _, c := range l[9:12] {
-			if c < '0' || c > '9' {
-				return errBadResponse
-			}
-			status = status*10 + int(c-'0')
-		}
-		if status < 100 {
-			return errBadResponse
-		}
-		for _, c := range l[12:] {
-			if (c < ' ' && c != '\t') || c == 0x7f {
-				return errBadResponse
-			}
-		}
-		rh.status = status
-		rh.statusText = span{line.start + 9, line.end}
-		var nCL, nTE int
-		var connClose, connKeep bool
-		for {
-			fl, err := readRespLine(br, sc)
-			if err != nil {
-				return err
-			}
-			if fl.start == fl.end {
-				break
-			}
-			f := sc.rh[fl.start:fl.end]
-			if f[0] == ' ' || f[0] == '\t' {
-				return errBadResponse // obs-fold
-			}
-			colon := bytes.IndexByte(f, ':')
-			if colon <= 0 {
-				return errBadResponse
-			}
-			for _, c := range f[:colon] {
-				if !isTokenChar(c) {
-					return errBadResponse
-				}
-			}
-			vs, ve := colon+1, len(f)
-			for vs < ve && (f[vs] == ' ' || f[vs] == '\t') {
-				vs++
-			}
-			for ve > vs && (f[ve-1] == ' ' || f[ve-1] == '\t') {
-				ve--
-			}
-			for _, c := range f[vs:ve] {
-				if (c < ' ' && c != '\t') || c == 0x7f {
-					return errBadResponse
-				}
-			}
-			if len(sc.fields) == maxResponseFields {
-				return errResponseTooBig
-			}
-			rf := respField{span{fl.start, fl.start + int32(colon)}, span{fl.start + int32(vs), fl.start + int32(ve)}}
-			sc.fields = append(sc.fields, rf)
-			name, value := bstr(f[:colon]), bstr(f[vs:ve])
-			switch len(name) {
-			case 10:
-				if strings.EqualFold(name, "Connection") {
-					rh.hasConnection = true
-					connClose = connClose || hasToken(value, "close")
-					connKeep = connKeep || hasToken(value, "keep-alive")
-				}
-			case 14:
-				if strings.EqualFold(name, "Content-Length") {
-					n, ok := parseLength(value)
-					if !ok || (nCL > 0 && n != rh.contentLength) {
-						return errBadResponse
-					}
-					nCL++
-					rh.contentLength = n
-					rh.clValue = rf.value
-				}
-			case 17:
-				if strings.EqualFold(name, "Transfer-Encoding") {
-					if nTE++; nTE > 1 || !strings.EqualFold(value, "chunked") {
-						return errBadResponse // net/http supports exactly one "chunked"
-					}
-				}
-			}
-		}
-		if status < 200 {
-			if status == 101 {
-				return errBadResponse // no upgrade was asked for
-			}
-			continue // 100 Continue and other interim answers: the client does not see them
-		}
-		rh.close = connClose || (minor == 0 && !connKeep)
-		switch {
-		case isHead || status == 204 || status == 304:
-			rh.bodyMode = bodyNone
-		case nTE > 0:
-			rh.bodyMode = bodyChunked
-			rh.contentLength = -1
-		case nCL > 0:
-			rh.bodyMode = bodyLength
-		default:
-			rh.bodyMode = bodyUntilEOF
-			rh.close = true
-		}
-		if nTE > 0 {
-			rh.contentLength = -1
-		}
-		return nil
-	}
-}
-
-// readRespLine appends one line of the worker's head (without its line end) to sc.rh
-// and returns where it is.
-func readRespLine(br *bufio.Reader, sc *proxyScratch) (span, error) {
-	start := len(sc.rh)
-	for {
-		frag, err := br.ReadSlice('\n')
-		if len(sc.rh)+len(frag) > maxResponseHead {
-			return span{}, errResponseTooBig
-		}
-		sc.rh = append(sc.rh, frag...)
-		if err == nil {
-			break
-		}
-		if err != bufio.ErrBufferFull {
-			if err == io.EOF && len(sc.rh) > 0 {
-				err = io.ErrUnexpectedEOF
-			}
-			return span{}, err
-		}
-	}
-	end := len(sc.rh) - 1
-	if end > start && sc.rh[end-1] == '\r' {
-		end--
-	}
-	return span{int32(start), int32(end)}, nil
-}
-
-func parseLength(v string) (int64, bool) {
-	if v == "" || len(v) > 18 {
-		return 0, false
-	}
-	var n int64
-	for i := 0; i < len(v); i++ {
-		c := v[i]
-		if c < '0' || c > '9' {
-			return 0, false
-		}
-		n = n*10 + int64(c-'0')
-	}
-	return n, true
-}
-
-func isTokenChar(c byte) bool {
-	return c < 0x80 && tokenChars[c]
-}
-
-var tokenChars = func() (t [128]bool) {
-	for c := '0'; c <= '9'; c++ {
-		t[c] = true
-	}
-	for c := 'a'; c <= 'z'; c++ {
-		t[c] = true
-		t[c-'a'+'A'] = true
-	}
-	for _, c := range "!#$%&'*+-.^_`|~" {
-		t[c] = true
-	}
-	return t
-}()
-
-// respBody reads the worker's response body through the virtual connection's reader,
-// without copying: each piece is valid until the next call.
-type respBody struct {
-	br      *bufio.Reader
-	conn    net.Conn      // the worker's connection under br
-	idle    time.Duration // the worker must send more of the body within this
-	stop    *atomic.Bool  // set when the request body's sender failed
-	flush   *bufio.Writer // the client's: flushed before a read that may block
-	mode    int
-	n       int64 // bodyLength: bytes left; bodyChunked: bytes left in this chunk
-	started bool  // bodyChunked: a chunk's data was read (its CRLF follows)
-	done    bool
-}
-
-// fill makes sure br holds at least one byte; before it may block it flushes what the
-// client has not been sent yet, so long-polls and streamed answers reach it at once.
-func (r *respBody) fill() error {
-	if r.br.Buffered() > 0 {
-		return nil
-	}
-	if r.flush != nil {
-		if err := r.flush.Flush(); err != nil {
-			return err
-		}
-	}
-	if r.conn != nil && r.idle > 0 {
-		// A worker that stops in the middle of a body must not hold the edge forever.
-		r.conn.SetReadDeadline(time.Now().Add(r.idle))
-		if r.stop != nil && r.stop.Load() {
-			return errAborted
-		}
-	}
-	_, err := r.br.Peek(1)
-	return err
-}
-
-// next returns the next piece of the body, at most max bytes; io.EOF at its end.
-func (r *respBody) next(max int) ([]byte, error) {
-	if r.done {
-		return nil, io.EOF
-	}
-	switch r.mode {
-	case bodyNone:
-		r.done = true
-		return nil, io.EOF
-	case bodyLength:
-		if r.n == 0 {
-			r.done = true
-			return nil, io.EOF
-		}
-		if err := r.fill(); err != nil {
-			if err == io.EOF {
-				err = io.ErrUnexpectedEOF
-			}
-			return nil, err
-		}
-		return r.take(int(min(r.n, int64(max)))), nil
-	case bodyUntilEOF:
-		if err := r.fill(); err != nil {
-			if err == io.EOF {
-				r.done = true
-			}
-			return nil, err
-		}
-		return r.take(max), nil
-	}
-	if r.n == 0 {
-		if r.started {
-			if line, err := r.line(); err != nil {
-				return nil, err
-			} else if len(line) != 0 {
-				return nil, errBadResponse
-			}
-		}
-		line, err := r.line()
-		if err != nil {
-			return nil, err
-		}
-		size, ok := parseChunkSize(line)
-		if !ok {
-			return nil, errBadResponse
-		}
-		if size == 0 {
-			for i := 0; ; i++ { // trailer fields: dropped, as net/http's client drops them
-				if i == maxTrailerLines {
-					return nil, errBadResponse
-				}
-				line, err := r.line()
-				if err != nil {
-					return nil, err
-				}
-				if len(line) == 0 {
-					break
-				}
-			}
-			r.done = true
-			return nil, io.EOF
-		}
-		r.n, r.started = size, true
-	}
-	if err := r.fill(); err != nil {
-		if err == io.EOF {
-			err = io.ErrUnexpectedEOF
-		}
-		return nil, err
-	}
-	return r.take(int(min(r.n, int64(max)))), nil
-}
-
-// take consumes up to max buffered bytes (at least one is buffered).
-func (r *respBody) take(max int) []byte {
-	k := min(r.br.Buffered(), max)
-	p, _ := r.br.Peek(k)
-	r.br.Discard(k)
-	if r.mode != bodyUntilEOF {
-		r.n -= int64(k)
-	}
-	return p
-}
-
-// line reads one line of chunked framing without its line end.
-func (r *respBody) line() ([]byte, error) {
-	if buffered, _ := r.br.Peek(r.br.Buffered()); bytes.IndexByte(buffered, '\n') < 0 && r.flush != nil {
-		if err := r.flush.Flush(); err != nil {
-			return nil, err
-		}
-	}
-	line, err := r.br.ReadSlice('\n')
-	if err != nil {
-		if err == bufio.ErrBufferFull {
-			return nil, errBadResponse
-		}
-		if err == io.EOF {
-			err = io.ErrUnexpectedEOF
-		}
-		return nil, err
-	}
-	line = line[:len(line)-1]
-	if len(line) > 0 && line[len(line)-1] == '\r' {
-		line = line[:len(line)-1]
-	}
-	return line, nil
-}
-
-// Read lets the body be read like any reader (learnSession).
-func (r *respBody) Read(p []byte) (int, error) {
-	if len(p) == 0 {
-		return 0, nil
-	}
-	piece, err := r.next(len(p))
-	return copy(p, piece), err
-}
-
 // writeResponse sends the worker's response to the client. The client connection's
 // keep-alive is the edge's business: a worker that closes its virtual connection after
 // every response (as @socket.io/sticky workers do) does not close the client's.
 func (x *exchange) writeResponse(keep bool, prefix []byte) (bool, error) {
 	sc, bw, rh := x.sc, x.bw, &x.sc.resp
-	noBody := x.info.isHead || rh.status == 204 || rh.status == 304
-	chunked := !noBody && rh.contentLength < 0
+	noBody := x.info.isHead || rh.Status == 204 || rh.Status == 304
+	chunked := !noBody && rh.ContentLength < 0
 	if chunked && x.info.protoMinor == 0 {
 		keep = false // HTTP/1.0 clients know no chunked encoding: the end of body is the close
 		chunked = false
 	}
 	x.answered = true
 	bw.WriteString("HTTP/1.1 ")
-	bw.WriteString(sc.str(rh.statusText))
-	if rh.statusText.end-rh.statusText.start == 3 {
+	bw.WriteString(sc.resp.Str(rh.StatusText))
+	if rh.StatusText.End-rh.StatusText.Start == 3 {
 		bw.WriteByte(' ')
 	}
 	bw.WriteString("\r\n")
-	for _, f := range sc.fields {
-		name := sc.str(f.name)
-		if isHop(name) || (rh.hasConnection && x.respNamedByConnection(name)) {
+	for _, f := range sc.resp.Fields {
+		name := sc.resp.Str(f.Name)
+		if upgrade.IsHop(name) || (rh.HasConnection && sc.resp.NamedByConnection(name)) {
 			continue
 		}
 		bw.WriteString(name)
 		bw.WriteString(": ")
-		bw.WriteString(sc.str(f.value))
+		bw.WriteString(sc.resp.Str(f.Value))
 		bw.WriteString("\r\n")
 	}
 	switch {
 	case noBody:
-		if x.info.isHead && rh.clValue.end > rh.clValue.start {
+		if x.info.isHead && rh.CLValue.End > rh.CLValue.Start {
 			bw.WriteString("Content-Length: ")
-			bw.WriteString(sc.str(rh.clValue))
+			bw.WriteString(sc.resp.Str(rh.CLValue))
 			bw.WriteString("\r\n")
 		}
 	case chunked:
 		bw.WriteString("Transfer-Encoding: chunked\r\n")
-	case rh.contentLength >= 0:
+	case rh.ContentLength >= 0:
 		bw.WriteString("Content-Length: ")
-		bw.Write(strconv.AppendInt(bw.AvailableBuffer(), rh.contentLength, 10))
+		bw.Write(strconv.AppendInt(bw.AvailableBuffer(), rh.ContentLength, 10))
 		bw.WriteString("\r\n")
 	}
 	if !keep {
@@ -1587,7 +1136,7 @@ func (x *exchange) writeResponse(keep bool, prefix []byte) (bool, error) {
 	}
 	body := &sc.body
 	for {
-		p, err := body.next(1 << 30)
+		p, err := body.Next(1 << 30)
 		if len(p) > 0 {
 			if werr := write(p); werr != nil {
 				return false, werr
@@ -1606,17 +1155,6 @@ func (x *exchange) writeResponse(keep bool, prefix []byte) (bool, error) {
 	return keep, bw.Flush()
 }
 
-// respNamedByConnection reports whether the worker's Connection fields list name.
-func (x *exchange) respNamedByConnection(name string) bool {
-	sc := x.sc
-	for _, f := range sc.fields {
-		if n := sc.str(f.name); len(n) == 10 && strings.EqualFold(n, "Connection") && hasToken(sc.str(f.value), name) {
-			return true
-		}
-	}
-	return false
-}
-
 // learnSession records which worker minted the session in an engine.io handshake
 // answer, before the client can see it: from Set-Cookie (cookie identity) and from the
 // open packet. It returns the body bytes it had to read, which are forwarded first.
@@ -1626,19 +1164,19 @@ func (b *Balancer) learnSession(sc *proxyScratch, slot int) ([]byte, error) {
 		if s.Kind != sticky.KindCookie {
 			continue
 		}
-		for _, f := range sc.fields {
-			if !strings.EqualFold(sc.str(f.name), "Set-Cookie") {
+		for _, f := range sc.resp.Fields {
+			if !strings.EqualFold(sc.resp.Str(f.Name), "Set-Cookie") {
 				continue
 			}
-			ck, err := http.ParseSetCookie(sc.str(f.value))
+			ck, err := http.ParseSetCookie(sc.resp.Str(f.Value))
 			if err == nil && ck.Name == s.Name && ck.Value != "" {
 				b.sessions.Put(sticky.NamedKey(sticky.KindCookie, ck.Name, ck.Value).String(), slot, now)
 			}
 		}
 	}
 	limit := len(sc.prefix)
-	if rh := &sc.resp; rh.contentLength >= 0 && rh.contentLength < int64(limit) {
-		limit = int(rh.contentLength)
+	if rh := &sc.resp; rh.ContentLength >= 0 && rh.ContentLength < int64(limit) {
+		limit = int(rh.ContentLength)
 	}
 	n, err := io.ReadFull(&sc.body, sc.prefix[:limit])
 	if err != nil && err != io.EOF && err != io.ErrUnexpectedEOF {

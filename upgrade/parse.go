@@ -300,14 +300,14 @@ func parse(h *Head, b []byte) error {
 				hostField = value
 			}
 		case 7:
-			if equalFold(name, "upgrade") && hasToken(value, "websocket") {
+			if equalFold(name, "upgrade") && HasToken(value, "websocket") {
 				upgradeWS = true
 			}
 		case 10:
 			if equalFold(name, "connection") {
-				connClose = connClose || hasToken(value, "close")
-				connKeep = connKeep || hasToken(value, "keep-alive")
-				connUpgrade = connUpgrade || hasToken(value, "upgrade")
+				connClose = connClose || HasToken(value, "close")
+				connKeep = connKeep || HasToken(value, "keep-alive")
+				connUpgrade = connUpgrade || HasToken(value, "upgrade")
 			}
 		case 14:
 			if equalFold(name, "content-length") {
@@ -516,9 +516,9 @@ func parseContentLength(v string) (int64, bool) {
 	return n, true
 }
 
-// hasToken reports whether the comma-separated list v contains token
+// HasToken reports whether the comma-separated list v contains token
 // (case-insensitive), ignoring OWS around elements.
-func hasToken(v, token string) bool {
+func HasToken(v, token string) bool {
 	for v != "" {
 		var elem string
 		if c := strings.IndexByte(v, ','); c >= 0 {
