@@ -97,16 +97,17 @@ type Primary struct {
 	// reports; see WebSockets.
 	OnWebSockets func(n int64)
 
-	initOnce  sync.Once
-	readyOnce sync.Once
-	ready     chan struct{}
-	events    chan Event
-	runDone   chan struct{}
-	wake      chan struct{} // capacity 1: Detach asks Run to pause between messages
-	seq       atomic.Int64
-	style     atomic.Int32
-	ws        atomic.Int64 // WebSockets the preload last reported
-	relay     *relayMember // (Run's goroutine) this worker in Relay
+	initOnce      sync.Once
+	readyOnce     sync.Once
+	ready         chan struct{}
+	events        chan Event
+	runDone       chan struct{}
+	wake          chan struct{} // capacity 1: Detach asks Run to pause between messages
+	seq           atomic.Int64
+	style         atomic.Int32
+	ws            atomic.Int64 // WebSockets the preload last reported
+	unknownLogged atomic.Bool  // a message nobody acts on was logged (once)
+	relay         *relayMember // (Run's goroutine) this worker in Relay
 
 	mu           sync.Mutex
 	appKey       string // Node key of the app server ("" when none)
@@ -262,6 +263,12 @@ func (p *Primary) handle(ctx context.Context, m Message) {
 	default:
 		if p.relay != nil && p.relay.handle(m.Raw) {
 			return
+		}
+		if p.Relay != nil && p.unknownLogged.CompareAndSwap(false, true) {
+			// Under stickyd nobody runs the app's own primary code: say so once per worker.
+			p.Logger.Info("nodeipc: the worker sent a message to its cluster primary that stickyd does not act on "+
+				"(it relays @socket.io/cluster-adapter and serves @socket.io/sticky; code of the app's own primary does not run under stickyd)",
+				"cmd", m.Cmd, "type", m.Type, "bytes", len(m.Raw))
 		}
 		p.emit(Event{Kind: EventMessage, Message: m})
 	}
