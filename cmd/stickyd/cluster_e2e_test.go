@@ -54,6 +54,8 @@ type clusterWorker struct {
 	BinaryIntact       int     `json:"binaryIntact"`
 	BinaryIntactRemote int     `json:"binaryIntactRemote"`
 	RemoteClients      int     `json:"remoteClients"`
+	AckCount           int     `json:"ackCount"`
+	AckError           *string `json:"ackError"`
 }
 
 // runClusterClients runs cluster-clients.js against the daemon (bounded) and parses its line.
@@ -104,6 +106,9 @@ func checkCluster(t *testing.T, res clusterResult, workers, clients int) {
 			t.Errorf("worker %s: serverSideEmit with ack got %d answers (from pids %v), want %d; error %v",
 				w.Worker, w.SSEResponses, w.SSEFrom, workers-1, ptrString(w.SSEError))
 		}
+		if w.AckCount != clients || w.AckError != nil {
+			t.Errorf("worker %s: a broadcast with acks got %d of %d answers; error %v", w.Worker, w.AckCount, clients, ptrString(w.AckError))
+		}
 		if w.BinaryIntact != clients {
 			t.Errorf("worker %s: a Buffer broadcast arrived intact at %d of %d clients (%d of %d on other workers)",
 				w.Worker, w.BinaryIntact, clients, w.BinaryIntactRemote, w.RemoteClients)
@@ -132,9 +137,10 @@ func ptrString(p *string) string {
 // TestClusterAdapterAcrossWorkers: 4 Node workers of the socket.io cluster recipe
 // (io.adapter(createAdapter()) from @socket.io/cluster-adapter) under stickyd, 200 clients:
 // io.emit from every worker reaches all 200, fetchSockets from every worker counts 200,
-// serverSideEmit with ack gets 3 answers, a room joined on one worker gets broadcasts from the
-// others, socketsJoin crosses workers, a Buffer survives the JSON channel. A worker restarted
-// through the admin API takes part again at once (the others were told its adapter closed).
+// serverSideEmit with ack gets 3 answers, a broadcast with acks gets 200 answers, a room
+// joined on one worker gets broadcasts from the others, socketsJoin crosses workers, a Buffer
+// survives the JSON channel. A worker restarted through the admin API takes part again at
+// once (the others were told its adapter closed).
 func TestClusterAdapterAcrossWorkers(t *testing.T) {
 	dir := nodeFixtures(t)
 	// -key header:X-Route lets cluster-clients.js reach every worker with plain HTTP.

@@ -11,6 +11,7 @@
 //   GET /cluster/sockets-join?room=R       io.socketsJoin(R) (every socket of every worker)
 //   GET /cluster/fetch[?room=R]            {count} of io[.in(R)].fetchSockets()
 //   GET /cluster/sse                       io.serverSideEmit("who", ack) (adapter timeout 5 s): {responses, error}
+//   GET /cluster/emit-ack                  io.timeout(8000).emit("ask", ack): every client's answer {count, error}
 // Socket events: "join" (room, ack) joins a room locally.
 const http = require("http");
 const { Server } = require("socket.io");
@@ -52,6 +53,11 @@ function clusterHandler(req, res) {
     case "/cluster/sse":
       io.serverSideEmit("who", (err, responses) =>
         json(res, 200, { responses: responses || [], error: err ? String(err.message || err) : null })
+      );
+      return;
+    case "/cluster/emit-ack":
+      io.timeout(8000).emit("ask", (err, answers) =>
+        json(res, 200, { count: (answers || []).length, error: err ? String(err.message || err) : null })
       );
       return;
   }

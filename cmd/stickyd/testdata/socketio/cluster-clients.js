@@ -11,6 +11,8 @@
 //   emit        from every worker, io.emit reaches every client
 //   fetch       from every worker, fetchSockets() counts every client
 //   sse         from every worker, serverSideEmit with ack gets workers-1 answers, no error
+//   emit-ack    from every worker, a broadcast with acks (io.timeout().emit) gets every
+//               client's answer, no timeout
 //   room        client 0 joins a room on its worker; a room broadcast from every other worker
 //               reaches it, and nobody else (checked behind a full emit from the same worker)
 //   socketsJoin from one worker, every socket of every worker joins a room; a room broadcast
@@ -98,6 +100,7 @@ function connectAll() {
     c.socket.on("bcast", (m) => c.bcast.add(m.id));
     c.socket.on("room", (m) => c.room.push(m.id));
     c.socket.on("bin", (m, buf) => c.bin.set(m.id, buf));
+    c.socket.on("ask", (ack) => ack(i));
     clients.push(c);
   }
   return waitFor(() => clients.every((c) => c.connected && c.hello), 60000);
@@ -152,6 +155,11 @@ async function main() {
     r.sseResponses = s.responses.length;
     r.sseError = s.error;
     r.sseFrom = s.responses.map((x) => x && x.pid).sort();
+
+    const ea = await get("/cluster/emit-ack", w.route);
+    wrong(ea);
+    r.ackCount = ea.count;
+    r.ackError = ea.error;
 
     const bid = "b-" + w.worker + "-" + crypto.randomBytes(4).toString("hex");
     wrong(await get("/cluster/emit-binary?id=" + bid, w.route));
