@@ -22,6 +22,8 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/stickyd/stickyd/balancer/internal/fdutil"
+	"github.com/stickyd/stickyd/balancer/workers"
 	"github.com/stickyd/stickyd/fdpass"
 	"github.com/stickyd/stickyd/fdpass/nodeipc"
 	"github.com/stickyd/stickyd/metrics"
@@ -117,8 +119,6 @@ func (c *Config) applyDefaults() {
 var (
 	// ErrClosed is returned by Serve after Shutdown.
 	ErrClosed = errors.New("balancer: closed")
-	// ErrWorkerTimeout means a worker did not take a connection in time.
-	ErrWorkerTimeout = errors.New("balancer: worker did not take the connection in time")
 	// ErrNoWorker means no worker is ready to take a connection.
 	ErrNoWorker = errors.New("balancer: no worker ready")
 )
@@ -132,7 +132,7 @@ type Balancer struct {
 	pins     *sticky.Table // addresses and header values
 	pending  chan struct{} // one token per connection in the head phase
 
-	workers atomic.Pointer[[]*Worker] // copy-on-write snapshot, indexed by nothing: search by Slot
+	workers atomic.Pointer[[]*workers.Worker] // copy-on-write snapshot, indexed by nothing: search by Slot
 	connID  atomic.Uint64
 
 	mu        sync.Mutex
@@ -177,7 +177,7 @@ func New(cfg Config) *Balancer {
 		perIP:     map[netip.Addr]int{},
 		done:      make(chan struct{}),
 	}
-	b.workers.Store(&[]*Worker{})
+	b.workers.Store(&[]*workers.Worker{})
 	go b.sweepSessions()
 	return b
 }
@@ -208,16 +208,16 @@ func (b *Balancer) sweepSessions() {
 func (b *Balancer) publishSessionGauges() {
 	b.m.SessionTableSize.Set(float64(b.sessions.Len() + b.pins.Len()))
 	for _, w := range *b.workers.Load() {
-		b.m.Sessions.WithLabelValues(w.label).Set(float64(b.load(w.Slot)))
+		b.m.Sessions.WithLabelValues(w.Label()).Set(float64(b.Load(w.Slot)))
 	}
 }
 
 // clientConn is a client connection the edge still holds.
 type clientConn struct {
 	c       net.Conn
-	ip      netip.Addr            // counted in perIP
-	state   atomic.Int32          // connHead, connIdle, connActive
-	waiting atomic.Pointer[vconn] // the worker connection whose answer it awaits
+	ip      netip.Addr                   // counted in perIP
+	state   atomic.Int32                 // connHead, connIdle, connActive
+	waiting atomic.Pointer[workers.Conn] // the worker connection whose answer it awaits
 }
 
 const (
@@ -255,7 +255,7 @@ func (b *Balancer) Serve(ln net.Listener) error {
 			if b.frozen() {
 				return ErrFrozen // Freeze took the listener, still open
 			}
-			if temporaryAccept(err) {
+			if fdutil.TemporaryAccept(err) {
 				if !b.backOff(&delay, err) {
 					return ErrClosed
 				}
@@ -307,13 +307,6 @@ func (b *Balancer) admit(c net.Conn) bool {
 		go b.serveConn(cc)
 	}
 	return true
-}
-
-func temporaryAccept(err error) bool {
-	return errors.Is(err, syscall.EMFILE) || errors.Is(err, syscall.ENFILE) ||
-		errors.Is(err, syscall.ENOBUFS) || errors.Is(err, syscall.ENOMEM) ||
-		errors.Is(err, syscall.ECONNABORTED) || errors.Is(err, syscall.ECONNRESET) ||
-		errors.Is(err, syscall.EINTR)
 }
 
 func (b *Balancer) isClosing() bool {
@@ -422,7 +415,7 @@ func (b *Balancer) wakeIdle() {
 		if s := cc.state.Load(); s == connHead || s == connIdle {
 			cc.c.SetReadDeadline(past)
 		} else if vc := cc.waiting.Load(); vc != nil && b.frozen() {
-			vc.c.SetReadDeadline(past) // its exchange goes to the next image
+			vc.C.SetReadDeadline(past) // its exchange goes to the next image
 		}
 	}
 }
@@ -586,29 +579,29 @@ func (b *Balancer) handoff(cc *clientConn, h *upgrade.Head, consumed []byte) {
 		if r.w == nil {
 			break
 		}
-		if consumed != nil && !r.w.ch.CanReplay() {
+		if consumed != nil && !r.w.Channel().CanReplay() {
 			b.tunnel(cc, r.w, consumed)
 			return
 		}
 		start := time.Now()
 		// Each channel bounds its own wait (HandoffTimeout): no context per handoff.
-		err := r.w.ch.Deliver(context.Background(), c.(syscall.Conn), meta)
+		err := r.w.Channel().Deliver(context.Background(), c.(syscall.Conn), meta)
 		b.m.HandoffDuration.Observe(time.Since(start).Seconds())
 		if err == nil {
 			// The worker holds its own descriptor now; the edge keeps nothing.
 			c.Close()
-			b.m.Handoffs.WithLabelValues(r.w.label, "ok").Inc()
+			b.m.Handoffs.WithLabelValues(r.w.Label(), "ok").Inc()
 			b.m.ConnectionsAccepted.WithLabelValues("handed_off").Inc()
 			return
 		}
 		result := "error"
-		if errors.Is(err, ErrWorkerTimeout) || errors.Is(err, nodeipc.ErrAckTimeout) {
+		if errors.Is(err, workers.ErrWorkerTimeout) || errors.Is(err, nodeipc.ErrAckTimeout) {
 			result = "timeout"
 			// A worker that does not take connections gets no new sessions for a while;
 			// the ones it already holds are not moved.
-			r.w.markStuck(b.log, "a handoff timed out")
+			r.w.MarkStuck(b.log, "a handoff timed out")
 		}
-		b.m.Handoffs.WithLabelValues(r.w.label, result).Inc()
+		b.m.Handoffs.WithLabelValues(r.w.Label(), result).Inc()
 		b.log.Warn("handoff failed", "worker", r.w.Slot, "err", err)
 		if r.key.Kind == sticky.KindSID {
 			break // the session exists only on that worker
@@ -617,7 +610,7 @@ func (b *Balancer) handoff(cc *clientConn, h *upgrade.Head, consumed []byte) {
 			b.tableFor(r.key.Kind).Delete(r.tableKey)
 		}
 		tried |= slotBit(r.w.Slot)
-		b.m.Handoffs.WithLabelValues(r.w.label, "retried").Inc()
+		b.m.Handoffs.WithLabelValues(r.w.Label(), "retried").Inc()
 	}
 	b.m.Rejections.WithLabelValues("no_worker").Inc()
 	b.reject(c, 503, "no worker could take the connection; try again", consumed == nil)

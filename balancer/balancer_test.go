@@ -24,12 +24,13 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	dto "github.com/prometheus/client_model/go"
 
+	"github.com/stickyd/stickyd/balancer/workers"
 	"github.com/stickyd/stickyd/sticky"
 )
 
 type testEdge struct {
 	b    *Balancer
-	sup  *Supervisor
+	sup  *workers.Supervisor
 	addr string
 	stop func()
 }
@@ -48,8 +49,8 @@ func startEdge(t testing.TB, cfg Config, n int, modes ...string) *testEdge {
 	}
 	ln := lns[0]
 	self, _ := os.Executable()
-	sup := &Supervisor{
-		Balancer:     b,
+	sup := &workers.Supervisor{
+		Edge:         b,
 		Command:      []string{self},
 		Workers:      n,
 		SpawnTimeout: 10 * time.Second,
@@ -60,7 +61,7 @@ func startEdge(t testing.TB, cfg Config, n int, modes ...string) *testEdge {
 	// Each slot's mode travels in its environment; slots take modes in order.
 	sup.Env = []string{workerEnv + "=echo"}
 	if len(modes) > 0 {
-		sup.slotEnv = func(slot int) []string {
+		sup.SlotEnv = func(slot int) []string {
 			if slot < len(modes) && modes[slot] != "" {
 				return []string{workerEnv + "=" + modes[slot]}
 			}
@@ -512,7 +513,7 @@ func TestCrashDuringHandoffEndsInAClose(t *testing.T) {
 		t.Fatal("handshake succeeded against a worker that crashed holding the connection")
 	}
 	// The supervisor brings a (crashing again) worker back; the edge stays up.
-	waitFor(t, "restart", 10*time.Second, func() bool { return e.sup.restarts.Load() > 0 })
+	waitFor(t, "restart", 10*time.Second, func() bool { return counterValue(e.b.m.WorkerRestarts.WithLabelValues("0")) > 0 })
 }
 
 func TestStuckWorkerDoesNotBlockTheEdge(t *testing.T) {

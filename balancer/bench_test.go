@@ -16,6 +16,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/stickyd/stickyd/balancer/workers"
 	"github.com/stickyd/stickyd/fdpass"
 	"github.com/stickyd/stickyd/sticky"
 )
@@ -99,7 +100,7 @@ func BenchmarkHandshake(b *testing.B) {
 // and cpu-µs/op the edge process's CPU per handoff, read from getrusage.
 func BenchmarkHandoffCost(b *testing.B) {
 	self, _ := os.Executable()
-	workers := []struct {
+	kinds := []struct {
 		name string
 		cmd  []string
 		env  []string
@@ -107,7 +108,7 @@ func BenchmarkHandoffCost(b *testing.B) {
 		{"go-worker", []string{self}, []string{workerEnv + "=echo"}},
 		{"node-worker", []string{"node", "app.js"}, nil},
 	}
-	for _, wk := range workers {
+	for _, wk := range kinds {
 		b.Run(wk.name, func(b *testing.B) {
 			if wk.cmd[0] == "node" {
 				if _, err := exec.LookPath("node"); err != nil {
@@ -118,7 +119,7 @@ func BenchmarkHandoffCost(b *testing.B) {
 				wk.cmd = []string{"node", app}
 			}
 			bal := New(Config{})
-			sup := &Supervisor{Balancer: bal, Command: wk.cmd, Workers: 1, Env: wk.env, SpawnTimeout: 20 * time.Second, GracePeriod: 2 * time.Second}
+			sup := &workers.Supervisor{Edge: bal, Command: wk.cmd, Workers: 1, Env: wk.env, SpawnTimeout: 20 * time.Second, GracePeriod: 2 * time.Second}
 			ctx, cancel := context.WithCancel(context.Background())
 			done := make(chan struct{})
 			go func() { sup.Run(ctx); close(done) }()
@@ -137,7 +138,7 @@ func BenchmarkHandoffCost(b *testing.B) {
 				if err != nil {
 					b.Fatal(err)
 				}
-				if err := w.ch.Deliver(ctx, theirs, fdpass.Meta{Kind: fdpass.KindVirtual}); err != nil {
+				if err := w.Channel().Deliver(ctx, theirs, fdpass.Meta{Kind: fdpass.KindVirtual}); err != nil {
 					b.Fatal(err)
 				}
 				theirs.Close()

@@ -10,6 +10,8 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/stickyd/stickyd/balancer/internal/fdutil"
+	"github.com/stickyd/stickyd/balancer/workers"
 	"github.com/stickyd/stickyd/fdpass"
 	"github.com/stickyd/stickyd/upgrade"
 )
@@ -84,7 +86,7 @@ func (b *Balancer) serveTCP(ln *net.TCPListener) error {
 			if errors.Is(aerr, unix.EINTR) || errors.Is(aerr, unix.ECONNABORTED) {
 				continue
 			}
-			if temporaryAccept(aerr) {
+			if fdutil.TemporaryAccept(aerr) {
 				if !b.backOff(&delay, aerr) {
 					return ErrClosed
 				}
@@ -134,7 +136,7 @@ func (b *Balancer) fastHandoff(nfd int, peer, local netip.AddrPort, wildcard boo
 	if r.unknownSID || r.w == nil {
 		return false
 	}
-	gc, ok := r.w.ch.(*GoChannel)
+	gc, ok := r.w.Channel().(*workers.GoChannel)
 	if !ok {
 		return false
 	}
@@ -147,12 +149,12 @@ func (b *Balancer) fastHandoff(nfd int, peer, local netip.AddrPort, wildcard boo
 	meta := fdpass.Meta{Kind: fdpass.KindConn, ConnID: b.connID.Add(1), Remote: peer, Local: local}
 	// One non-blocking sendmsg: a full channel sends this client down the general path,
 	// which waits for the worker with a deadline or picks another.
-	if err := fdpass.TrySend(gc.uc, nfd, meta); err != nil {
+	if err := gc.TrySend(nfd, meta); err != nil {
 		return false
 	}
 	unix.Close(nfd) // the worker holds its own descriptor now
 	b.m.HandoffDuration.Observe(time.Since(start).Seconds())
-	b.m.Handoffs.WithLabelValues(r.w.label, "ok").Inc()
+	b.m.Handoffs.WithLabelValues(r.w.Label(), "ok").Inc()
 	b.m.ConnectionsAccepted.WithLabelValues("handed_off").Inc()
 	return true
 }

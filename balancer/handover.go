@@ -11,18 +11,19 @@ import (
 
 	"golang.org/x/sys/unix"
 
-	"github.com/stickyd/stickyd/fdpass/nodeipc"
+	"github.com/stickyd/stickyd/balancer/internal/fdutil"
+	"github.com/stickyd/stickyd/balancer/workers"
 	"github.com/stickyd/stickyd/sticky"
 )
 
 // parkExchange records an exchange for the next image; the caller leaves both
 // connections open and untouched.
 func (b *Balancer) parkExchange(px parkedExchange) bool {
-	cfd, err := rawFD(px.c)
+	cfd, err := fdutil.Inherit(px.c)
 	if err != nil {
 		return false
 	}
-	vfd, err := rawFD(px.vc)
+	vfd, err := fdutil.Inherit(px.vc)
 	if err != nil {
 		return false
 	}
@@ -71,21 +72,13 @@ type parkedExchange struct {
 	st    HandoverExchange
 }
 
-// HandoverWorker is a worker process handed to the next edge image.
-type HandoverWorker struct {
-	Slot, PID               int
-	Kind                    string                // "go" or "node"
-	Channel, Stdout, Stderr int                   // descriptors
-	Node                    *nodeipc.PrimaryState `json:",omitempty"` // a Node worker's IPC state
-}
-
 // HandoverState is everything the next edge image adopts.
 type HandoverState struct {
 	Generation int
 	Listeners  []int
 	Conns      []HandoverConn
 	Exchanges  []HandoverExchange `json:",omitempty"`
-	Supervisor SupervisorHandover
+	Supervisor workers.Handover
 	Sessions   []sticky.Entry
 	Affinity   []sticky.Entry `json:",omitempty"`
 }
@@ -166,18 +159,18 @@ func (b *Balancer) Thaw() {
 			dl.SetDeadline(time.Time{})
 		}
 		if sc, ok := ln.(syscall.Conn); ok {
-			closeOnExec(sc)
+			fdutil.CloseOnExec(sc)
 		}
 		go b.Serve(ln)
 	}
 	// The parked connections are still open in this image: serve them again.
 	for i, c := range parked {
-		closeOnExec(c.(syscall.Conn))
+		fdutil.CloseOnExec(c.(syscall.Conn))
 		b.resume(c, conns[i].Buffered)
 	}
 	for _, px := range parkedX {
-		closeOnExec(px.c.(syscall.Conn))
-		closeOnExec(px.vc.(syscall.Conn))
+		fdutil.CloseOnExec(px.c.(syscall.Conn))
+		fdutil.CloseOnExec(px.vc.(syscall.Conn))
 		b.resumeExchange(px)
 	}
 }
@@ -185,7 +178,7 @@ func (b *Balancer) Thaw() {
 // park hands a client connection to the next edge image instead of closing it. The
 // caller's goroutine ends without touching c again.
 func (b *Balancer) park(c net.Conn, buffered []byte) bool {
-	fd, err := rawFD(c)
+	fd, err := fdutil.Inherit(c)
 	if err != nil {
 		return false
 	}
@@ -293,28 +286,5 @@ func (p *prefixConn) CloseWrite() error {
 	return nil
 }
 
-// rawFD returns c's descriptor, marked to survive execve. The descriptor stays owned by
-// c; nothing is duplicated, so nothing changes on the shared file description.
-func rawFD(c any) (int, error) {
-	sc, ok := c.(syscall.Conn)
-	if !ok {
-		return -1, errors.New("balancer: connection has no descriptor")
-	}
-	raw, err := sc.SyscallConn()
-	if err != nil {
-		return -1, err
-	}
-	fd := -1
-	var ferr error
-	err = raw.Control(func(u uintptr) {
-		fd = int(u)
-		_, ferr = unix.FcntlInt(u, unix.F_SETFD, 0)
-	})
-	if err == nil {
-		err = ferr
-	}
-	return fd, err
-}
-
 // InheritFD marks a descriptor to survive the exec of the next image and returns it.
-func InheritFD(c any) (int, error) { return rawFD(c) }
+func InheritFD(c any) (int, error) { return fdutil.Inherit(c) }

@@ -13,6 +13,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/stickyd/stickyd/balancer/workers"
 	"github.com/stickyd/stickyd/fdpass"
 )
 
@@ -118,7 +119,7 @@ func TestControlSocketChecksPeerUID(t *testing.T) {
 	}
 	dir := t.TempDir()
 	path := filepath.Join(dir, "run", "ctl.sock")
-	ln, err := ListenControl(path)
+	ln, err := workers.ListenControl(path)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -131,11 +132,11 @@ func TestControlSocketChecksPeerUID(t *testing.T) {
 		t.Errorf("control directory mode %v, want 0700", di.Mode().Perm())
 	}
 	// A second edge on the same path is refused while the first serves it.
-	if _, err := ListenControl(path); err == nil || !strings.Contains(err.Error(), "another stickyd") {
+	if _, err := workers.ListenControl(path); err == nil || !strings.Contains(err.Error(), "another stickyd") {
 		t.Fatalf("second ListenControl: %v", err)
 	}
 	b := New(Config{})
-	cs := &ControlServer{Balancer: b, HelloTimeout: 5 * time.Second, AllowUIDs: []int{65533}}
+	cs := &workers.ControlServer{Edge: b, HelloTimeout: 5 * time.Second, AllowUIDs: []int{65533}}
 	go cs.Serve(ln)
 	defer ln.Close()
 	os.Chmod(filepath.Dir(dir), 0o755) // t.TempDir's parent

@@ -20,6 +20,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/stickyd/stickyd/balancer/workers"
 	"github.com/stickyd/stickyd/fdpass/nodeipc"
 	"github.com/stickyd/stickyd/metrics"
 	"github.com/stickyd/stickyd/sticky"
@@ -281,7 +282,7 @@ func (b *Balancer) proxyRequest(cc *clientConn, br *bufio.Reader, bw *bufio.Writ
 		}
 		x := &sc.x
 		*x = exchange{b: b, cc: cc, c: c, br: br, bw: bw, sc: sc, peer: peer, trusted: trusted, info: info,
-			small: small, streaming: streaming, w: r.w, slot: r.w.Slot, label: r.w.label}
+			small: small, streaming: streaming, w: r.w, slot: r.w.Slot, label: r.w.Label()}
 		keep, err := x.run(fresh)
 		if err == nil {
 			return keep
@@ -320,16 +321,16 @@ func (b *Balancer) proxyRequest(cc *clientConn, br *bufio.Reader, bw *bufio.Writ
 			fresh = true
 			continue
 		}
-		stuck := errors.Is(err, ErrWorkerTimeout) || errors.Is(err, nodeipc.ErrAckTimeout)
+		stuck := errors.Is(err, workers.ErrWorkerTimeout) || errors.Is(err, nodeipc.ErrAckTimeout)
 		if errors.Is(err, errResponseTimeout) {
-			r.w.markStuck(b.log, "no response head within the response timeout")
+			r.w.MarkStuck(b.log, "no response head within the response timeout")
 			b.countResponse(x, 504)
 			b.m.Rejections.WithLabelValues(metrics.RejectWorkerSlow).Inc()
 			b.reject(c, 504, fmt.Sprintf("the worker did not answer within %v", b.cfg.ResponseTimeout), false)
 			return false
 		}
 		if stuck {
-			r.w.markStuck(b.log, "it did not take a connection in time")
+			r.w.MarkStuck(b.log, "it did not take a connection in time")
 		}
 		b.warnf("proxied request failed", "worker", r.w.Slot, "err", err)
 		// Elsewhere only when nothing of the body was lost, the request is not bound to
@@ -384,14 +385,14 @@ func (b *Balancer) readSmallBody(c net.Conn, br *bufio.Reader, p []byte) error {
 // isGone reports whether w left routing (its process died): then a retry elsewhere is
 // safe. A worker connection that fails is often the first sign of a dying worker, a
 // moment before its channel reports it, so it waits briefly for that.
-func (b *Balancer) isGone(w *Worker) bool {
+func (b *Balancer) isGone(w *workers.Worker) bool {
 	t := time.NewTimer(100 * time.Millisecond)
 	defer t.Stop()
 	select {
-	case <-w.ch.Done():
+	case <-w.Channel().Done():
 		return true
 	case <-t.C:
-		return w.State() == StateGone
+		return w.State() == workers.StateGone
 	}
 }
 
@@ -424,7 +425,7 @@ type exchange struct {
 	info      reqInfo
 	small     []byte
 	streaming bool
-	w         *Worker // nil for an exchange adopted from a previous image whose worker is not back yet
+	w         *workers.Worker // nil for an exchange adopted from a previous image whose worker is not back yet
 	slot      int
 	label     string
 
@@ -436,7 +437,7 @@ type exchange struct {
 	bodyTimeout bool  // the client's body did not make progress within BodyTimeout
 	parked      bool  // handed to the next edge image: nothing may be closed
 
-	vc *vconn
+	vc *workers.Conn
 	// A streaming body's sender: it reports on sent; clientTimeout is set by it before
 	// it reports; aborted tells it that the response side stopped it; senderFailed is
 	// set before it wakes the response reader with a past deadline.
@@ -460,12 +461,12 @@ func (x *exchange) retrySafe() bool {
 // reached the client (see x.answered).
 func (x *exchange) run(fresh bool) (keep bool, err error) {
 	b, sc := x.b, x.sc
-	var vc *vconn
+	var vc *workers.Conn
 	if fresh {
-		vc, err = x.w.pool.dial(context.Background())
+		vc, err = x.w.Pool().Dial(context.Background())
 	} else {
 		var unsolicited int
-		vc, unsolicited, err = x.w.pool.get(context.Background())
+		vc, unsolicited, err = x.w.Pool().Get(context.Background())
 		if unsolicited > 0 {
 			b.protocolError(x, metrics.ProtoUnsolicited, unsolicited, "bytes arrived on an idle connection (a response nobody asked for)")
 		}
@@ -479,16 +480,16 @@ func (x *exchange) run(fresh bool) (keep bool, err error) {
 
 	// The head goes to the worker before any body byte is read: it aliases the client
 	// reader's buffer.
-	writeRequestHead(vc.bw, &sc.head, x.peer.Addr(), x.clientAddr())
+	writeRequestHead(vc.BW, &sc.head, x.peer.Addr(), x.clientAddr())
 	if x.streaming {
 		x.sent = make(chan error, 1)
 		go x.sendBody(vc, x.sent, sc.head.Chunked, sc.head.ContentLength)
 	} else {
 		if x.small != nil {
-			vc.bw.Write(x.small)
+			vc.BW.Write(x.small)
 		}
-		if err := vc.bw.Flush(); err != nil {
-			x.stale = vc.reused
+		if err := vc.BW.Flush(); err != nil {
+			x.stale = vc.Reused
 			return false, err
 		}
 	}
@@ -498,16 +499,16 @@ func (x *exchange) run(fresh bool) (keep bool, err error) {
 // release gives the virtual connection back to the pool, or closes it.
 func (x *exchange) release(reusable bool) {
 	vc := x.vc
-	x.sentBytes = vc.sent.Load()
+	x.sentBytes = vc.Sent()
 	switch {
 	case x.parked:
-		vc.detach() // the descriptor stays open for the next edge image
+		vc.Detach() // the descriptor stays open for the next edge image
 	case reusable && x.w != nil:
-		if !x.w.pool.put(vc) {
+		if !x.w.Pool().Put(vc) {
 			x.b.protocolError(x, metrics.ProtoUnsolicited, 1, "bytes past the end of a response")
 		}
 	default:
-		vc.close()
+		vc.Close()
 	}
 }
 
@@ -518,7 +519,7 @@ func (x *exchange) relay(reusable *bool) (keep bool, err error) {
 		if err == errParked {
 			return false, err
 		}
-		x.stale = vc.reused && !x.streaming && vc.br.Buffered() == 0
+		x.stale = vc.Reused && !x.streaming && vc.BR.Buffered() == 0
 		if berr := x.finishBody(true); berr != nil {
 			return false, berr
 		}
@@ -526,7 +527,7 @@ func (x *exchange) relay(reusable *bool) (keep bool, err error) {
 	}
 	x.gotResponse = true
 	rh := &sc.resp
-	if err := upgrade.ReadResponseHead(vc.br, &sc.resp, x.info.isHead); err != nil {
+	if err := upgrade.ReadResponseHead(vc.BR, &sc.resp, x.info.isHead); err != nil {
 		if errors.Is(err, upgrade.ErrBadResponse) || errors.Is(err, upgrade.ErrTooMany1xx) || errors.Is(err, upgrade.ErrResponseTooBig) {
 			b.protocolError(x, metrics.ProtoMalformed, 1, err.Error())
 		} else if isTimeout(err) && !x.senderFailed.Load() {
@@ -542,7 +543,7 @@ func (x *exchange) relay(reusable *bool) (keep bool, err error) {
 	keep = !x.info.close && !b.isClosing()
 	var prefix []byte
 	body := &sc.body
-	*body = upgrade.Body{R: vc.br, Wait: x, Mode: rh.BodyMode, N: rh.ContentLength}
+	*body = upgrade.Body{R: vc.BR, Wait: x, Mode: rh.BodyMode, N: rh.ContentLength}
 	if x.info.handshake && rh.Status == 200 {
 		prefix, err = b.learnSession(sc, x.slot)
 		if err != nil {
@@ -572,7 +573,7 @@ func (x *exchange) relay(reusable *bool) (keep bool, err error) {
 // exchange to the next edge image when the edge freezes for an upgrade.
 func (x *exchange) awaitResponse() error {
 	vc, b := x.vc, x.b
-	if vc.br.Buffered() > 0 {
+	if vc.BR.Buffered() > 0 {
 		return nil
 	}
 	deadline := time.Now().Add(b.cfg.ResponseTimeout)
@@ -585,14 +586,14 @@ func (x *exchange) awaitResponse() error {
 		if wake.After(deadline) {
 			wake = deadline
 		}
-		vc.c.SetReadDeadline(wake)
+		vc.C.SetReadDeadline(wake)
 		if x.senderFailed.Load() {
 			return errAborted
 		}
-		_, err := vc.br.Peek(1)
+		_, err := vc.BR.Peek(1)
 		if err == nil {
 			// The rest of the head gets the same bound.
-			vc.c.SetReadDeadline(time.Now().Add(b.cfg.ResponseTimeout))
+			vc.C.SetReadDeadline(time.Now().Add(b.cfg.ResponseTimeout))
 			return nil
 		}
 		if !isTimeout(err) {
@@ -617,7 +618,7 @@ func (x *exchange) awaitResponse() error {
 // park hands the exchange to the next edge image, if it can go: the request was sent
 // whole and nothing of the answer has arrived.
 func (x *exchange) park() bool {
-	if x.streaming || x.sent != nil || x.vc.br.Buffered() > 0 || x.cc == nil {
+	if x.streaming || x.sent != nil || x.vc.BR.Buffered() > 0 || x.cc == nil {
 		return false
 	}
 	buffered, _ := x.br.Peek(x.br.Buffered()) // pipelined requests
@@ -627,7 +628,7 @@ func (x *exchange) park() bool {
 	}
 	st := HandoverExchange{Client: HandoverConn{Buffered: pending}, Slot: x.slot, IsHead: x.info.isHead,
 		Handshake: x.info.handshake, Close: x.info.close, Idempotent: x.info.idempotent, ProtoMinor: x.info.protoMinor}
-	if !x.b.parkExchange(parkedExchange{c: x.c, vc: x.vc.c, st: st}) {
+	if !x.b.parkExchange(parkedExchange{c: x.c, vc: x.vc.C, st: st}) {
 		return false
 	}
 	x.parked = true
@@ -641,16 +642,16 @@ func (b *Balancer) finishParked(cc *clientConn, br *bufio.Reader, bw *bufio.Writ
 	w := b.worker(st.Slot)
 	label := metrics.WorkerLabel(st.Slot)
 	if w != nil {
-		label = w.label
+		label = w.Label()
 	}
-	vc := &vconn{c: px.vc, reused: true}
-	vc.attach()
+	vc := &workers.Conn{C: px.vc, Reused: true}
+	vc.Attach()
 	x := &sc.x
 	*x = exchange{b: b, cc: cc, c: cc.c, br: br, bw: bw, sc: sc, peer: peer, w: w, slot: st.Slot, label: label, vc: vc,
 		info: reqInfo{isHead: st.IsHead, handshake: st.Handshake, close: st.Close, idempotent: st.Idempotent, protoMinor: st.ProtoMinor}}
 	reusable := false
 	keep, err := x.relay(&reusable)
-	x.release(reusable && w != nil && w.State() != StateGone)
+	x.release(reusable && w != nil && w.State() != workers.StateGone)
 	if err == nil {
 		return keep
 	}
@@ -673,7 +674,7 @@ func (x *exchange) WaitRead() error {
 	if err := x.bw.Flush(); err != nil {
 		return err
 	}
-	x.vc.c.SetReadDeadline(time.Now().Add(x.b.cfg.ResponseTimeout))
+	x.vc.C.SetReadDeadline(time.Now().Add(x.b.cfg.ResponseTimeout))
 	if x.senderFailed.Load() { // after the deadline: see awaitResponse
 		return errAborted
 	}
@@ -706,7 +707,7 @@ func clientGone(c net.Conn) bool {
 // countResponse counts a response status of the exchange's worker.
 func (b *Balancer) countResponse(x *exchange, status int) {
 	if x.w != nil {
-		x.w.pool.requests(b.m, status).Inc()
+		x.w.Pool().Requests(b.m, status).Inc()
 		return
 	}
 	b.m.RequestsProxied.WithLabelValues(x.label, metrics.StatusClass(status)).Inc()
@@ -874,19 +875,19 @@ func forwardingField(name string) int {
 // replayableBody) from the client to the worker while the response is read. It runs in
 // its own goroutine (a worker may answer while it reads, as an echo does) and reports on
 // sent; on an error of its own it also wakes the response reader.
-func (x *exchange) sendBody(vc *vconn, sent chan<- error, chunked bool, n int64) {
+func (x *exchange) sendBody(vc *workers.Conn, sent chan<- error, chunked bool, n int64) {
 	var err error
 	if chunked {
-		err = x.sendChunked(vc.bw)
+		err = x.sendChunked(vc.BW)
 	} else {
-		err = x.sendLength(vc.bw, n)
+		err = x.sendLength(vc.BW, n)
 	}
 	if err != nil {
 		if x.aborted.Load() {
 			err = errAborted
 		} else {
 			x.senderFailed.Store(true) // before the wake-up: see awaitResponse and respBody.fill
-			vc.c.SetReadDeadline(aLongTimeAgo)
+			vc.C.SetReadDeadline(aLongTimeAgo)
 		}
 	}
 	sent <- err
@@ -908,11 +909,11 @@ func (x *exchange) finishBody(abort bool) error {
 		if abort {
 			x.aborted.Store(true)
 			x.c.SetReadDeadline(aLongTimeAgo)
-			x.vc.c.SetWriteDeadline(aLongTimeAgo)
+			x.vc.C.SetWriteDeadline(aLongTimeAgo)
 		}
 		err = <-ch
 		if abort {
-			x.vc.c.SetWriteDeadline(time.Time{})
+			x.vc.C.SetWriteDeadline(time.Time{})
 		}
 	}
 	x.c.SetReadDeadline(time.Time{})
@@ -1199,14 +1200,14 @@ func (b *Balancer) learnSession(sc *proxyScratch, slot int) ([]byte, error) {
 // tunnel proxies an upgraded connection byte for byte through a virtual connection, for
 // workers that cannot take bytes the edge already read with a descriptor (Node). The
 // edge stays in the data path for this one connection.
-func (b *Balancer) tunnel(cc *clientConn, w *Worker, consumed []byte) {
+func (b *Balancer) tunnel(cc *clientConn, w *workers.Worker, consumed []byte) {
 	c := cc.c
 	defer c.Close()
 	ctx, cancel := context.WithTimeout(context.Background(), b.cfg.HandoffTimeout)
-	vc, err := w.dialVirtual(ctx)
+	vc, err := w.DialVirtual(ctx)
 	cancel()
 	if err != nil {
-		b.m.Handoffs.WithLabelValues(w.label, "error").Inc()
+		b.m.Handoffs.WithLabelValues(w.Label(), "error").Inc()
 		b.reject(c, 503, "no worker could take the connection; try again", false)
 		return
 	}

@@ -14,6 +14,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/stickyd/stickyd/balancer/workers"
 	"github.com/stickyd/stickyd/metrics"
 	"github.com/stickyd/stickyd/sticky"
 	"github.com/stickyd/stickyd/upgrade"
@@ -150,9 +151,9 @@ func TestHungWorkerGets504AndLosesNewSessions(t *testing.T) {
 	if resp.StatusCode != 504 {
 		t.Fatalf("status %d %q, want 504", resp.StatusCode, body)
 	}
-	var hung *Worker
+	var hung *workers.Worker
 	for _, w := range e.b.Workers() {
-		if !w.takesNew(time.Now()) {
+		if !w.TakesNew(time.Now()) {
 			hung = w
 		}
 	}

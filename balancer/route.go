@@ -7,33 +7,34 @@ import (
 	"strings"
 	"time"
 
+	"github.com/stickyd/stickyd/balancer/workers"
 	"github.com/stickyd/stickyd/sticky"
 	"github.com/stickyd/stickyd/upgrade"
 )
 
 // AddWorker puts w into routing (replacing whatever held its slot before).
-func (b *Balancer) AddWorker(w *Worker) {
+func (b *Balancer) AddWorker(w *workers.Worker) {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	old := *b.workers.Load()
-	next := make([]*Worker, 0, len(old)+1)
+	next := make([]*workers.Worker, 0, len(old)+1)
 	for _, o := range old {
 		if o.Slot != w.Slot {
 			next = append(next, o)
 		}
 	}
 	next = append(next, w)
-	slices.SortFunc(next, func(a, c *Worker) int { return a.Slot - c.Slot })
+	slices.SortFunc(next, func(a, c *workers.Worker) int { return a.Slot - c.Slot })
 	b.workers.Store(&next)
 	b.publishWorkerGauges(next)
 }
 
 // RemoveWorker takes w out of routing at once and forgets its sessions: their clients
 // get engine.io's "Session ID unknown" and reconnect to a survivor.
-func (b *Balancer) RemoveWorker(w *Worker) {
+func (b *Balancer) RemoveWorker(w *workers.Worker) {
 	b.mu.Lock()
 	old := *b.workers.Load()
-	next := make([]*Worker, 0, len(old))
+	next := make([]*workers.Worker, 0, len(old))
 	for _, o := range old {
 		if o != w {
 			next = append(next, o)
@@ -42,12 +43,12 @@ func (b *Balancer) RemoveWorker(w *Worker) {
 	b.workers.Store(&next)
 	b.publishWorkerGauges(next)
 	b.mu.Unlock()
-	w.state.Store(int32(StateGone))
+	w.SetState(workers.StateGone)
 	if n := b.sessions.ForgetSlot(w.Slot) + b.pins.ForgetSlot(w.Slot); n > 0 {
 		b.m.SessionEvictions.WithLabelValues("worker_gone").Add(float64(n))
 	}
-	b.m.Sessions.WithLabelValues(w.label).Set(0)
-	w.pool.closeIdle()
+	b.m.Sessions.WithLabelValues(w.Label()).Set(0)
+	w.Pool().CloseIdle()
 }
 
 // Drain stops routing new sessions to the worker in slot; its existing sessions stay.
@@ -56,7 +57,7 @@ func (b *Balancer) Drain(slot int) bool {
 	if w == nil {
 		return false
 	}
-	w.state.CompareAndSwap(int32(StateReady), int32(StateDraining))
+	w.CompareAndSwapState(workers.StateReady, workers.StateDraining)
 	b.mu.Lock()
 	b.publishWorkerGauges(*b.workers.Load())
 	b.mu.Unlock()
@@ -70,7 +71,7 @@ func (b *Balancer) Undrain(slot int) bool {
 	if w == nil {
 		return false
 	}
-	w.state.CompareAndSwap(int32(StateDraining), int32(StateReady))
+	w.CompareAndSwapState(workers.StateDraining, workers.StateReady)
 	b.mu.Lock()
 	b.publishWorkerGauges(*b.workers.Load())
 	b.mu.Unlock()
@@ -78,7 +79,7 @@ func (b *Balancer) Undrain(slot int) bool {
 }
 
 // Workers returns the workers in routing, by slot.
-func (b *Balancer) Workers() []*Worker { return *b.workers.Load() }
+func (b *Balancer) Workers() []*workers.Worker { return *b.workers.Load() }
 
 // SetDraining marks the whole edge as draining (for example from a Kubernetes preStop
 // hook): Ready turns false so the orchestrator stops sending new clients, while the edge
@@ -91,20 +92,20 @@ func (b *Balancer) Ready() bool {
 		return false
 	}
 	for _, w := range *b.workers.Load() {
-		if w.State() == StateReady {
+		if w.State() == workers.StateReady {
 			return true
 		}
 	}
 	return false
 }
 
-func (b *Balancer) publishWorkerGauges(ws []*Worker) {
+func (b *Balancer) publishWorkerGauges(ws []*workers.Worker) {
 	var ready, draining float64
 	for _, w := range ws {
 		switch w.State() {
-		case StateReady:
+		case workers.StateReady:
 			ready++
-		case StateDraining:
+		case workers.StateDraining:
 			draining++
 		}
 	}
@@ -112,7 +113,7 @@ func (b *Balancer) publishWorkerGauges(ws []*Worker) {
 	b.m.Workers.WithLabelValues("draining").Set(draining)
 }
 
-func (b *Balancer) worker(slot int) *Worker {
+func (b *Balancer) worker(slot int) *workers.Worker {
 	for _, w := range *b.workers.Load() {
 		if w.Slot == slot {
 			return w
@@ -123,7 +124,7 @@ func (b *Balancer) worker(slot int) *Worker {
 
 // route is the routing decision for one request.
 type route struct {
-	w          *Worker
+	w          *workers.Worker
 	key        sticky.Key
 	tableKey   string // the session-table entry that pins key to w, if any
 	unknownSID bool   // the request names an engine.io session no live worker holds
@@ -145,7 +146,7 @@ func (b *Balancer) route(h *upgrade.Head, peer netip.Addr, tried uint64) route {
 	if key.Kind == sticky.KindSID {
 		tk := key.String()
 		if slot, ok := b.sessions.Get(tk, now); ok {
-			if w := b.worker(slot); w != nil && w.State() != StateGone && tried&slotBit(slot) == 0 {
+			if w := b.worker(slot); w != nil && w.State() != workers.StateGone && tried&slotBit(slot) == 0 {
 				return route{w: w, key: key, tableKey: tk}
 			}
 		}
@@ -158,7 +159,7 @@ func (b *Balancer) route(h *upgrade.Head, peer netip.Addr, tried uint64) route {
 	}
 	tk, table := key.String(), b.tableFor(key.Kind)
 	if slot, ok := table.Get(tk, now); ok {
-		if w := b.worker(slot); w != nil && w.takesNew(now) && tried&slotBit(slot) == 0 {
+		if w := b.worker(slot); w != nil && w.TakesNew(now) && tried&slotBit(slot) == 0 {
 			return route{w: w, key: key, tableKey: tk}
 		}
 	}
@@ -200,17 +201,17 @@ func (b *Balancer) engineIOPath(path string) bool {
 }
 
 // candidates lists the workers that take new sessions, with their loads.
-func (b *Balancer) candidates(buf []sticky.Candidate, ws []*Worker, tried uint64) []sticky.Candidate {
+func (b *Balancer) candidates(buf []sticky.Candidate, ws []*workers.Worker, tried uint64) []sticky.Candidate {
 	now := time.Now()
 	for _, w := range ws {
-		if w.takesNew(now) && tried&slotBit(w.Slot) == 0 {
-			buf = append(buf, sticky.Candidate{Slot: w.Slot, Load: b.load(w.Slot)})
+		if w.TakesNew(now) && tried&slotBit(w.Slot) == 0 {
+			buf = append(buf, sticky.Candidate{Slot: w.Slot, Load: b.Load(w.Slot)})
 		}
 	}
 	return buf
 }
 
-func (b *Balancer) pick(hash uint64, tried uint64) *Worker {
+func (b *Balancer) pick(hash uint64, tried uint64) *workers.Worker {
 	ws := *b.workers.Load()
 	var arr [64]sticky.Candidate
 	cands := b.candidates(arr[:0], ws, tried)
@@ -221,7 +222,7 @@ func (b *Balancer) pick(hash uint64, tried uint64) *Worker {
 	return b.worker(cands[i].Slot)
 }
 
-func (b *Balancer) leastLoaded(tried uint64) *Worker {
+func (b *Balancer) leastLoaded(tried uint64) *workers.Worker {
 	ws := *b.workers.Load()
 	var arr [64]sticky.Candidate
 	cands := b.candidates(arr[:0], ws, tried)
@@ -232,6 +233,13 @@ func (b *Balancer) leastLoaded(tried uint64) *Worker {
 	return b.worker(cands[i].Slot)
 }
 
-// load is what bounded-load hashing counts for a worker: the sessions and keys pinned
+// Load is what bounded-load hashing counts for a worker: the sessions and keys pinned
 // to it.
-func (b *Balancer) load(slot int) int { return b.sessions.Count(slot) + b.pins.Count(slot) }
+func (b *Balancer) Load(slot int) int { return b.sessions.Count(slot) + b.pins.Count(slot) }
+
+// WorkerSettings are the edge's settings that apply to its workers (workers.Edge).
+func (b *Balancer) WorkerSettings() workers.Settings {
+	return workers.Settings{HandoffTimeout: b.cfg.HandoffTimeout, WorkerIdle: b.cfg.WorkerIdle, Logger: b.log, Metrics: b.m}
+}
+
+var _ workers.Edge = (*Balancer)(nil)

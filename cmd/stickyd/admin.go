@@ -19,6 +19,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/stickyd/stickyd/balancer"
+	"github.com/stickyd/stickyd/balancer/workers"
 	"github.com/stickyd/stickyd/metrics"
 )
 
@@ -38,7 +39,7 @@ const (
 // them by pod IP or service name). Everything else is the admin API, guarded by
 // adminGuard: loopback peers only unless remote is set, a Host that is an IP literal or
 // localhost, and for state changes the X-Stickyd-Admin header and no cross-site markers.
-func adminHandler(b *balancer.Balancer, sup *balancer.Supervisor, g prometheus.Gatherer, remote bool, log *slog.Logger, generation int, upgradeReq chan<- struct{}) http.Handler {
+func adminHandler(b *balancer.Balancer, sup *workers.Supervisor, g prometheus.Gatherer, remote bool, log *slog.Logger, generation int, upgradeReq chan<- struct{}) http.Handler {
 	mux := http.NewServeMux()
 	mux.Handle("GET /metrics", metrics.Handler(g))
 	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, r *http.Request) {
@@ -89,7 +90,7 @@ func adminHandler(b *balancer.Balancer, sup *balancer.Supervisor, g prometheus.G
 		b.SetDraining(false)
 		var undrained, busy []int
 		for _, wk := range b.Workers() {
-			if wk.State() != balancer.StateDraining {
+			if wk.State() != workers.StateDraining {
 				continue
 			}
 			if rs.busy(wk.Slot) {
@@ -268,7 +269,7 @@ func slotList(slots []int) string {
 // which is what a Restart cancelled between Drain and the replacement does.
 type restarts struct {
 	b   *balancer.Balancer
-	sup *balancer.Supervisor
+	sup *workers.Supervisor
 	log *slog.Logger
 
 	mu       sync.Mutex

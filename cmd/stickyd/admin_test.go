@@ -15,6 +15,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/stickyd/stickyd/balancer"
+	"github.com/stickyd/stickyd/balancer/workers"
 	"github.com/stickyd/stickyd/sticky"
 )
 
@@ -22,13 +23,13 @@ import (
 // balancer whose workers are real `stickyd demo-worker` processes.
 type adminRig struct {
 	b     *balancer.Balancer
-	sup   *balancer.Supervisor
+	sup   *workers.Supervisor
 	admin string // http://127.0.0.1:port
 	edge  string // client address
 	logs  *syncBuffer
 }
 
-func startAdminRig(t *testing.T, workers int, drainGrace time.Duration) *adminRig {
+func startAdminRig(t *testing.T, nWorkers int, drainGrace time.Duration) *adminRig {
 	t.Helper()
 	r := &adminRig{logs: &syncBuffer{}}
 	log := slog.New(slog.NewTextHandler(r.logs, nil))
@@ -46,10 +47,10 @@ func startAdminRig(t *testing.T, workers int, drainGrace time.Duration) *adminRi
 	r.edge = lns[0].Addr().String()
 	served := make(chan struct{})
 	go func() { r.b.Serve(lns[0]); close(served) }()
-	r.sup = &balancer.Supervisor{
-		Balancer:     r.b,
+	r.sup = &workers.Supervisor{
+		Edge:         r.b,
 		Command:      []string{stickydBinary(t), "demo-worker"},
-		Workers:      workers,
+		Workers:      nWorkers,
 		SpawnTimeout: 20 * time.Second,
 		GracePeriod:  3 * time.Second,
 		DrainGrace:   drainGrace,

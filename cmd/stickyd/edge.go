@@ -19,6 +19,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/stickyd/stickyd/balancer"
+	"github.com/stickyd/stickyd/balancer/workers"
 	"github.com/stickyd/stickyd/metrics"
 	"github.com/stickyd/stickyd/sticky"
 )
@@ -125,7 +126,7 @@ func runEdge(ctx context.Context, mode string, args []string, stderr io.Writer) 
 		if len(command) == 0 {
 			return fmt.Errorf("%w: no worker command: stickyd run [flags] -- CMD ARGS... (e.g. -- node server.js)", errUsage)
 		}
-		if err := balancer.CheckWorkerCommand(command); err != nil {
+		if err := workers.CheckWorkerCommand(command); err != nil {
 			return fmt.Errorf("%w: %v", errUsage, err)
 		}
 	case "serve":
@@ -220,11 +221,11 @@ func runEdge(ctx context.Context, mode string, args []string, stderr io.Writer) 
 		}
 	}
 
-	var sup *balancer.Supervisor
+	var sup *workers.Supervisor
 	supCtx, stopWorkers := context.WithCancel(context.Background())
 	defer stopWorkers()
 	supDone := make(chan error, 1)
-	var cs *balancer.ControlServer
+	var cs *workers.ControlServer
 	var ctl *net.UnixListener
 	if mode == "serve" {
 		if handover != nil && handover.Control >= 0 {
@@ -233,13 +234,13 @@ func runEdge(ctx context.Context, mode string, args []string, stderr io.Writer) 
 				return fmt.Errorf("edge upgrade: inherited control socket: %w", err)
 			}
 			ctl = ln.(*net.UnixListener)
-		} else if ctl, err = balancer.ListenControl(f.control); err != nil {
+		} else if ctl, err = workers.ListenControl(f.control); err != nil {
 			for _, ln := range lns {
 				ln.Close()
 			}
 			return fmt.Errorf("-control: %w", err)
 		}
-		cs = &balancer.ControlServer{Balancer: b, AllowUIDs: allowUIDs, Logger: log}
+		cs = &workers.ControlServer{Edge: b, AllowUIDs: allowUIDs, Logger: log}
 		if handover != nil {
 			cs.Adopt(handover.Supervisor.Workers)
 		}
@@ -247,8 +248,8 @@ func runEdge(ctx context.Context, mode string, args []string, stderr io.Writer) 
 		go func() { <-supCtx.Done(); ctl.Close(); supDone <- nil }()
 		log.Info("control socket listening", "path", f.control)
 	} else {
-		sup = &balancer.Supervisor{
-			Balancer:     b,
+		sup = &workers.Supervisor{
+			Edge:         b,
 			Command:      command,
 			Workers:      f.workers,
 			Node:         f.node,
@@ -391,7 +392,7 @@ func runEdge(ctx context.Context, mode string, args []string, stderr io.Writer) 
 // workerHealth answers /healthz and /readyz with what the supervisor knows about workers
 // that cannot start: /healthz fails once no worker slot can run (every one gave up), and a
 // failing /readyz says why. Everything else goes to next.
-func workerHealth(next http.Handler, b *balancer.Balancer, sup *balancer.Supervisor) http.Handler {
+func workerHealth(next http.Handler, b *balancer.Balancer, sup *workers.Supervisor) http.Handler {
 	if sup == nil {
 		return next
 	}

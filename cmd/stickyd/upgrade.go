@@ -17,6 +17,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/stickyd/stickyd/balancer"
+	"github.com/stickyd/stickyd/balancer/workers"
 )
 
 // version is set at build time (-ldflags "-X main.version=...").
@@ -74,8 +75,8 @@ func inheritedListener(fd int) (net.Listener, error) {
 type upgrader struct {
 	log        *slog.Logger
 	b          *balancer.Balancer
-	sup        *balancer.Supervisor
-	cs         *balancer.ControlServer // serve mode
+	sup        *workers.Supervisor
+	cs         *workers.ControlServer // serve mode
 	ctl        *net.UnixListener
 	lnsMetrics net.Listener
 	generation int

@@ -1,4 +1,4 @@
-package balancer
+package workers
 
 import (
 	"sync"
@@ -21,7 +21,7 @@ type nodeCluster struct {
 func (s *Supervisor) joinNodeCluster(slot int, p *nodeipc.Primary) {
 	c := &s.cluster
 	c.once.Do(func() {
-		cm := s.Balancer.m.ClusterMessages
+		cm := s.Edge.WorkerSettings().Metrics.ClusterMessages
 		relayed := cm.WithLabelValues(metrics.ClusterRelayed)
 		dropped := cm.WithLabelValues(metrics.ClusterDropped)
 		c.relay = &nodeipc.Relay{Stats: func(r, d int) {
@@ -34,7 +34,7 @@ func (s *Supervisor) joinNodeCluster(slot int, p *nodeipc.Primary) {
 		}}
 	})
 	p.Relay = c.relay
-	gauge := s.Balancer.m.WebSockets.WithLabelValues(metrics.WorkerLabel(slot))
+	gauge := s.Edge.WorkerSettings().Metrics.WebSockets.WithLabelValues(metrics.WorkerLabel(slot))
 	gauge.Set(float64(p.WebSockets())) // a resumed worker's last count
 	p.OnWebSockets = func(n int64) { gauge.Set(float64(n)) }
 }

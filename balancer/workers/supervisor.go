@@ -1,4 +1,4 @@
-package balancer
+package workers
 
 import (
 	"context"
@@ -22,23 +22,27 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/stickyd/stickyd/balancer/internal/fdutil"
 	"github.com/stickyd/stickyd/fdpass"
 	"github.com/stickyd/stickyd/fdpass/nodeipc"
 )
 
-// Supervisor runs worker processes for a Balancer: it spawns them with their channel,
+// Supervisor runs worker processes for an Edge: it spawns them with their channel,
 // puts them into routing once ready, takes them out the moment they exit, and restarts
 // them with backoff.
 type Supervisor struct {
-	Balancer *Balancer
-	Command  []string // the worker's argv; required
-	Workers  int      // number of workers; 0: the number of CPUs
+	Edge    Edge     // required
+	Command []string // the worker's argv; required
+	Workers int      // number of workers; 0: the number of CPUs
 	// Node selects Node's IPC handle protocol; it is implied when Command[0] is "node".
 	Node bool
 	// AppPort chooses, for Node apps that listen on several ports, the one that gets the
 	// edge's traffic; 0: the first server the app listens on.
 	AppPort int
 	Env     []string // extra environment for workers
+	// SlotEnv, if set, adds environment for the worker in one slot (e.g. a different
+	// role or port per slot).
+	SlotEnv func(slot int) []string
 
 	SpawnTimeout         time.Duration // a worker must be ready within this; 0: 30 s
 	DrainGrace           time.Duration // a draining worker's sessions get this long; 0: 30 s
@@ -50,9 +54,7 @@ type Supervisor struct {
 	QuickFailures int
 
 	Stdout, Stderr io.Writer    // worker output, each line prefixed "[worker N] "; nil: os.Stdout/os.Stderr
-	Logger         *slog.Logger // nil: the Balancer's
-
-	slotEnv func(slot int) []string // per-slot environment (tests)
+	Logger         *slog.Logger // nil: the Edge's
 
 	mu       sync.Mutex
 	procs    map[int]*proc
@@ -140,7 +142,7 @@ func (s *Supervisor) init() error {
 		s.Stderr = os.Stderr
 	}
 	if s.Logger == nil {
-		s.Logger = s.Balancer.log
+		s.Logger = s.Edge.WorkerSettings().Logger
 	}
 	if err := CheckWorkerCommand(s.Command); err != nil {
 		return err
@@ -289,7 +291,7 @@ func (s *Supervisor) Restart(ctx context.Context, slot int) error {
 	if p == nil {
 		return fmt.Errorf("balancer: no worker in slot %d", slot)
 	}
-	s.Balancer.Drain(slot)
+	s.Edge.Drain(slot)
 	p.asked.Store(true)
 	s.Logger.Info("draining worker", "worker", slot, "pid", p.process.Pid, "grace", s.DrainGrace)
 	deadline := time.Now().Add(s.DrainGrace)
@@ -326,7 +328,7 @@ func (s *Supervisor) drained(p *proc) bool {
 		return true
 	default:
 	}
-	if s.Balancer.load(p.slot) > 0 {
+	if s.Edge.Load(p.slot) > 0 {
 		return false
 	}
 	return p.ch.WebSockets() == 0
@@ -376,7 +378,7 @@ func (s *Supervisor) runSlot(ctx context.Context, slot int) {
 		}
 		p, err := s.adoptOrSpawn(ctx, slot)
 		if err == nil {
-			s.Balancer.AddWorker(p.w)
+			s.Edge.AddWorker(p.w)
 			s.mu.Lock()
 			s.procs[slot] = p
 			close(s.changedC())
@@ -394,7 +396,7 @@ func (s *Supervisor) runSlot(ctx context.Context, slot int) {
 			case <-p.exited:
 			case <-ctx.Done():
 			}
-			s.Balancer.RemoveWorker(p.w)
+			s.Edge.RemoveWorker(p.w)
 			s.mu.Lock()
 			delete(s.procs, slot)
 			s.mu.Unlock()
@@ -433,7 +435,7 @@ func (s *Supervisor) runSlot(ctx context.Context, slot int) {
 			}
 		}
 		s.restarts.Add(1)
-		s.Balancer.m.WorkerRestarts.WithLabelValues(strconv.Itoa(slot)).Inc()
+		s.Edge.WorkerSettings().Metrics.WorkerRestarts.WithLabelValues(strconv.Itoa(slot)).Inc()
 		if time.Since(started) > time.Minute {
 			backoff = 100 * time.Millisecond
 		}
@@ -444,7 +446,7 @@ func (s *Supervisor) runSlot(ctx context.Context, slot int) {
 		}
 		if len(starts) > s.MaxRestartsPerMinute {
 			s.failed.Add(1)
-			s.Balancer.m.Workers.WithLabelValues("failed").Set(float64(s.failed.Load()))
+			s.Edge.WorkerSettings().Metrics.Workers.WithLabelValues("failed").Set(float64(s.failed.Load()))
 			s.Logger.Error("worker keeps failing; giving up on this slot",
 				"worker", slot, "restarts_last_minute", len(starts), "command", s.Command,
 				"hint", "run the command by hand to see why it exits")
@@ -471,7 +473,7 @@ func (s *Supervisor) runSlot(ctx context.Context, slot int) {
 // same reason say it once.
 func (s *Supervisor) giveUp(slot, tries int, err error) {
 	s.failed.Add(1)
-	s.Balancer.m.Workers.WithLabelValues("failed").Set(float64(s.failed.Load()))
+	s.Edge.WorkerSettings().Metrics.Workers.WithLabelValues("failed").Set(float64(s.failed.Load()))
 	reason := err.Error()
 	var se *startError
 	if errors.As(err, &se) {
@@ -501,15 +503,24 @@ func (s *Supervisor) isFrozen() bool {
 	return s.frozen
 }
 
-// SupervisorHandover is what a Supervisor hands to the next edge image.
-type SupervisorHandover struct {
+// HandoverWorker is a worker process handed to the next edge image.
+type HandoverWorker struct {
+	Slot, PID               int
+	Kind                    string                // "go" or "node"
+	Channel, Stdout, Stderr int                   // descriptors
+	Node                    *nodeipc.PrimaryState `json:",omitempty"` // a Node worker's IPC state
+}
+
+// Handover is what a Supervisor (or a ControlServer, Workers only) hands to the next
+// edge image.
+type Handover struct {
 	Workers []HandoverWorker
 	Shared  []nodeipc.SharedFD `json:",omitempty"` // a Node app's other servers
 	Preload string             `json:",omitempty"` // the Node preload file, reused
 }
 
 // Adopt gives the supervisor the workers a previous edge image ran; call it before Run.
-func (s *Supervisor) Adopt(h SupervisorHandover) {
+func (s *Supervisor) Adopt(h Handover) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	s.adopt = map[int]HandoverWorker{}
@@ -563,7 +574,7 @@ func (s *Supervisor) adoptProc(hw HandoverWorker) (*proc, error) {
 	}
 	var ch Channel
 	if hw.Kind == "node" {
-		primary, err := nodeipc.ResumePrimary(*hw.Node, nodeipc.Config{AckTimeout: s.Balancer.cfg.HandoffTimeout, Logger: s.Logger})
+		primary, err := nodeipc.ResumePrimary(*hw.Node, nodeipc.Config{AckTimeout: s.Edge.WorkerSettings().HandoffTimeout, Logger: s.Logger})
 		if err != nil {
 			process.Kill() // it exits anyway once its channel is gone
 			return nil, err
@@ -573,7 +584,7 @@ func (s *Supervisor) adoptProc(hw HandoverWorker) (*proc, error) {
 		primary.Logger = s.Logger.With("worker", hw.Slot)
 		s.joinNodeCluster(hw.Slot, primary)
 		go primary.Run(context.Background())
-		ch = &nodeChannel{p: primary, ch: primary.Channel, timeout: s.Balancer.cfg.HandoffTimeout}
+		ch = &nodeChannel{p: primary, ch: primary.Channel, timeout: s.Edge.WorkerSettings().HandoffTimeout}
 	} else {
 		c, err := net.FileConn(files[0])
 		files[0].Close()
@@ -588,24 +599,24 @@ func (s *Supervisor) adoptProc(hw HandoverWorker) (*proc, error) {
 		ch = s.goChannel(hw.Slot, uc)
 	}
 	p := s.watch(hw.Slot, hw.Kind, process, ch, files[1], files[2], false)
-	p.w = newWorker(hw.Slot, hw.PID, ch, s.Balancer.cfg.WorkerIdle)
+	p.w = newWorker(hw.Slot, hw.PID, ch, s.Edge.WorkerSettings().WorkerIdle)
 	return p, nil
 }
 
 // Freeze stops supervising, for an edge upgrade, and returns the workers with their
-// descriptors marked to survive the exec. Call it after Balancer.Freeze: no handoff may be
+// descriptors marked to survive the exec. Call it after the edge froze (balancer.Balancer.Freeze): no handoff may be
 // in flight. Thaw undoes it if the exec fails or Freeze itself does.
-func (s *Supervisor) Freeze() (SupervisorHandover, error) {
+func (s *Supervisor) Freeze() (Handover, error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	s.frozen = true
-	out := SupervisorHandover{Preload: s.preload}
+	out := Handover{Preload: s.preload}
 	for slot, p := range s.procs {
 		hw := HandoverWorker{Slot: slot, PID: p.process.Pid, Kind: p.kind}
 		var err error
 		switch ch := p.ch.(type) {
 		case *GoChannel:
-			if hw.Channel, err = rawFD(ch.uc); err != nil {
+			if hw.Channel, err = fdutil.Inherit(ch.uc); err != nil {
 				return out, err
 			}
 		case *nodeChannel:
@@ -622,10 +633,10 @@ func (s *Supervisor) Freeze() (SupervisorHandover, error) {
 		p.pumpsStop.Store(true)
 		p.stdout.SetReadDeadline(time.Unix(1, 0))
 		p.stderr.SetReadDeadline(time.Unix(1, 0))
-		if hw.Stdout, err = rawFD(p.stdout); err != nil {
+		if hw.Stdout, err = fdutil.Inherit(p.stdout); err != nil {
 			return out, err
 		}
-		if hw.Stderr, err = rawFD(p.stderr); err != nil {
+		if hw.Stderr, err = fdutil.Inherit(p.stderr); err != nil {
 			return out, err
 		}
 		out.Workers = append(out.Workers, hw)
@@ -676,18 +687,12 @@ func (s *Supervisor) Thaw() {
 		p.pumpsStop.Store(false)
 		for _, f := range []*os.File{p.stdout, p.stderr} {
 			f.SetReadDeadline(time.Time{})
-			closeOnExec(f)
+			fdutil.CloseOnExec(f)
 		}
 		s.startPumps(p)
 		if g, ok := p.ch.(*GoChannel); ok {
-			closeOnExec(g.uc)
+			fdutil.CloseOnExec(g.uc)
 		}
-	}
-}
-
-func closeOnExec(c syscall.Conn) {
-	if raw, err := c.SyscallConn(); err == nil {
-		raw.Control(func(fd uintptr) { unix.CloseOnExec(int(fd)) })
 	}
 }
 
@@ -695,8 +700,8 @@ func closeOnExec(c syscall.Conn) {
 func (s *Supervisor) spawn(ctx context.Context, slot int) (*proc, error) {
 	env := append(os.Environ(), s.Env...)
 	env = append(env, fdpass.EnvWorkerID+"="+strconv.Itoa(slot))
-	if s.slotEnv != nil {
-		env = append(env, s.slotEnv(slot)...)
+	if s.SlotEnv != nil {
+		env = append(env, s.SlotEnv(slot)...)
 	}
 	// The edge owns the read ends of the workers' output pipes (not exec.Cmd), so that an
 	// edge upgrade can hand them to the next edge image with the workers.
@@ -742,11 +747,11 @@ func (s *Supervisor) spawn(ctx context.Context, slot int) (*proc, error) {
 			env = append(env, nodeipc.Env(3, slot+1)...)
 		}
 		env = append(env, nodeipc.PreloadEnv(s.preload)...)
-		nch := nodeipc.NewChannel(parent, nodeipc.Config{AckTimeout: s.Balancer.cfg.HandoffTimeout, Logger: s.Logger})
+		nch := nodeipc.NewChannel(parent, nodeipc.Config{AckTimeout: s.Edge.WorkerSettings().HandoffTimeout, Logger: s.Logger})
 		primary := &nodeipc.Primary{Channel: nch, Shared: s.shared, Logger: s.Logger.With("worker", slot), OnQueryServer: s.chooseAppServer}
 		s.joinNodeCluster(slot, primary)
 		go primary.Run(context.Background())
-		ch = &nodeChannel{p: primary, ch: nch, timeout: s.Balancer.cfg.HandoffTimeout}
+		ch = &nodeChannel{p: primary, ch: nch, timeout: s.Edge.WorkerSettings().HandoffTimeout}
 		readyC = primary.Ready()
 	} else {
 		kind = "go"
@@ -809,7 +814,7 @@ func (s *Supervisor) spawn(ctx context.Context, slot int) (*proc, error) {
 		select {
 		case <-readyC:
 			s.releaseOutput(p)
-			p.w = newWorker(slot, process.Pid, ch, s.Balancer.cfg.WorkerIdle)
+			p.w = newWorker(slot, process.Pid, ch, s.Edge.WorkerSettings().WorkerIdle)
 			return p, nil
 		case <-p.exited:
 			why := "with status 0"
@@ -922,8 +927,8 @@ func dedupEnv(env []string) []string {
 }
 
 func (s *Supervisor) goChannel(slot int, edge *net.UnixConn) *GoChannel {
-	gauge := s.Balancer.m.WebSockets.WithLabelValues(strconv.Itoa(slot))
-	return NewGoChannel(edge, s.Balancer.cfg.HandoffTimeout, func(n int64) { gauge.Set(float64(n)) })
+	gauge := s.Edge.WorkerSettings().Metrics.WebSockets.WithLabelValues(strconv.Itoa(slot))
+	return NewGoChannel(edge, s.Edge.WorkerSettings().HandoffTimeout, func(n int64) { gauge.Set(float64(n)) })
 }
 
 func helloReady(goch *GoChannel) <-chan struct{} {

@@ -1,4 +1,4 @@
-package balancer
+package workers
 
 import (
 	"bufio"
@@ -31,97 +31,101 @@ var (
 	vcWriterPool = sync.Pool{New: func() any { return bufio.NewWriterSize(nil, vcWriteBuf) }}
 )
 
-// vconn is one virtual connection to a worker (the edge's end of a socketpair whose
+// Conn is one virtual connection to a worker (the edge's end of a socketpair whose
 // other end the worker serves like a client connection).
-type vconn struct {
-	c      net.Conn
-	br     *bufio.Reader // nil while idle
-	bw     *bufio.Writer // nil while idle
+type Conn struct {
+	C      net.Conn
+	BR     *bufio.Reader // nil while idle
+	BW     *bufio.Writer // nil while idle
+	Reused bool          // it carried a request before: the worker may have closed it meanwhile
 	idleAt time.Time
-	reused bool // it carried a request before: the worker may have closed it meanwhile
 	sent   atomic.Int64
 }
 
-func (vc *vconn) attach() {
-	vc.br = vcReaderPool.Get().(*bufio.Reader)
-	vc.br.Reset(vc.c)
-	vc.bw = vcWriterPool.Get().(*bufio.Writer)
-	vc.bw.Reset(vc)
+func (vc *Conn) Attach() {
+	vc.BR = vcReaderPool.Get().(*bufio.Reader)
+	vc.BR.Reset(vc.C)
+	vc.BW = vcWriterPool.Get().(*bufio.Writer)
+	vc.BW.Reset(vc)
 	vc.sent.Store(0)
 }
 
-func (vc *vconn) detach() {
-	if vc.br != nil {
-		vc.br.Reset(nil)
-		vcReaderPool.Put(vc.br)
-		vc.br = nil
+func (vc *Conn) Detach() {
+	if vc.BR != nil {
+		vc.BR.Reset(nil)
+		vcReaderPool.Put(vc.BR)
+		vc.BR = nil
 	}
-	if vc.bw != nil {
-		vc.bw.Reset(nil)
-		vcWriterPool.Put(vc.bw)
-		vc.bw = nil
+	if vc.BW != nil {
+		vc.BW.Reset(nil)
+		vcWriterPool.Put(vc.BW)
+		vc.BW = nil
 	}
 }
 
-// close closes the connection and gives its buffers back.
-func (vc *vconn) close() {
-	vc.c.Close()
-	vc.detach()
+// Close closes the connection and gives its buffers back.
+func (vc *Conn) Close() {
+	vc.C.Close()
+	vc.Detach()
 }
 
-// Idle states of a virtual connection (vconn.probe).
+// Idle states of a virtual connection (Conn.Probe).
 const (
-	probeIdle        = iota // nothing to read, the worker's end is open
-	probeClosed             // the worker closed its end (or the socket failed)
-	probeUnsolicited        // the worker sent bytes nobody asked for
+	ProbeIdle        = iota // nothing to read, the worker's end is open
+	ProbeClosed             // the worker closed its end (or the socket failed)
+	ProbeUnsolicited        // the worker sent bytes nobody asked for
 )
 
-// probe reports, without blocking, what waits on the connection. A pooled connection is
+// Probe reports, without blocking, what waits on the connection. A pooled connection is
 // reused only when it is idle: bytes a worker wrote after the end of a response (a body
 // on a 204, bytes past Content-Length, a late second response) would otherwise be read as
 // the answer to the next request — another client's — and shift every pairing after it.
 // This is net/http's "unsolicited response received on idle HTTP channel".
-func (vc *vconn) probe() int {
-	sc, ok := vc.c.(syscall.Conn)
+func (vc *Conn) Probe() int {
+	sc, ok := vc.C.(syscall.Conn)
 	if !ok {
-		return probeIdle
+		return ProbeIdle
 	}
 	rc, err := sc.SyscallConn()
 	if err != nil {
-		return probeClosed
+		return ProbeClosed
 	}
-	state := probeClosed
+	state := ProbeClosed
 	var b [1]byte
 	rc.Control(func(fd uintptr) {
 		n, _, err := unix.Recvfrom(int(fd), b[:], unix.MSG_PEEK|unix.MSG_DONTWAIT)
 		switch {
 		case n > 0:
-			state = probeUnsolicited
+			state = ProbeUnsolicited
 		case n < 0 && (err == unix.EAGAIN || err == unix.EWOULDBLOCK):
-			state = probeIdle
+			state = ProbeIdle
 		}
 	})
 	return state
 }
 
+// Sent is the number of bytes the worker's socket accepted since the connection was
+// taken from the pool.
+func (vc *Conn) Sent() int64 { return vc.sent.Load() }
+
 // Write counts what the worker's socket accepted, so that a failed request can tell
 // "never reached the worker" (safe to send elsewhere) from "may have been read".
-func (vc *vconn) Write(p []byte) (int, error) {
-	n, err := vc.c.Write(p)
+func (vc *Conn) Write(p []byte) (int, error) {
+	n, err := vc.C.Write(p)
 	vc.sent.Add(int64(n))
 	return n, err
 }
 
-// connPool holds a worker's idle virtual connections, most recently used on top (LIFO:
+// Pool holds a worker's idle virtual connections, most recently used on top (LIFO:
 // the warm ones are reused, the rest age out). An idle connection is retired after
 // idle, which is shorter than Node's keepAliveTimeout (5 s), so the edge does not pick a
 // connection the worker is about to close.
-type connPool struct {
+type Pool struct {
 	w    *Worker
 	idle time.Duration
 
 	mu     sync.Mutex
-	conns  []*vconn // by idleAt, oldest first
+	conns  []*Conn // by idleAt, oldest first
 	closed bool
 	timer  *time.Timer
 	armed  bool
@@ -131,37 +135,37 @@ type connPool struct {
 	counters     [6]prometheus.Counter
 }
 
-func newConnPool(w *Worker, idle time.Duration) *connPool {
+func newPool(w *Worker, idle time.Duration) *Pool {
 	if idle <= 0 {
 		idle = 4 * time.Second
 	}
-	return &connPool{w: w, idle: idle}
+	return &Pool{w: w, idle: idle}
 }
 
-// get returns an idle connection with its buffers attached, or dials a new one. Idle
+// Get returns an idle connection with its buffers attached, or dials a new one. Idle
 // connections that turn out closed are dropped; ones holding unsolicited bytes are
 // dropped and counted in unsolicited.
-func (p *connPool) get(ctx context.Context) (vc *vconn, unsolicited int, err error) {
+func (p *Pool) Get(ctx context.Context) (vc *Conn, unsolicited int, err error) {
 	for {
 		vc := p.getIdle()
 		if vc == nil {
 			break
 		}
-		switch vc.probe() {
-		case probeIdle:
-			vc.attach()
+		switch vc.Probe() {
+		case ProbeIdle:
+			vc.Attach()
 			return vc, unsolicited, nil
-		case probeUnsolicited:
+		case ProbeUnsolicited:
 			unsolicited++
 		}
-		vc.c.Close()
+		vc.C.Close()
 	}
-	vc, err = p.dial(ctx)
+	vc, err = p.Dial(ctx)
 	return vc, unsolicited, err
 }
 
 // getIdle pops the most recently used idle connection, without buffers.
-func (p *connPool) getIdle() *vconn {
+func (p *Pool) getIdle() *Conn {
 	now := time.Now()
 	p.mu.Lock()
 	n := len(p.conns)
@@ -172,7 +176,7 @@ func (p *connPool) getIdle() *vconn {
 	vc := p.conns[n-1]
 	p.conns[n-1] = nil
 	p.conns = p.conns[:n-1]
-	var stale []*vconn
+	var stale []*Conn
 	if now.Sub(vc.idleAt) >= p.idle {
 		// The newest is stale, so are all below it.
 		stale = append(p.conns[:0:0], p.conns...)
@@ -183,38 +187,38 @@ func (p *connPool) getIdle() *vconn {
 	}
 	p.mu.Unlock()
 	for _, s := range stale {
-		s.c.Close()
+		s.C.Close()
 	}
 	return vc
 }
 
-// dial opens a fresh virtual connection.
-func (p *connPool) dial(ctx context.Context) (*vconn, error) {
-	c, err := p.w.dialVirtual(ctx)
+// Dial opens a fresh virtual connection.
+func (p *Pool) Dial(ctx context.Context) (*Conn, error) {
+	c, err := p.w.DialVirtual(ctx)
 	if err != nil {
 		return nil, err
 	}
-	vc := &vconn{c: c}
-	vc.attach()
+	vc := &Conn{C: c}
+	vc.Attach()
 	return vc, nil
 }
 
-// put returns a connection whose last exchange ended cleanly; it keeps it idle unless
+// Put returns a connection whose last exchange ended cleanly; it keeps it idle unless
 // the pool is closed or full. It reports false when the worker had already sent bytes
 // past the end of the response: the connection is closed, never reused. (Bytes that
-// arrive later are found by get's probe.)
-func (p *connPool) put(vc *vconn) bool {
-	if vc.br.Buffered() > 0 {
-		vc.close()
+// arrive later are found by Get's probe.)
+func (p *Pool) Put(vc *Conn) bool {
+	if vc.BR.Buffered() > 0 {
+		vc.Close()
 		return false
 	}
-	vc.detach()
-	vc.reused = true
+	vc.Detach()
+	vc.Reused = true
 	vc.idleAt = time.Now()
 	p.mu.Lock()
 	if p.closed || len(p.conns) >= maxIdlePerWorker {
 		p.mu.Unlock()
-		vc.c.Close()
+		vc.C.Close()
 		return true
 	}
 	p.conns = append(p.conns, vc)
@@ -231,14 +235,14 @@ func (p *connPool) put(vc *vconn) bool {
 }
 
 // sweep closes connections idle for longer than p.idle and rearms for the next one.
-func (p *connPool) sweep() {
+func (p *Pool) sweep() {
 	now := time.Now()
 	p.mu.Lock()
 	i := 0
 	for i < len(p.conns) && now.Sub(p.conns[i].idleAt) >= p.idle {
 		i++
 	}
-	stale := append([]*vconn(nil), p.conns[:i]...)
+	stale := append([]*Conn(nil), p.conns[:i]...)
 	n := copy(p.conns, p.conns[i:])
 	clear(p.conns[n:])
 	p.conns = p.conns[:n]
@@ -249,12 +253,12 @@ func (p *connPool) sweep() {
 	}
 	p.mu.Unlock()
 	for _, s := range stale {
-		s.c.Close()
+		s.C.Close()
 	}
 }
 
-// closeIdle closes every idle connection and every one returned later (the worker left).
-func (p *connPool) closeIdle() {
+// CloseIdle closes every idle connection and every one returned later (the worker left).
+func (p *Pool) CloseIdle() {
 	p.mu.Lock()
 	p.closed = true
 	stale := p.conns
@@ -265,12 +269,12 @@ func (p *connPool) closeIdle() {
 	p.armed = false
 	p.mu.Unlock()
 	for _, s := range stale {
-		s.c.Close()
+		s.C.Close()
 	}
 }
 
-// requests returns the RequestsProxied counter of this worker for status.
-func (p *connPool) requests(m *metrics.Metrics, status int) prometheus.Counter {
+// Requests returns the RequestsProxied counter of this worker for status.
+func (p *Pool) Requests(m *metrics.Metrics, status int) prometheus.Counter {
 	p.countersOnce.Do(func() {
 		for c := 1; c <= 5; c++ {
 			p.counters[c] = m.RequestsProxied.WithLabelValues(p.w.label, metrics.StatusClass(c*100))

@@ -1,4 +1,4 @@
-package balancer
+package workers
 
 import (
 	"errors"
@@ -13,18 +13,20 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/stickyd/stickyd/balancer/internal/fdutil"
 )
 
 // ControlServer accepts Go workers started elsewhere (sidecar mode: another container
 // sharing a volume) on a Unix SEQPACKET control socket. A worker's channel is the
 // connection itself; it is routed once it announces itself and removed when it hangs up.
 type ControlServer struct {
-	Balancer *Balancer
+	Edge Edge // required
 	// AllowUIDs lists peer uids allowed besides the edge's own (SO_PEERCRED is checked on
 	// every connection).
 	AllowUIDs    []int
 	HelloTimeout time.Duration // 0: 10 s
-	Logger       *slog.Logger  // nil: the Balancer's
+	Logger       *slog.Logger  // nil: the Edge's
 
 	mu     sync.Mutex
 	slots  map[int]*Worker
@@ -61,7 +63,7 @@ func ListenControl(path string) (*net.UnixListener, error) {
 // Serve accepts workers until ln is closed.
 func (s *ControlServer) Serve(ln *net.UnixListener) error {
 	if s.Logger == nil {
-		s.Logger = s.Balancer.log
+		s.Logger = s.Edge.WorkerSettings().Logger
 	}
 	if s.HelloTimeout <= 0 {
 		s.HelloTimeout = 10 * time.Second
@@ -78,7 +80,7 @@ func (s *ControlServer) Serve(ln *net.UnixListener) error {
 			if errors.Is(err, net.ErrClosed) || errors.Is(err, os.ErrDeadlineExceeded) {
 				return nil // closed, or frozen for an edge upgrade
 			}
-			if temporaryAccept(err) {
+			if fdutil.TemporaryAccept(err) {
 				delay = min(max(2*delay, 5*time.Millisecond), time.Second)
 				time.Sleep(delay)
 				continue
@@ -104,7 +106,7 @@ func (s *ControlServer) admit(c *net.UnixConn) {
 		c.Close()
 		return
 	}
-	ch := NewGoChannel(c, s.Balancer.cfg.HandoffTimeout, nil)
+	ch := NewGoChannel(c, s.Edge.WorkerSettings().HandoffTimeout, nil)
 	select {
 	case <-ch.Hello():
 	case <-ch.Done():
@@ -119,7 +121,7 @@ func (s *ControlServer) admit(c *net.UnixConn) {
 	for s.slots[slot] != nil {
 		slot++
 	}
-	w := newWorker(slot, pid, ch, s.Balancer.cfg.WorkerIdle)
+	w := newWorker(slot, pid, ch, s.Edge.WorkerSettings().WorkerIdle)
 	s.slots[slot] = w
 	s.mu.Unlock()
 	s.serveWorker(w, ch)
@@ -127,9 +129,9 @@ func (s *ControlServer) admit(c *net.UnixConn) {
 
 // serveWorker keeps w in routing until its channel closes.
 func (s *ControlServer) serveWorker(w *Worker, ch *GoChannel) {
-	gauge := s.Balancer.m.WebSockets.WithLabelValues(w.label)
+	gauge := s.Edge.WorkerSettings().Metrics.WebSockets.WithLabelValues(w.label)
 	ch.SetOnStats(func(n int64) { gauge.Set(float64(n)) })
-	s.Balancer.AddWorker(w)
+	s.Edge.AddWorker(w)
 	s.Logger.Info("worker connected", "worker", w.Slot, "pid", w.PID)
 	<-ch.Done()
 	s.mu.Lock()
@@ -141,7 +143,7 @@ func (s *ControlServer) serveWorker(w *Worker, ch *GoChannel) {
 	if frozen {
 		return // handed to the next edge image
 	}
-	s.Balancer.RemoveWorker(w)
+	s.Edge.RemoveWorker(w)
 	s.Logger.Warn("worker disconnected", "worker", w.Slot, "pid", w.PID)
 }
 
@@ -157,7 +159,7 @@ func (s *ControlServer) Freeze() ([]HandoverWorker, error) {
 		if !ok {
 			continue
 		}
-		fd, err := rawFD(goch.uc)
+		fd, err := fdutil.Inherit(goch.uc)
 		if err != nil {
 			return nil, err
 		}
@@ -174,7 +176,7 @@ func (s *ControlServer) Thaw() {
 	s.frozen = false
 	for _, w := range s.slots {
 		if g, ok := w.ch.(*GoChannel); ok {
-			closeOnExec(g.uc)
+			fdutil.CloseOnExec(g.uc)
 		}
 	}
 }
@@ -182,7 +184,7 @@ func (s *ControlServer) Thaw() {
 // Adopt routes the sidecar workers a previous edge image served.
 func (s *ControlServer) Adopt(ws []HandoverWorker) {
 	if s.Logger == nil {
-		s.Logger = s.Balancer.log
+		s.Logger = s.Edge.WorkerSettings().Logger
 	}
 	s.mu.Lock()
 	if s.slots == nil {
@@ -200,8 +202,8 @@ func (s *ControlServer) Adopt(ws []HandoverWorker) {
 			s.Logger.Warn("could not adopt a sidecar worker", "worker", hw.Slot, "pid", hw.PID, "err", err)
 			continue
 		}
-		ch := NewGoChannel(uc, s.Balancer.cfg.HandoffTimeout, nil)
-		w := newWorker(hw.Slot, hw.PID, ch, s.Balancer.cfg.WorkerIdle)
+		ch := NewGoChannel(uc, s.Edge.WorkerSettings().HandoffTimeout, nil)
+		w := newWorker(hw.Slot, hw.PID, ch, s.Edge.WorkerSettings().WorkerIdle)
 		s.mu.Lock()
 		s.slots[hw.Slot] = w
 		s.mu.Unlock()

@@ -1,4 +1,4 @@
-package balancer
+package workers
 
 import (
 	"context"
@@ -16,6 +16,9 @@ import (
 
 	"github.com/stickyd/stickyd/fdpass"
 )
+
+// ErrWorkerTimeout means a worker did not take a connection in time.
+var ErrWorkerTimeout = errors.New("workers: worker did not take the connection in time")
 
 // Channel delivers connections to one worker process.
 type Channel interface {
@@ -65,8 +68,31 @@ type Worker struct {
 	ch         Channel
 	state      atomic.Int32
 	stuckUntil atomic.Int64 // unix nanos: a handoff timed out; skip the worker until then
-	pool       *connPool    // idle virtual connections for proxied requests
+	pool       *Pool        // idle virtual connections for proxied requests
 	label      string
+}
+
+// NewWorker returns a ready worker for the process pid in slot, reached through ch.
+// idle retires its idle virtual connections (0: 4 s).
+func NewWorker(slot, pid int, ch Channel, idle time.Duration) *Worker {
+	return newWorker(slot, pid, ch, idle)
+}
+
+// Channel is how the worker gets connections.
+func (w *Worker) Channel() Channel { return w.ch }
+
+// Pool holds the worker's idle virtual connections.
+func (w *Worker) Pool() *Pool { return w.pool }
+
+// Label is the worker's slot as a metric label value.
+func (w *Worker) Label() string { return w.label }
+
+// SetState sets the worker's state.
+func (w *Worker) SetState(s WorkerState) { w.state.Store(int32(s)) }
+
+// CompareAndSwapState moves the worker from old to new state if it is in old.
+func (w *Worker) CompareAndSwapState(old, new WorkerState) bool {
+	return w.state.CompareAndSwap(int32(old), int32(new))
 }
 
 func newWorker(slot, pid int, ch Channel, idle time.Duration) *Worker {
@@ -74,21 +100,22 @@ func newWorker(slot, pid int, ch Channel, idle time.Duration) *Worker {
 	w.state.Store(int32(StateReady))
 	// Idle virtual connections are retired after idle, shorter than Node's default
 	// keepAliveTimeout (5 s), so the edge does not reuse one the worker is closing.
-	w.pool = newConnPool(w, idle)
+	w.pool = newPool(w, idle)
 	return w
 }
 
-// takesNew reports whether the worker may get new sessions now.
-func (w *Worker) takesNew(now time.Time) bool {
+// TakesNew reports whether the worker may get new sessions now: it is ready and not
+// marked stuck.
+func (w *Worker) TakesNew(now time.Time) bool {
 	return w.State() == StateReady && now.UnixNano() >= w.stuckUntil.Load()
 }
 
 // stuckFor is how long a worker that stopped taking work gets no new sessions.
 const stuckFor = 5 * time.Second
 
-// markStuck takes the worker out of routing for new sessions for stuckFor; the sessions
+// MarkStuck takes the worker out of routing for new sessions for stuckFor; the sessions
 // it holds stay (they exist nowhere else).
-func (w *Worker) markStuck(log *slog.Logger, why string) {
+func (w *Worker) MarkStuck(log *slog.Logger, why string) {
 	until := time.Now().Add(stuckFor).UnixNano()
 	if prev := w.stuckUntil.Swap(until); prev < time.Now().UnixNano() {
 		log.Warn("worker takes no new sessions for a while: "+why, "worker", w.Slot, "pid", w.PID, "for", stuckFor)
@@ -101,9 +128,9 @@ func (w *Worker) WebSockets() int64 { return w.ch.WebSockets() }
 // State returns the worker's current state.
 func (w *Worker) State() WorkerState { return WorkerState(w.state.Load()) }
 
-// dialVirtual creates a socketpair, hands one end to the worker like a client connection,
+// DialVirtual creates a socketpair, hands one end to the worker like a client connection,
 // and returns the other end for the edge's per-request proxy.
-func (w *Worker) dialVirtual(ctx context.Context) (net.Conn, error) {
+func (w *Worker) DialVirtual(ctx context.Context) (net.Conn, error) {
 	mine, theirs, err := fdpass.SocketPair(unix.SOCK_STREAM)
 	if err != nil {
 		return nil, err
@@ -115,6 +142,11 @@ func (w *Worker) dialVirtual(ctx context.Context) (net.Conn, error) {
 	}
 	return mine, nil
 }
+
+// TrySend hands the descriptor nfd to the worker with one non-blocking sendmsg: a full
+// channel is an error at once (the caller takes a slower path that waits). The caller
+// still owns nfd.
+func (c *GoChannel) TrySend(nfd int, meta fdpass.Meta) error { return fdpass.TrySend(c.uc, nfd, meta) }
 
 // GoChannel speaks stickyd's own protocol (package fdpass) with a Go worker.
 type GoChannel struct {

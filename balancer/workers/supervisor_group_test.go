@@ -1,4 +1,4 @@
-package balancer
+package workers
 
 import (
 	"bytes"
@@ -52,9 +52,9 @@ func TestSupervisorStopEndsTheWholeGroup(t *testing.T) {
 	self, _ := os.Executable()
 	var logs lockedBuffer
 	log := slog.New(slog.NewTextHandler(&logs, nil))
-	b := New(Config{Logger: log})
+	b := newFakeEdge(log)
 	sup := &Supervisor{
-		Balancer: b,
+		Edge: b,
 		// The shell ignores SIGTERM for the background sleep, then becomes the Go worker.
 		Command:      []string{"sh", "-c", `trap "" TERM; sleep 300 & exec "$0"`, self},
 		Workers:      1,
@@ -97,9 +97,9 @@ func TestSupervisorKillIsImmediate(t *testing.T) {
 	self, _ := os.Executable()
 	var logs lockedBuffer
 	log := slog.New(slog.NewTextHandler(&logs, nil))
-	b := New(Config{Logger: log})
+	b := newFakeEdge(log)
 	sup := &Supervisor{
-		Balancer:     b,
+		Edge:         b,
 		Command:      []string{"sh", "-c", `trap "" TERM; sleep 300 & exec "$0"`, self},
 		Workers:      2,
 		Env:          []string{workerEnv + "=echo"},
@@ -138,10 +138,10 @@ func TestSupervisorKillIsImmediate(t *testing.T) {
 func TestSupervisorGivesUpOnAWorkerThatCannotStart(t *testing.T) {
 	var logs, out lockedBuffer
 	log := slog.New(slog.NewTextHandler(&logs, nil))
-	b := New(Config{Logger: log})
+	b := newFakeEdge(log)
 	script := `echo "Error: Cannot find module '/nowhere/app.js'" >&2; echo "    at Module._resolveFilename (node:internal)" >&2; exit 1`
 	sup := &Supervisor{
-		Balancer:      b,
+		Edge:          b,
 		Command:       []string{"sh", "-c", script},
 		Workers:       3,
 		SpawnTimeout:  time.Minute,
