@@ -301,6 +301,13 @@ func (c *Channel) Send(msg any) error {
 	return c.writeLine(line, nil)
 }
 
+// relayWriteTimeout bounds a relay write to a worker that does not read its channel. Longer
+// than the ACK timeout: a worker whose event loop stalls for a few seconds under a stream of
+// cross-worker broadcasts is busy, not hung (Node's own primary would buffer without limit;
+// the relay's bounded queue drops instead), and closing its channel would make it exit.
+// Handoffs to it meanwhile time out on the turn and go to other workers.
+const relayWriteTimeout = 30 * time.Second
+
 // sendRaw writes lines (complete JSON lines, each ending in '\n') as they are, ordered like
 // Send. The relay uses it to forward messages byte for byte.
 func (c *Channel) sendRaw(lines []byte) error {
@@ -308,7 +315,7 @@ func (c *Channel) sendRaw(lines []byte) error {
 		return err
 	}
 	defer c.release()
-	return c.writeLine(lines, nil)
+	return c.writeLineWithin(lines, nil, max(relayWriteTimeout, c.cfg.AckTimeout))
 }
 
 type handleEnvelope struct {
@@ -394,6 +401,11 @@ func marshalLine(msg any) ([]byte, error) {
 // A failed write closes the channel (the stream position is unknown, or the child is gone or
 // not reading); an unusable conn closes nothing.
 func (c *Channel) writeLine(line []byte, conn syscall.Conn) error {
+	return c.writeLineWithin(line, conn, c.cfg.AckTimeout)
+}
+
+// writeLineWithin is writeLine with its own bound on the write.
+func (c *Channel) writeLineWithin(line []byte, conn syscall.Conn, timeout time.Duration) error {
 	var rc syscall.RawConn
 	if conn != nil {
 		var err error
@@ -408,7 +420,7 @@ func (c *Channel) writeLine(line []byte, conn syscall.Conn) error {
 		return c.sendErr()
 	default:
 	}
-	if err := c.uc.SetWriteDeadline(time.Now().Add(c.cfg.AckTimeout)); err != nil {
+	if err := c.uc.SetWriteDeadline(time.Now().Add(timeout)); err != nil {
 		return c.sendErr()
 	}
 	var (

@@ -19,7 +19,12 @@ type relayWorker struct {
 
 func startRelayWorker(t *testing.T, r *Relay, configure ...func(*Primary)) *relayWorker {
 	t.Helper()
-	ch, peer := newFakeChannel(t, Config{})
+	return startRelayWorkerCfg(t, r, Config{}, configure...)
+}
+
+func startRelayWorkerCfg(t *testing.T, r *Relay, cfg Config, configure ...func(*Primary)) *relayWorker {
+	t.Helper()
+	ch, peer := newFakeChannel(t, cfg)
 	w := &relayWorker{p: &Primary{Channel: ch, Relay: r}, peer: peer, done: make(chan struct{})}
 	for _, f := range configure {
 		f(w.p)
@@ -185,7 +190,8 @@ func TestRelayWorkerGoneClosesItsAdapters(t *testing.T) {
 
 // TestRelaySlowWorkerDoesNotBlockOthers: a worker that stops reading its channel fills its
 // own bounded queue; messages for it are then dropped (counted), and the sender's and the
-// other workers' traffic keeps flowing.
+// other workers' traffic keeps flowing. The stalled worker is not disconnected after the ACK
+// timeout (a busy event loop is not a hung worker).
 func TestRelaySlowWorkerDoesNotBlockOthers(t *testing.T) {
 	var mu sync.Mutex
 	dropped := 0
@@ -194,9 +200,11 @@ func TestRelaySlowWorkerDoesNotBlockOthers(t *testing.T) {
 		dropped += d
 		mu.Unlock()
 	}}
-	a, b, slow := startRelayWorker(t, r), startRelayWorker(t, r), startRelayWorker(t, r)
+	cfg := Config{AckTimeout: 100 * time.Millisecond}
+	a, b := startRelayWorkerCfg(t, r, cfg), startRelayWorkerCfg(t, r, cfg)
+	slow := startRelayWorkerCfg(t, r, cfg) // never reads: its socket buffer fills, then its queue
 	waitMembers(t, r, 3)
-	_ = slow // never reads: its socket buffer fills, then its queue
+	stalled := time.Now()
 	big := strings.Repeat("x", 64<<10)
 	const n = 200
 	go func() {
@@ -220,6 +228,12 @@ func TestRelaySlowWorkerDoesNotBlockOthers(t *testing.T) {
 		t.Fatal("no message dropped for the worker that does not read")
 	}
 	t.Logf("dropped for the slow worker: %d of %d", d, n)
+	if time.Since(stalled) < 10*cfg.AckTimeout {
+		time.Sleep(10*cfg.AckTimeout - time.Since(stalled))
+	}
+	if err := slow.p.Channel.Err(); err != nil {
+		t.Errorf("the stalled worker's channel was closed: %v", err)
+	}
 }
 
 // TestWebSocketsReportAndHandover: the preload's {"cmd":"STICKYD","act":"websockets","n":N}
