@@ -12,8 +12,6 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/stickyd/stickyd/balancer/internal/fdutil"
-	"github.com/stickyd/stickyd/balancer/workers"
-	"github.com/stickyd/stickyd/sticky"
 )
 
 // parkExchange records an exchange for the next image; the caller leaves both
@@ -38,13 +36,11 @@ func (b *Balancer) parkExchange(px parkedExchange) bool {
 	return true
 }
 
-// An edge upgrade replaces the edge's program image in place (execve): the pid stays, so
-// the workers stay its children and systemd, Docker (pid 1) and terminals see one process
-// throughout. Before the exec the edge freezes: it stops accepting (listeners stay open;
-// new clients wait in the backlog), lets in-flight heads and proxied requests finish, and
-// collects every descriptor the next image needs — listeners, the keep-alive client
-// connections it holds between requests, worker channels and output pipes — with the
-// learned session table. Handed-off WebSockets live in the workers and never notice.
+// The edge's part of an edge upgrade (package balancer/handover runs the whole): Freeze
+// stops accepting (listeners stay open; new clients wait in the backlog) and parks the
+// client connections it holds — between requests, or waiting for an answer that has not
+// started — for the next image; Thaw undoes it after a failed exec; Adopt serves what a
+// previous image parked. Handed-off WebSockets live in the workers and never notice.
 
 // HandoverConn is a client connection handed to the next edge image between requests.
 type HandoverConn struct {
@@ -70,17 +66,6 @@ type HandoverExchange struct {
 type parkedExchange struct {
 	c, vc net.Conn
 	st    HandoverExchange
-}
-
-// HandoverState is everything the next edge image adopts.
-type HandoverState struct {
-	Generation int
-	Listeners  []int
-	Conns      []HandoverConn
-	Exchanges  []HandoverExchange `json:",omitempty"`
-	Supervisor workers.Handover
-	Sessions   []sticky.Entry
-	Affinity   []sticky.Entry `json:",omitempty"`
 }
 
 // ErrFrozen is returned by Serve when the edge froze for an upgrade; its listener stays open.

@@ -19,6 +19,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/stickyd/stickyd/balancer"
+	"github.com/stickyd/stickyd/balancer/handover"
 	"github.com/stickyd/stickyd/balancer/workers"
 	"github.com/stickyd/stickyd/metrics"
 	"github.com/stickyd/stickyd/sticky"
@@ -181,33 +182,33 @@ func runEdge(ctx context.Context, mode string, args []string, stderr io.Writer) 
 		Metrics:         m,
 		Logger:          log,
 	})
-	handover, err := loadHandover()
+	prev, err := handover.Load()
 	if err != nil {
 		return err
 	}
 	var lns []net.Listener
 	var metricsLn net.Listener
 	generation := 0
-	if handover != nil {
+	if prev != nil {
 		// This image replaced a running edge: its sockets, workers and sessions are ours.
-		generation = handover.Generation
-		for _, fd := range handover.Listeners {
-			ln, err := inheritedListener(fd)
+		generation = prev.Generation
+		for _, fd := range prev.Listeners {
+			ln, err := handover.Listener(fd)
 			if err != nil {
 				return fmt.Errorf("edge upgrade: inherited listener: %w", err)
 			}
 			lns = append(lns, ln)
 		}
-		if handover.Metrics >= 0 {
-			if metricsLn, err = inheritedListener(handover.Metrics); err != nil {
+		if prev.Metrics >= 0 {
+			if metricsLn, err = handover.Listener(prev.Metrics); err != nil {
 				return fmt.Errorf("edge upgrade: inherited metrics listener: %w", err)
 			}
 		}
-		b.Sessions().Restore(handover.Sessions, time.Now())
-		b.Affinity().Restore(handover.Affinity, time.Now())
+		b.Sessions().Restore(prev.Sessions, time.Now())
+		b.Affinity().Restore(prev.Affinity, time.Now())
 		log.Info("edge upgraded: serving with the previous edge's sockets, workers and sessions",
-			"generation", generation, "version", version, "workers", len(handover.Supervisor.Workers),
-			"connections", len(handover.Conns), "sessions", len(handover.Sessions))
+			"generation", generation, "version", version, "workers", len(prev.Supervisor.Workers),
+			"connections", len(prev.Conns), "sessions", len(prev.Sessions))
 	} else if lns, err = (balancer.ListenConfig{DeferAccept: true}).Listen(ctx, f.listen); err != nil {
 		return fmt.Errorf("-listen: %w", err)
 	}
@@ -228,8 +229,8 @@ func runEdge(ctx context.Context, mode string, args []string, stderr io.Writer) 
 	var cs *workers.ControlServer
 	var ctl *net.UnixListener
 	if mode == "serve" {
-		if handover != nil && handover.Control >= 0 {
-			ln, err := inheritedListener(handover.Control)
+		if prev != nil && prev.Control >= 0 {
+			ln, err := handover.Listener(prev.Control)
 			if err != nil {
 				return fmt.Errorf("edge upgrade: inherited control socket: %w", err)
 			}
@@ -241,8 +242,8 @@ func runEdge(ctx context.Context, mode string, args []string, stderr io.Writer) 
 			return fmt.Errorf("-control: %w", err)
 		}
 		cs = &workers.ControlServer{Edge: b, AllowUIDs: allowUIDs, Logger: log}
-		if handover != nil {
-			cs.Adopt(handover.Supervisor.Workers)
+		if prev != nil {
+			cs.Adopt(prev.Supervisor.Workers)
 		}
 		go cs.Serve(ctl)
 		go func() { <-supCtx.Done(); ctl.Close(); supDone <- nil }()
@@ -259,12 +260,13 @@ func runEdge(ctx context.Context, mode string, args []string, stderr io.Writer) 
 			DrainGrace:   f.shutdownTimeout,
 			Logger:       log,
 		}
-		if handover != nil {
-			sup.Adopt(handover.Supervisor)
+		if prev != nil {
+			sup.Adopt(prev.Supervisor)
 		}
 		go func() { supDone <- sup.Run(supCtx) }()
 	}
-	up := &upgrader{log: log, b: b, sup: sup, cs: cs, ctl: ctl, lnsMetrics: metricsLn, generation: generation, grace: f.shutdownTimeout}
+	up := &handover.Upgrader{Edge: b, Supervisor: sup, Control: cs, ControlLn: ctl, Metrics: metricsLn,
+		Generation: generation, Grace: f.shutdownTimeout, Logger: log}
 	upgradeReq := make(chan struct{}, 1)
 	usr2 := make(chan os.Signal, 1)
 	signal.Notify(usr2, syscall.SIGUSR2)
@@ -278,7 +280,7 @@ func runEdge(ctx context.Context, mode string, args []string, stderr io.Writer) 
 				return
 			}
 			log.Info("edge upgrade requested")
-			if err := up.upgrade(); err != nil {
+			if err := up.Upgrade(); err != nil {
 				log.Error("edge upgrade failed; this edge keeps serving", "err", err)
 			}
 		}
@@ -339,8 +341,8 @@ func runEdge(ctx context.Context, mode string, args []string, stderr io.Writer) 
 		}()
 		log.Info("edge listening", "addr", ln.Addr().String(), "mode", mode)
 	}
-	if handover != nil {
-		b.Adopt(handover.Conns, handover.Exchanges)
+	if prev != nil {
+		b.Adopt(prev.Conns, prev.Exchanges)
 	}
 
 	<-ctx.Done()
