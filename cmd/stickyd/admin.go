@@ -8,12 +8,14 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"net/http/pprof"
 	"net/netip"
 	"net/url"
 	"os"
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -40,6 +42,32 @@ const (
 // adminGuard: loopback peers only unless remote is set, a Host that is an IP literal or
 // localhost, and for state changes the X-Stickyd-Admin header and no cross-site markers.
 func adminHandler(b *balancer.Balancer, sup *workers.Supervisor, g prometheus.Gatherer, remote bool, log *slog.Logger, generation int, upgradeReq chan<- struct{}) http.Handler {
+	var r atomic.Bool
+	r.Store(remote)
+	return newAdminHandler(adminOptions{B: b, Sup: sup, Gatherer: g, Remote: &r, Log: log, Generation: generation, UpgradeReq: upgradeReq})
+}
+
+// adminOptions is what the admin port serves from. Zero fields switch their part off.
+type adminOptions struct {
+	B          *balancer.Balancer
+	Sup        *workers.Supervisor // nil in serve mode
+	Gatherer   prometheus.Gatherer
+	Remote     *atomic.Bool // -admin-remote, changeable by a reload
+	Log        *slog.Logger
+	Generation int
+	UpgradeReq chan<- struct{}
+	Status     *statusBoard                              // nil: one is made
+	Reload     func(ctx context.Context) (string, error) // POST /admin/reload; nil: 409
+}
+
+func newAdminHandler(o adminOptions) http.Handler {
+	b, sup, g, log, generation, upgradeReq := o.B, o.Sup, o.Gatherer, o.Log, o.Generation, o.UpgradeReq
+	if o.Remote == nil {
+		o.Remote = new(atomic.Bool)
+	}
+	if o.Status == nil {
+		o.Status = newStatusBoard(b, sup, g, generation)
+	}
 	mux := http.NewServeMux()
 	mux.Handle("GET /metrics", metrics.Handler(g))
 	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, r *http.Request) {
@@ -157,7 +185,33 @@ func adminHandler(b *balancer.Balancer, sup *workers.Supervisor, g prometheus.Ga
 		}
 		rs.serve(w, r, slot)
 	})
-	mux.Handle("/", adminGuard(admin, remote))
+	// The status page and its data: read-only, but behind the same guard as the rest of
+	// the admin API (it lists pids and load, and a rebound page must not read it).
+	admin.HandleFunc("GET /{$}", servePage)
+	admin.HandleFunc("GET /status.js", servePage)
+	admin.HandleFunc("GET /status.css", servePage)
+	admin.HandleFunc("GET /admin/status", o.Status.serveStatus)
+	admin.HandleFunc("POST /admin/reload", func(w http.ResponseWriter, r *http.Request) {
+		if o.Reload == nil {
+			http.Error(w, "this edge has nothing to reload (started without -config, or an admin handler without an edge)", http.StatusConflict)
+			return
+		}
+		out, err := o.Reload(r.Context())
+		if err != nil {
+			http.Error(w, err.Error(), http.StatusUnprocessableEntity)
+			return
+		}
+		io.WriteString(w, out)
+	})
+	// Profiles of the live edge (issue 17): on this mux, never on http.DefaultServeMux,
+	// so they get the admin guard. A CPU profile or trace holds its request for ?seconds.
+	admin.HandleFunc("GET /debug/pprof/", pprof.Index)
+	admin.HandleFunc("GET /debug/pprof/cmdline", pprof.Cmdline)
+	admin.HandleFunc("GET /debug/pprof/profile", pprof.Profile)
+	admin.HandleFunc("GET /debug/pprof/symbol", pprof.Symbol)
+	admin.HandleFunc("POST /debug/pprof/symbol", pprof.Symbol)
+	admin.HandleFunc("GET /debug/pprof/trace", pprof.Trace)
+	mux.Handle("/", adminGuard(admin, o.Remote))
 	return identify(mux)
 }
 
@@ -174,11 +228,11 @@ func identify(h http.Handler) http.Handler {
 // web page can make a browser send. Loopback alone is not enough: every browser on the
 // host is a loopback client, and a page can reach 127.0.0.1 by form posts (CSRF) or
 // through a DNS name it rebinds to 127.0.0.1 (then it can also read the answers).
-func adminGuard(h http.Handler, remote bool) http.Handler {
+func adminGuard(h http.Handler, remote *atomic.Bool) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		// A rebound name arrives with that name as Host; tools use the address itself.
 		if !hostIsAddress(r.Host) {
-			example := "127.0.0.1:9090"
+			example := defaultAdmin
 			if a, ok := r.Context().Value(http.LocalAddrContextKey).(net.Addr); ok {
 				example = a.String()
 			}
@@ -186,7 +240,7 @@ func adminGuard(h http.Handler, remote bool) http.Handler {
 				"address the admin API by IP, e.g. http://%s%s", r.Host, example, r.URL.Path), http.StatusMisdirectedRequest)
 			return
 		}
-		if !remote && !isLoopback(r.RemoteAddr) {
+		if !remote.Load() && !isLoopback(r.RemoteAddr) {
 			http.Error(w, "admin API is for loopback clients (start with -admin-remote to change that)", http.StatusForbidden)
 			return
 		}

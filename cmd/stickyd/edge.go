@@ -13,6 +13,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -28,6 +29,7 @@ import (
 // edgeFlags are the flags of `stickyd demo` and `stickyd run`.
 type edgeFlags struct {
 	listen, metricsAddr, key, trusted  string
+	config                             string
 	logFormat, logLevel                string
 	control, allowUIDs                 string
 	adminRemote                        bool
@@ -49,7 +51,8 @@ func (f *edgeFlags) register(fs *flag.FlagSet, mode string) {
 		defWorkers = 4
 	}
 	fs.StringVar(&f.listen, "listen", ":8080", "client address: host:port (a host name binds every address it resolves to), :port binds IPv4 and IPv6")
-	fs.StringVar(&f.metricsAddr, "metrics", ":9090", "address of /metrics, /healthz, /readyz and /admin/ (empty: off)")
+	fs.StringVar(&f.metricsAddr, "metrics", defaultAdmin, "address of /metrics, /healthz, /readyz, the status page and /admin/ (empty: off); loopback unless you give another, e.g. :8071 for Prometheus in another container")
+	fs.StringVar(&f.config, "config", "", "YAML file of settings, keys named as these flags (listen: \":8080\"); a flag or STICKYD_* variable given wins over it")
 	fs.IntVar(&f.workers, "workers", defWorkers, "number of workers (0: one per CPU)")
 	fs.StringVar(&f.key, "key", "sid,ip", "identity sources in order: sid, cookie:NAME, header:NAME, xff, ip")
 	fs.StringVar(&f.trusted, "trusted-proxies", "", "CIDRs whose X-Forwarded-For/Forwarded is believed, e.g. 10.0.0.0/8,::1")
@@ -105,13 +108,11 @@ func runEdge(ctx context.Context, mode string, args []string, stderr io.Writer) 
 	if err := fs.Parse(args); err != nil {
 		return fmt.Errorf("%w: %v", errUsage, err)
 	}
-	fixedTTL := false // -session-ttl given: the edge does not learn the app's
-	fs.Visit(func(fl *flag.Flag) { fixedTTL = fixedTTL || fl.Name == "session-ttl" })
-	_, envTTL := os.LookupEnv("STICKYD_SESSION_TTL")
-	fixedTTL = fixedTTL || envTTL
-	if err := applyEnv(fs); err != nil {
+	if err := applySources(fs); err != nil { // STICKYD_* variables, then the -config file
 		return fmt.Errorf("%w: %v", errUsage, err)
 	}
+	fixedTTL := false // -session-ttl given (flag, variable or file): the edge does not learn the app's
+	fs.Visit(func(fl *flag.Flag) { fixedTTL = fixedTTL || fl.Name == "session-ttl" })
 	command := fs.Args()
 	switch mode {
 	case "demo":
@@ -146,7 +147,7 @@ func runEdge(ctx context.Context, mode string, args []string, stderr io.Writer) 
 		}
 		allowUIDs = append(allowUIDs, n)
 	}
-	log, err := newLogger(stderr, f.logFormat, f.logLevel)
+	log, logLevel, err := newLevelLogger(stderr, f.logFormat, f.logLevel)
 	if err != nil {
 		return fmt.Errorf("%w: %v", errUsage, err)
 	}
@@ -186,6 +187,10 @@ func runEdge(ctx context.Context, mode string, args []string, stderr io.Writer) 
 	if err != nil {
 		return err
 	}
+	act, err := takeActivated() // systemd socket activation
+	if err != nil {
+		return err
+	}
 	var lns []net.Listener
 	var metricsLn net.Listener
 	generation := 0
@@ -209,16 +214,13 @@ func runEdge(ctx context.Context, mode string, args []string, stderr io.Writer) 
 		log.Info("edge upgraded: serving with the previous edge's sockets, workers and sessions",
 			"generation", generation, "version", version, "workers", len(prev.Supervisor.Workers),
 			"connections", len(prev.Conns), "sessions", len(prev.Sessions))
-	} else if lns, err = (balancer.ListenConfig{DeferAccept: true}).Listen(ctx, f.listen); err != nil {
+	} else if lns, err = listenClient(ctx, act, f.listen); err != nil {
 		return fmt.Errorf("-listen: %w", err)
 	}
-	if f.metricsAddr != "" && metricsLn == nil {
-		metricsLn, err = net.Listen("tcp", f.metricsAddr)
-		if err != nil {
-			for _, ln := range lns {
-				ln.Close()
-			}
-			return fmt.Errorf("-metrics %s: %w", f.metricsAddr, err)
+	if metricsLn == nil {
+		if metricsLn, err = listenAdmin(act, f.metricsAddr); err != nil {
+			closeAll(lns)
+			return err
 		}
 	}
 
@@ -280,15 +282,23 @@ func runEdge(ctx context.Context, mode string, args []string, stderr io.Writer) 
 				return
 			}
 			log.Info("edge upgrade requested")
+			notify(log, "RELOADING=1", monotonicUsec(), "STATUS=edge upgrade: replacing the binary in place")
 			if err := up.Upgrade(); err != nil {
 				log.Error("edge upgrade failed; this edge keeps serving", "err", err)
+				notify(log, "READY=1", "STATUS=edge upgrade failed, this image keeps serving: "+err.Error())
 			}
 		}
 	}()
 
+	remote := new(atomic.Bool) // -admin-remote: a reload may change it
+	remote.Store(f.adminRemote)
+	rl := newReloader(mode, args, fs, log, logLevel, remote)
+	board := newStatusBoard(b, sup, reg, generation)
+	go board.run(supCtx)
 	var adminSrv *http.Server
 	if metricsLn != nil {
-		adminSrv = &http.Server{Handler: workerHealth(adminHandler(b, sup, reg, f.adminRemote, log, generation, upgradeReq), b, sup), ReadHeaderTimeout: 5 * time.Second}
+		adminSrv = &http.Server{Handler: workerHealth(newAdminHandler(adminOptions{B: b, Sup: sup, Gatherer: reg, Remote: remote, Log: log,
+			Generation: generation, UpgradeReq: upgradeReq, Status: board, Reload: rl.reload}), b, sup), ReadHeaderTimeout: 5 * time.Second}
 		go adminSrv.Serve(metricsLn)
 		log.Info("metrics listening", "addr", metricsLn.Addr().String())
 	}
@@ -309,27 +319,8 @@ func runEdge(ctx context.Context, mode string, args []string, stderr io.Writer) 
 		if ok, reason := sup.Health(); !ok {
 			log.Error("serving without workers: " + reason)
 		}
-		hup := make(chan os.Signal, 1)
-		signal.Notify(hup, syscall.SIGHUP)
-		defer signal.Stop(hup)
-		go func() {
-			for {
-				select {
-				case <-hup:
-					log.Info("SIGHUP: rolling restart of the workers")
-					go func() {
-						if err := sup.RollingRestart(supCtx); err != nil {
-							log.Warn("rolling restart", "err", err)
-						} else {
-							log.Info("rolling restart done")
-						}
-					}()
-				case <-supCtx.Done():
-					return
-				}
-			}
-		}()
 	}
+	defer handleSIGHUP(supCtx, log, rl, sup, func() string { return readyStatus(b, lns, generation) })()
 	var serveWG sync.WaitGroup
 	for _, ln := range lns {
 		serveWG.Add(1)
@@ -344,9 +335,11 @@ func runEdge(ctx context.Context, mode string, args []string, stderr io.Writer) 
 	if prev != nil {
 		b.Adopt(prev.Conns, prev.Exchanges)
 	}
+	notifyReady(supCtx, log, b, lns, generation)
 
 	<-ctx.Done()
 	log.Info("shutting down", "grace", f.shutdownTimeout)
+	notify(log, "STOPPING=1", "STATUS=shutting down: finishing requests in flight and stopping the workers")
 	// A second signal means now: the workers' process groups get SIGKILL and the edge
 	// exits without waiting for requests in flight.
 	now := make(chan os.Signal, 1)

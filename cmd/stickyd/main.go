@@ -44,7 +44,7 @@ var errUsage = errors.New("usage")
 const usage = `stickyd — sticky-session WebSocket load balancer
 
 Usage:
-  stickyd demo [flags]                 edge on :8080, 4 built-in Go echo workers, metrics on :9090
+  stickyd demo [flags]                 edge on :8080, 4 built-in Go echo workers, admin on ` + defaultAdmin + `
   stickyd run [flags] -- CMD ARGS...   spawn -workers copies of CMD as workers (Go or Node)
   stickyd serve -control PATH [flags]  sidecar: Go workers started elsewhere connect to PATH
 
@@ -58,10 +58,12 @@ Client commands (talk to a running edge's admin address, its -metrics):
   stickyd restart [SLOT] [ADDR]        replace one worker, or all one at a time, each drained first
   stickyd upgrade [ADDR]               replace the running edge's binary in place (same as SIGUSR2):
                                        WebSockets, workers, sessions and keep-alive clients stay
+  stickyd reload [ADDR]                re-read -config, environment and flags: apply what can change
+                                       live, list what waits for an upgrade or a restart
   stickyd version                      version, commit and handover format (also: -v, --version)
 
-ADDR is host:port, :port, host (port 9090) or a URL (http://host:9090/anything: the path is
-ignored); -admin ADDR is the same, -url the old spelling of it. Default: ` + defaultAdmin + `.
+ADDR is host:port, :port, host (port ` + defaultAdminPort + `) or a URL (http://host:` + defaultAdminPort + `/anything: the path
+is ignored); -admin ADDR is the same, -url the old spelling of it. Default: ` + defaultAdmin + `.
 Client flags: -admin ADDR, -timeout D. Each client command checks that a stickyd answered.
 
 Run "stickyd run -h" for the edge's flags.`
@@ -83,7 +85,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 			return err
 		}
 		return runDemoWorker(ctx, args[1:], log)
-	case "health", "ready", "status", "ls", "drain", "undrain", "restart", "upgrade":
+	case "health", "ready", "status", "ls", "drain", "undrain", "restart", "upgrade", "reload":
 		err := runClient(ctx, args[0], args[1:], stdout)
 		if errors.Is(err, errHelp) {
 			return nil
@@ -175,23 +177,42 @@ func buildVersion() versionInfo {
 }
 
 func newLogger(w io.Writer, format, level string) (*slog.Logger, error) {
+	log, _, err := newLevelLogger(w, format, level)
+	return log, err
+}
+
+// newLevelLogger is newLogger with its level variable, which a reload changes.
+func newLevelLogger(w io.Writer, format, level string) (*slog.Logger, *slog.LevelVar, error) {
 	var lv slog.Level
 	if err := lv.UnmarshalText([]byte(level)); err != nil {
-		return nil, fmt.Errorf("-log-level %q: want debug, info, warn or error", level)
+		return nil, nil, fmt.Errorf("-log-level %q: want debug, info, warn or error", level)
 	}
-	opts := &slog.HandlerOptions{Level: lv}
+	v := new(slog.LevelVar)
+	v.Set(lv)
+	opts := &slog.HandlerOptions{Level: v}
 	switch strings.ToLower(format) {
 	case "text", "":
-		return slog.New(slog.NewTextHandler(w, opts)), nil
+		return slog.New(slog.NewTextHandler(w, opts)), v, nil
 	case "json":
-		return slog.New(slog.NewJSONHandler(w, opts)), nil
+		return slog.New(slog.NewJSONHandler(w, opts)), v, nil
 	}
-	return nil, fmt.Errorf("-log-format %q: want text or json", format)
+	return nil, nil, fmt.Errorf("-log-format %q: want text or json", format)
 }
 
 // defaultAdmin is where client commands find the edge's admin API without an address:
 // the default -metrics port, on loopback (the admin API answers loopback clients only).
-const defaultAdmin = "127.0.0.1:9090"
+//
+// 8071, not Prometheus's 9090: 9090-9094 are Prometheus, the Pushgateway and the
+// Alertmanager, and 9100-9999 is the exporters' range of Prometheus's port allocation
+// list, allocated in full (e.g. 9464 is OpenTelemetry's exporter). 8071 is in none of
+// them, not in /etc/services, no default of a peer likely on the same host (HAProxy
+// stats 8404, Caddy admin 2019, Traefik 8080, Envoy admin 9901, pprof 6060, Node's
+// inspector 9229), below the ephemeral range (a port the kernel hands out as a source
+// port can block a later bind), and next to the client port 8080.
+const (
+	defaultAdmin     = "127.0.0.1:" + defaultAdminPort
+	defaultAdminPort = "8071"
+)
 
 // errHelp: a client command printed its help on request; not a failure.
 var errHelp = errors.New("help requested")
@@ -212,6 +233,7 @@ var clientCmds = map[string]clientCmd{
 	"undrain": {"[SLOT] [ADDR]", "undo drain: the edge and every drained worker, or only worker SLOT", true, 60 * time.Second},
 	"restart": {"[SLOT] [ADDR]", "replace worker SLOT, or every worker one at a time, each drained first; the edge finishes a restart even if this command is interrupted", true, 15 * time.Minute},
 	"upgrade": {"[ADDR]", "replace the edge's binary in place (as SIGUSR2) and wait for the new image", false, 2 * time.Minute},
+	"reload":  {"[ADDR]", "re-read the edge's settings (-config file, environment, flags): apply what can change live and say what waits for an upgrade or a restart", false, 30 * time.Second},
 }
 
 // adminClient is a client command's connection to one edge's admin API.
@@ -345,7 +367,7 @@ func adminBase(addr string) (base, path string, err error) {
 	raw := addr
 	if !strings.Contains(addr, "://") {
 		// host:port, :port, host or [v6]:port, maybe with a path: url.Parse would take
-		// "localhost:9090" for a scheme, so give it one.
+		// "localhost:8071" for a scheme, so give it one.
 		host, rest, _ := strings.Cut(addr, "/")
 		if _, _, err := net.SplitHostPort(host); err != nil {
 			if strings.Count(host, ":") > 1 && !strings.HasPrefix(host, "[") {
@@ -367,7 +389,7 @@ func adminBase(addr string) (base, path string, err error) {
 		if u.Port() == "" {
 			return "", "", fmt.Errorf("admin address %q names no host: want host:port, e.g. %s", raw, defaultAdmin)
 		}
-		host = net.JoinHostPort("127.0.0.1", u.Port()) // ":9090", as -metrics is written
+		host = net.JoinHostPort("127.0.0.1", u.Port()) // ":8071", as -metrics is written
 	}
 	return u.Scheme + "://" + host, u.Path, nil
 }
