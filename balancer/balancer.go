@@ -25,7 +25,6 @@ import (
 	"github.com/stickyd/stickyd/balancer/internal/fdutil"
 	"github.com/stickyd/stickyd/balancer/workers"
 	"github.com/stickyd/stickyd/fdpass"
-	"github.com/stickyd/stickyd/fdpass/nodeipc"
 	"github.com/stickyd/stickyd/metrics"
 	"github.com/stickyd/stickyd/sticky"
 	"github.com/stickyd/stickyd/upgrade"
@@ -198,7 +197,7 @@ func (b *Balancer) sweepSessions() {
 			return
 		case now := <-t.C:
 			if n := b.sessions.Sweep(now) + b.pins.Sweep(now); n > 0 {
-				b.m.SessionEvictions.WithLabelValues("expired").Add(float64(n))
+				b.m.SessionEvictions.WithLabelValues(metrics.EvictExpired).Add(float64(n))
 			}
 			b.publishSessionGauges()
 		}
@@ -471,11 +470,11 @@ func (b *Balancer) rejectHead(c net.Conn, err error) {
 	b.m.ConnectionsAccepted.WithLabelValues(metrics.AcceptRejected).Inc()
 	switch {
 	case errors.Is(err, io.EOF), errors.Is(err, io.ErrUnexpectedEOF), errors.Is(err, syscall.ECONNRESET):
-		b.m.Rejections.WithLabelValues("client_closed").Inc()
+		b.m.Rejections.WithLabelValues(metrics.RejectClientClosed).Inc()
 		c.Close()
 		return
 	case errors.Is(err, upgrade.ErrTLS):
-		b.m.Rejections.WithLabelValues("tls").Inc()
+		b.m.Rejections.WithLabelValues(metrics.RejectTLS).Inc()
 		if now := time.Now().Unix(); b.tlsWarned.Swap(now) < now-60 {
 			b.log.Warn("client sent a TLS handshake to a plain-HTTP port: TLS is not enabled on this port; terminate TLS in front of stickyd",
 				"client", c.RemoteAddr().String())
@@ -483,7 +482,7 @@ func (b *Balancer) rejectHead(c net.Conn, err error) {
 		c.Close()
 		return
 	case isTimeout(err):
-		b.m.Rejections.WithLabelValues("head_timeout").Inc()
+		b.m.Rejections.WithLabelValues(metrics.RejectHeadTimeout).Inc()
 		if b.isClosing() {
 			c.Close()
 			return
@@ -586,17 +585,16 @@ func (b *Balancer) handoff(cc *clientConn, h *upgrade.Head, consumed []byte) {
 		start := time.Now()
 		// Each channel bounds its own wait (HandoffTimeout): no context per handoff.
 		err := r.w.Channel().Deliver(context.Background(), c.(syscall.Conn), meta)
-		b.m.HandoffDuration.Observe(time.Since(start).Seconds())
 		if err == nil {
 			// The worker holds its own descriptor now; the edge keeps nothing.
 			c.Close()
-			b.m.Handoffs.WithLabelValues(r.w.Label(), "ok").Inc()
-			b.m.ConnectionsAccepted.WithLabelValues("handed_off").Inc()
+			b.handedOff(r.w, start)
 			return
 		}
-		result := "error"
-		if errors.Is(err, workers.ErrWorkerTimeout) || errors.Is(err, nodeipc.ErrAckTimeout) {
-			result = "timeout"
+		b.m.HandoffDuration.Observe(time.Since(start).Seconds())
+		result := metrics.HandoffError
+		if errors.Is(err, workers.ErrWorkerTimeout) {
+			result = metrics.HandoffTimeout
 			// A worker that does not take connections gets no new sessions for a while;
 			// the ones it already holds are not moved.
 			r.w.MarkStuck(b.log, "a handoff timed out")
@@ -610,10 +608,17 @@ func (b *Balancer) handoff(cc *clientConn, h *upgrade.Head, consumed []byte) {
 			b.tableFor(r.key.Kind).Delete(r.tableKey)
 		}
 		tried |= slotBit(r.w.Slot)
-		b.m.Handoffs.WithLabelValues(r.w.Label(), "retried").Inc()
+		b.m.Handoffs.WithLabelValues(r.w.Label(), metrics.HandoffRetried).Inc()
 	}
-	b.m.Rejections.WithLabelValues("no_worker").Inc()
+	b.m.Rejections.WithLabelValues(metrics.RejectNoWorker).Inc()
 	b.reject(c, 503, "no worker could take the connection; try again", consumed == nil)
+}
+
+// handedOff counts a connection a worker took (both paths record it here).
+func (b *Balancer) handedOff(w *workers.Worker, start time.Time) {
+	b.m.HandoffDuration.Observe(time.Since(start).Seconds())
+	b.m.Handoffs.WithLabelValues(w.Label(), metrics.HandoffOK).Inc()
+	b.m.ConnectionsAccepted.WithLabelValues(metrics.AcceptHandedOff).Inc()
 }
 
 func slotBit(slot int) uint64 {

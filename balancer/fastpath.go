@@ -13,6 +13,7 @@ import (
 	"github.com/stickyd/stickyd/balancer/internal/fdutil"
 	"github.com/stickyd/stickyd/balancer/workers"
 	"github.com/stickyd/stickyd/fdpass"
+	"github.com/stickyd/stickyd/metrics"
 	"github.com/stickyd/stickyd/upgrade"
 )
 
@@ -103,7 +104,7 @@ func (b *Balancer) serveTCP(ln *net.TCPListener) error {
 		if err != nil {
 			// Out of descriptors for the general path (it duplicates the socket): the
 			// client is shed, as at accept, and the loop backs off until fds are free.
-			b.m.Rejections.WithLabelValues("overload").Inc()
+			b.m.Rejections.WithLabelValues(metrics.RejectOverload).Inc()
 			if !b.backOff(&delay, err) {
 				return ErrClosed
 			}
@@ -136,9 +137,9 @@ func (b *Balancer) fastHandoff(nfd int, peer, local netip.AddrPort, wildcard boo
 	if r.unknownSID || r.w == nil {
 		return false
 	}
-	gc, ok := r.w.Channel().(*workers.GoChannel)
+	ts, ok := r.w.Channel().(workers.TrySender)
 	if !ok {
-		return false
+		return false // Node's handle protocol waits for an acknowledgement
 	}
 	if wildcard {
 		if sa, err := unix.Getsockname(nfd); err == nil {
@@ -149,13 +150,11 @@ func (b *Balancer) fastHandoff(nfd int, peer, local netip.AddrPort, wildcard boo
 	meta := fdpass.Meta{Kind: fdpass.KindConn, ConnID: b.connID.Add(1), Remote: peer, Local: local}
 	// One non-blocking sendmsg: a full channel sends this client down the general path,
 	// which waits for the worker with a deadline or picks another.
-	if err := gc.TrySend(nfd, meta); err != nil {
+	if err := ts.TrySend(nfd, meta); err != nil {
 		return false
 	}
 	unix.Close(nfd) // the worker holds its own descriptor now
-	b.m.HandoffDuration.Observe(time.Since(start).Seconds())
-	b.m.Handoffs.WithLabelValues(r.w.Label(), "ok").Inc()
-	b.m.ConnectionsAccepted.WithLabelValues("handed_off").Inc()
+	b.handedOff(r.w, start)
 	return true
 }
 

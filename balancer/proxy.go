@@ -21,7 +21,6 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/stickyd/stickyd/balancer/workers"
-	"github.com/stickyd/stickyd/fdpass/nodeipc"
 	"github.com/stickyd/stickyd/metrics"
 	"github.com/stickyd/stickyd/sticky"
 	"github.com/stickyd/stickyd/upgrade"
@@ -184,7 +183,7 @@ func (b *Balancer) proxyConn(cc *clientConn, pending *parkedExchange) {
 		}
 		if !counted {
 			counted = true
-			b.m.ConnectionsAccepted.WithLabelValues("proxied").Inc()
+			b.m.ConnectionsAccepted.WithLabelValues(metrics.AcceptProxied).Inc()
 		}
 		keep := b.proxyRequest(cc, br, bw, sc, peer, trusted)
 		if sc.parked {
@@ -321,7 +320,7 @@ func (b *Balancer) proxyRequest(cc *clientConn, br *bufio.Reader, bw *bufio.Writ
 			fresh = true
 			continue
 		}
-		stuck := errors.Is(err, workers.ErrWorkerTimeout) || errors.Is(err, nodeipc.ErrAckTimeout)
+		stuck := errors.Is(err, workers.ErrWorkerTimeout)
 		if errors.Is(err, errResponseTimeout) {
 			r.w.MarkStuck(b.log, "no response head within the response timeout")
 			b.countResponse(x, 504)
@@ -1191,7 +1190,7 @@ func (b *Balancer) learnSession(sc *proxyScratch, slot int) ([]byte, error) {
 	}
 	if sid, ok := upgrade.OpenPacketSID(prefix); ok {
 		if ev := b.sessions.Put(sticky.Key{Kind: sticky.KindSID, Value: sid}.String(), slot, now); ev > 0 {
-			b.m.SessionEvictions.WithLabelValues("capacity").Add(float64(ev))
+			b.m.SessionEvictions.WithLabelValues(metrics.EvictCapacity).Add(float64(ev))
 		}
 	}
 	return prefix, nil
@@ -1207,12 +1206,12 @@ func (b *Balancer) tunnel(cc *clientConn, w *workers.Worker, consumed []byte) {
 	vc, err := w.DialVirtual(ctx)
 	cancel()
 	if err != nil {
-		b.m.Handoffs.WithLabelValues(w.Label(), "error").Inc()
+		b.m.Handoffs.WithLabelValues(w.Label(), metrics.HandoffError).Inc()
 		b.reject(c, 503, "no worker could take the connection; try again", false)
 		return
 	}
 	defer vc.Close()
-	b.m.ConnectionsAccepted.WithLabelValues("tunneled").Inc()
+	b.m.ConnectionsAccepted.WithLabelValues(metrics.AcceptTunneled).Inc()
 	// The worker's end is a socketpair: the client's address goes in a field of the
 	// edge's own, right after the request line (a client's field of that name comes
 	// later, and the preload reads the first).

@@ -8,6 +8,7 @@ import (
 	"time"
 
 	"github.com/stickyd/stickyd/balancer/workers"
+	"github.com/stickyd/stickyd/metrics"
 	"github.com/stickyd/stickyd/sticky"
 	"github.com/stickyd/stickyd/upgrade"
 )
@@ -45,7 +46,7 @@ func (b *Balancer) RemoveWorker(w *workers.Worker) {
 	b.mu.Unlock()
 	w.SetState(workers.StateGone)
 	if n := b.sessions.ForgetSlot(w.Slot) + b.pins.ForgetSlot(w.Slot); n > 0 {
-		b.m.SessionEvictions.WithLabelValues("worker_gone").Add(float64(n))
+		b.m.SessionEvictions.WithLabelValues(metrics.EvictWorkerGone).Add(float64(n))
 	}
 	b.m.Sessions.WithLabelValues(w.Label()).Set(0)
 	w.Pool().CloseIdle()
@@ -109,8 +110,8 @@ func (b *Balancer) publishWorkerGauges(ws []*workers.Worker) {
 			draining++
 		}
 	}
-	b.m.Workers.WithLabelValues("ready").Set(ready)
-	b.m.Workers.WithLabelValues("draining").Set(draining)
+	b.m.Workers.WithLabelValues(metrics.WorkerReady).Set(ready)
+	b.m.Workers.WithLabelValues(metrics.WorkerDraining).Set(draining)
 }
 
 func (b *Balancer) worker(slot int) *workers.Worker {
@@ -168,7 +169,7 @@ func (b *Balancer) route(h *upgrade.Head, peer netip.Addr, tried uint64) route {
 		return route{key: key}
 	}
 	if n := table.Put(tk, w.Slot, now); n > 0 {
-		b.m.SessionEvictions.WithLabelValues("capacity").Add(float64(n))
+		b.m.SessionEvictions.WithLabelValues(metrics.EvictCapacity).Add(float64(n))
 	}
 	return route{w: w, key: key, tableKey: tk}
 }

@@ -25,6 +25,7 @@ import (
 	"github.com/stickyd/stickyd/balancer/internal/fdutil"
 	"github.com/stickyd/stickyd/fdpass"
 	"github.com/stickyd/stickyd/fdpass/nodeipc"
+	"github.com/stickyd/stickyd/metrics"
 )
 
 // Supervisor runs worker processes for an Edge: it spawns them with their channel,
@@ -446,7 +447,7 @@ func (s *Supervisor) runSlot(ctx context.Context, slot int) {
 		}
 		if len(starts) > s.MaxRestartsPerMinute {
 			s.failed.Add(1)
-			s.Edge.WorkerSettings().Metrics.Workers.WithLabelValues("failed").Set(float64(s.failed.Load()))
+			s.Edge.WorkerSettings().Metrics.Workers.WithLabelValues(metrics.WorkerFailed).Set(float64(s.failed.Load()))
 			s.Logger.Error("worker keeps failing; giving up on this slot",
 				"worker", slot, "restarts_last_minute", len(starts), "command", s.Command,
 				"hint", "run the command by hand to see why it exits")
@@ -473,7 +474,7 @@ func (s *Supervisor) runSlot(ctx context.Context, slot int) {
 // same reason say it once.
 func (s *Supervisor) giveUp(slot, tries int, err error) {
 	s.failed.Add(1)
-	s.Edge.WorkerSettings().Metrics.Workers.WithLabelValues("failed").Set(float64(s.failed.Load()))
+	s.Edge.WorkerSettings().Metrics.Workers.WithLabelValues(metrics.WorkerFailed).Set(float64(s.failed.Load()))
 	reason := err.Error()
 	var se *startError
 	if errors.As(err, &se) {
@@ -1131,7 +1132,12 @@ func (n *nodeChannel) Deliver(ctx context.Context, conn syscall.Conn, _ fdpass.M
 	// Node's sender keeps one handle in flight: bound the wait for the channel too.
 	ctx, cancel := context.WithTimeout(ctx, n.timeout)
 	defer cancel()
-	return n.p.Deliver(ctx, conn)
+	err := n.p.Deliver(ctx, conn)
+	if errors.Is(err, nodeipc.ErrAckTimeout) || errors.Is(err, context.DeadlineExceeded) {
+		// One error for "the worker did not take it" whatever the worker's kind.
+		return fmt.Errorf("%w: %w", ErrWorkerTimeout, err)
+	}
+	return err
 }
 func (n *nodeChannel) CanReplay() bool       { return false }
 func (n *nodeChannel) Done() <-chan struct{} { return n.ch.Done() }

@@ -143,6 +143,12 @@ func (w *Worker) DialVirtual(ctx context.Context) (net.Conn, error) {
 	return mine, nil
 }
 
+// TrySender is a Channel that can hand over a raw descriptor without waiting (the edge's
+// accept-loop fast path).
+type TrySender interface {
+	TrySend(nfd int, meta fdpass.Meta) error
+}
+
 // TrySend hands the descriptor nfd to the worker with one non-blocking sendmsg: a full
 // channel is an error at once (the caller takes a slower path that waits). The caller
 // still owns nfd.
