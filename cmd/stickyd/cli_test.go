@@ -145,7 +145,7 @@ func TestCLIRefusesOtherServers(t *testing.T) {
 	defer other.Close()
 	hostport := strings.TrimPrefix(other.URL, "http://")
 	const want = "is not a stickyd admin endpoint (no Stickyd-Version header): is -metrics of the edge on another port?"
-	for _, c := range [][]string{{"health"}, {"ready"}, {"status"}, {"ls"}, {"drain"}, {"drain", "0"}, {"undrain"}, {"undrain", "1"}, {"restart"}, {"restart", "1"}, {"upgrade"}} {
+	for _, c := range [][]string{{"health"}, {"ready"}, {"status"}, {"ls"}, {"drain"}, {"drain", "0"}, {"undrain"}, {"undrain", "1"}, {"restart"}, {"restart", "1"}, {"upgrade"}, {"reload"}} {
 		for _, form := range [][]string{{hostport}, {"-admin", hostport}, {"-url", other.URL + "/healthz"}} {
 			args := append(append([]string{}, c...), form...)
 			out, errOut, code := cli(t, args...)

@@ -177,9 +177,10 @@ func TestConfigFileAndReload(t *testing.T) {
 	if _, errOut, code := cli(t, "reload", d.metrics); code != 1 || !strings.Contains(errOut, `stickyd.yaml:2: unknown key "max-con"`) || !strings.Contains(errOut, "nothing changed") {
 		t.Errorf("reload of a broken file: %d %q", code, errOut)
 	}
-	os.WriteFile(cfg, []byte("log-level: warn\n"), 0o644)
+	os.WriteFile(cfg, []byte("log-level: info\n"), 0o644)
 	d.signal(syscall.SIGHUP)
-	waitFor(t, "SIGHUP to reload the settings", 10*time.Second, func() bool {
-		return strings.Contains(d.logs.String(), "log-level debug → warn")
+	waitFor(t, "SIGHUP to reload the settings and restart the workers", 20*time.Second, func() bool {
+		l := d.logs.String()
+		return strings.Contains(l, "log-level debug → info") && strings.Contains(l, "rolling restart done")
 	})
 }

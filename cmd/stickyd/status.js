@@ -29,7 +29,7 @@
   }
 
   // chart draws series (arrays of numbers, -1 = no value) over times t into an svg.
-  function chart(svg, t, series) {
+  function chart(svg, t, series, label) {
     const W = 300, H = 90, top = 10;
     let maxV = 0;
     for (const s of series) for (const v of s.values) if (v > maxV) maxV = v;
@@ -40,7 +40,7 @@
       svg.appendChild(svgEl("line", { x1: 0, x2: W, y1: y, y2: y, class: "grid" }));
     }
     const lbl = svgEl("text", { x: 2, y: 8 });
-    lbl.textContent = "max " + rate(maxV);
+    lbl.textContent = "max " + (label || rate)(maxV);
     svg.appendChild(lbl);
     if (t.length < 2) return;
     const t0 = t[0], span = Math.max(1, t[t.length - 1] - t0);
@@ -137,7 +137,7 @@
     chart($("chart-handoffs"), h.t || [], [{ values: h.handoffs_per_second || [], color: COLORS[0] }]);
     chart($("chart-requests"), h.t || [], [{ values: h.requests_per_second || [], color: COLORS[1] }]);
     const slots = Object.keys(h.sessions || {}).sort((a, b) => a - b);
-    chart($("chart-sessions"), h.t || [], slots.map((s, i) => ({ values: h.sessions[s], color: COLORS[i % COLORS.length] })));
+    chart($("chart-sessions"), h.t || [], slots.map((s, i) => ({ values: h.sessions[s], color: COLORS[i % COLORS.length] })), fmt);
     const legend = $("sessions-legend");
     legend.replaceChildren();
     slots.forEach((s, i) => {

@@ -54,7 +54,9 @@ type statusPageView struct {
 func TestStatusPageInChromium(t *testing.T) {
 	dir := nodeFixtures(t)
 	chromium := chromiumPath(t)
-	d := startDaemon(t, "", "demo", "-workers", "3")
+	// Session ids only: by client address every test connection (all from 127.0.0.1)
+	// would go to one worker.
+	d := startDaemon(t, "", "demo", "-workers", "3", "-key", "sid")
 	shots := os.Getenv("STICKYD_SCREENSHOTS") // set to keep the screenshots somewhere
 	if shots == "" {
 		shots = t.TempDir()
