@@ -98,7 +98,7 @@ func TestRelayRoutesLikeSetupPrimary(t *testing.T) {
 	b.expectLine(t, fetch)
 	c.expectLine(t, fetch)
 	for _, typ := range []int{8, 10, 11, 12} {
-		resp := adapterLine(typ, "ub", fmt.Sprintf(`"data":{"requestId":"r1"},"requesterUid":"ua"`))
+		resp := adapterLine(typ, "ub", `"data":{"requestId":"r1"},"requesterUid":"ua"`)
 		b.peer.write(resp)
 		a.expectLine(t, resp)
 	}
