@@ -274,7 +274,7 @@ func (b *Balancer) Serve(ln net.Listener) error {
 // reports false when the edge shut down meanwhile.
 func (b *Balancer) backOff(delay *time.Duration, err error) bool {
 	*delay = min(max(2**delay, 5*time.Millisecond), time.Second)
-	b.log.Warn("accept failed; retrying", "err", err, "retry_in", *delay,
+	b.warnf("accept failed; retrying", "err", err, "retry_in", *delay,
 		"hint", "raise the fd limit (LimitNOFILE) if this is EMFILE")
 	select {
 	case <-time.After(*delay):
@@ -600,7 +600,7 @@ func (b *Balancer) handoff(cc *clientConn, h *upgrade.Head, consumed []byte) {
 			r.w.MarkStuck(b.log, "a handoff timed out")
 		}
 		b.m.Handoffs.WithLabelValues(r.w.Label(), result).Inc()
-		b.log.Warn("handoff failed", "worker", r.w.Slot, "err", err)
+		b.warnf("handoff failed", "worker", r.w.Slot, "err", err)
 		if r.key.Kind == sticky.KindSID {
 			break // the session exists only on that worker
 		}
