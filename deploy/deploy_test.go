@@ -645,7 +645,7 @@ func TestCompose(t *testing.T) {
 			targets = append(targets, strs(t, m(t, st, fmt.Sprintf("static_configs[%d]", j))["targets"], "targets")...)
 		}
 	}
-	for _, want := range []string{"stickyd:9090", "socketio:9090"} {
+	for _, want := range []string{"stickyd:8071", "socketio:8071"} {
 		if !slices.Contains(targets, want) {
 			t.Errorf("prometheus.yml does not scrape %s (targets %v)", want, targets)
 		}
@@ -693,7 +693,7 @@ func TestK8s(t *testing.T) {
 		t.Errorf("Deployment selector %v does not match pod labels %v", sel, podLabels)
 	}
 	ann := m(t, meta["annotations"], "template annotations")
-	if ann["prometheus.io/scrape"] != "true" || ann["prometheus.io/port"] != "9090" {
+	if ann["prometheus.io/scrape"] != "true" || ann["prometheus.io/port"] != "8071" {
 		t.Errorf("scrape annotations %v", ann)
 	}
 	pod := m(t, tmpl["spec"], "pod spec")
@@ -753,14 +753,14 @@ func TestK8s(t *testing.T) {
 	}
 	probe := func(kind, path string) {
 		get := m(t, m(t, edge[kind], kind)["httpGet"], kind+".httpGet")
-		if get["path"] != path || get["port"] != 9090 {
-			t.Errorf("%s: GET %v on port %v, want %s on 9090", kind, get["path"], get["port"], path)
+		if get["path"] != path || get["port"] != 8071 {
+			t.Errorf("%s: GET %v on port %v, want %s on 8071", kind, get["path"], get["port"], path)
 		}
 	}
 	probe("readinessProbe", "/readyz")
 	probe("livenessProbe", "/healthz")
 	pre := m(t, m(t, m(t, edge["lifecycle"], "lifecycle")["preStop"], "preStop")["exec"], "preStop.exec")
-	if cmd := strs(t, pre["command"], "preStop command"); !slices.Equal(cmd, []string{"/stickyd", "drain", "-url", "http://127.0.0.1:9090/admin/drain"}) {
+	if cmd := strs(t, pre["command"], "preStop command"); !slices.Equal(cmd, []string{"/stickyd", "drain", "127.0.0.1:8071"}) {
 		t.Errorf("preStop %v", cmd)
 	}
 
@@ -966,13 +966,13 @@ func TestDockerfile(t *testing.T) {
 		t.Errorf("final stage %q", last)
 	}
 	gb := dockerfileGoBuild(t, "Dockerfile")
-	if want := `CGO_ENABLED=0 go build -trimpath -ldflags="-s -w" -o /out/stickyd ./cmd/stickyd`; gb.raw != want {
+	if want := `CGO_ENABLED=0 go build -trimpath -ldflags="-s -w -X main.version=${VERSION} -X main.commit=${COMMIT}" -o /out/stickyd ./cmd/stickyd`; gb.raw != want {
 		t.Errorf("build line\n  %s\nwant\n  %s", gb.raw, want)
 	}
 	if !slices.Contains(gb.env, "CGO_ENABLED=0") || gb.args[len(gb.args)-1] != "./cmd/stickyd" {
 		t.Errorf("go build env %v args %v", gb.env, gb.args)
 	}
-	if got := byCmd["EXPOSE"]; !slices.Equal(got, []string{"8080 9090"}) {
+	if got := byCmd["EXPOSE"]; !slices.Equal(got, []string{"8080 8071"}) {
 		t.Errorf("EXPOSE %v", got)
 	}
 	if users := byCmd["USER"]; len(users) == 0 || strings.HasPrefix(users[len(users)-1], "0") || strings.HasPrefix(users[len(users)-1], "root") {
@@ -983,14 +983,14 @@ func TestDockerfile(t *testing.T) {
 		t.Fatalf("HEALTHCHECK %v", hc)
 	}
 	_, hcCmd, ok := strings.Cut(hc[0], "CMD ")
-	if !ok || !slices.Equal(execForm(t, "HEALTHCHECK", hcCmd), []string{"/stickyd", "health", "-url", "http://127.0.0.1:9090/healthz"}) {
+	if !ok || !slices.Equal(execForm(t, "HEALTHCHECK", hcCmd), []string{"/stickyd", "health", "127.0.0.1:8071"}) {
 		t.Errorf("HEALTHCHECK %q", hc[0])
 	}
 	if ep := byCmd["ENTRYPOINT"]; len(ep) != 1 || !slices.Equal(execForm(t, "ENTRYPOINT", ep[0]), []string{"/stickyd"}) {
 		t.Errorf("ENTRYPOINT %v", ep)
 	}
 	if cmd := byCmd["CMD"]; len(cmd) != 1 || !slices.Equal(execForm(t, "CMD", cmd[0]),
-		[]string{"serve", "-listen", ":8080", "-metrics", ":9090", "-control", "/run/stickyd/ctl.sock"}) {
+		[]string{"serve", "-listen", ":8080", "-metrics", ":8071", "-control", "/run/stickyd/ctl.sock"}) {
 		t.Errorf("CMD %v", cmd)
 	}
 }
@@ -1048,10 +1048,12 @@ func TestDockerfileNodeWorker(t *testing.T) {
 
 // ---- systemd ----
 
-func TestSystemdUnit(t *testing.T) {
-	keys := map[string][]string{} // "Section.Key" -> values
+// unitKeys reads a systemd unit file into "Section.Key" -> values.
+func unitKeys(t *testing.T, name string) (keys map[string][]string, one func(k string) string) {
+	t.Helper()
+	keys = map[string][]string{}
 	section := ""
-	sc := bufio.NewScanner(bytes.NewReader(read(t, "stickyd.service")))
+	sc := bufio.NewScanner(bytes.NewReader(read(t, name)))
 	for n := 1; sc.Scan(); n++ {
 		line := strings.TrimSpace(sc.Text())
 		switch {
@@ -1061,21 +1063,75 @@ func TestSystemdUnit(t *testing.T) {
 		default:
 			k, v, ok := strings.Cut(line, "=")
 			if !ok || section == "" {
-				t.Fatalf("stickyd.service:%d: %q", n, line)
+				t.Fatalf("%s:%d: %q", name, n, line)
 			}
 			keys[section+"."+strings.TrimSpace(k)] = append(keys[section+"."+strings.TrimSpace(k)], strings.TrimSpace(v))
 		}
 	}
-	one := func(k string) string {
+	one = func(k string) string {
 		v := keys[k]
 		if len(v) != 1 {
-			t.Errorf("%s: %v, want exactly one", k, v)
+			t.Errorf("%s: %s: %v, want exactly one", name, k, v)
 			return ""
 		}
 		return v[0]
 	}
+	return keys, one
+}
+
+// execStartFlag is the value of -flag in the unit's ExecStart.
+func execStartFlag(t *testing.T, execStart, flag string) string {
+	t.Helper()
+	words := strings.Fields(execStart)
+	for i, w := range words {
+		if w == flag && i+1 < len(words) {
+			return words[i+1]
+		}
+	}
+	t.Fatalf("ExecStart %q has no %s", execStart, flag)
+	return ""
+}
+
+// TestSystemdSockets: the socket units match the service: the one named "admin" listens
+// on the service's -metrics address (loopback), the client one on its -listen port, and
+// both belong to stickyd.service.
+func TestSystemdSockets(t *testing.T) {
+	_, svc := unitKeys(t, "stickyd.service")
+	execStart := svc("Service.ExecStart")
+	_, web := unitKeys(t, "stickyd.socket")
+	_, admin := unitKeys(t, "stickyd-admin.socket")
+	if web("Socket.FileDescriptorName") == "admin" || admin("Socket.FileDescriptorName") != "admin" {
+		t.Errorf("FileDescriptorName: client %q, admin %q: stickyd serves -metrics on the socket named admin", web("Socket.FileDescriptorName"), admin("Socket.FileDescriptorName"))
+	}
+	for _, one := range []func(string) string{web, admin} {
+		if one("Socket.Service") != "stickyd.service" || one("Install.WantedBy") != "sockets.target" {
+			t.Errorf("socket unit: Service=%q WantedBy=%q", one("Socket.Service"), one("Install.WantedBy"))
+		}
+	}
+	if got, want := admin("Socket.ListenStream"), execStartFlag(t, execStart, "-metrics"); got != want || !strings.HasPrefix(got, "127.0.0.1:") {
+		t.Errorf("admin socket ListenStream=%q, want the service's -metrics %q on loopback", got, want)
+	}
+	_, port, _ := strings.Cut(execStartFlag(t, execStart, "-listen"), ":")
+	if got := web("Socket.ListenStream"); got != port {
+		t.Errorf("client socket ListenStream=%q, want the service's -listen port %q", got, port)
+	}
+	if !strings.Contains(string(read(t, "stickyd.socket")), "Sockets=stickyd.socket stickyd-admin.socket") {
+		t.Error("stickyd.socket must say how the service gets both sockets (Sockets=)")
+	}
+}
+
+func TestSystemdUnit(t *testing.T) {
+	keys, one := unitKeys(t, "stickyd.service")
+	if w := one("Service.WatchdogSec"); w == "" || w == "0" {
+		t.Errorf("WatchdogSec=%q: stickyd pings the watchdog, set it", w)
+	}
+	if m := execStartFlag(t, one("Service.ExecStart"), "-metrics"); !strings.HasPrefix(m, "127.0.0.1:") {
+		t.Errorf("-metrics %s: keep the admin port on loopback", m)
+	}
 	for k, want := range map[string]string{
-		"Service.ExecStart":               "/usr/local/bin/stickyd run -listen :8080 -metrics 127.0.0.1:9090 -workers 4 -- /usr/bin/node /srv/app/server.js",
+		"Service.ExecStart":               "/usr/local/bin/stickyd run -listen :8080 -metrics 127.0.0.1:8071 -workers 4 -- /usr/bin/node /srv/app/server.js",
+		"Service.Type":                    "notify",
+		"Service.NotifyAccess":            "main",
 		"Service.ExecReload":              "/bin/kill -HUP $MAINPID",
 		"Service.KillSignal":              "SIGTERM",
 		"Service.TimeoutStopSec":          "45",
@@ -1127,6 +1183,11 @@ func runDockerfileBuild(t *testing.T, modRoot, wantPath string) {
 	t.Helper()
 	gb := dockerfileGoBuild(t, "Dockerfile")
 	args := slices.Clone(gb.args)
+	// What docker build --build-arg VERSION=... --build-arg COMMIT=... substitutes.
+	const testVersion, testCommit = "v9.8.7-test", "0123456789abcdef"
+	for i, a := range args {
+		args[i] = strings.NewReplacer("${VERSION}", testVersion, "${COMMIT}", testCommit).Replace(a)
+	}
 	out := filepath.Join(t.TempDir(), "stickyd")
 	i := slices.Index(args, "-o")
 	if i < 0 || i+1 >= len(args) {
@@ -1173,6 +1234,13 @@ func runDockerfileBuild(t *testing.T, modRoot, wantPath string) {
 	bi, err := buildinfo.ReadFile(out)
 	if err != nil {
 		t.Fatal(err)
+	}
+	if wantPath == "github.com/stickyd/stickyd/cmd/stickyd" {
+		// The stamped version and commit are what the binary reports.
+		v, err := exec.CommandContext(t.Context(), out, "version").Output()
+		if err != nil || !strings.HasPrefix(string(v), "stickyd "+testVersion+" commit="+testCommit+" ") {
+			t.Errorf("%s version: %q %v, want stickyd %s commit=%s", out, v, err, testVersion, testCommit)
+		}
 	}
 	if bi.Path != wantPath {
 		t.Errorf("built %s, want %s", bi.Path, wantPath)

@@ -184,3 +184,14 @@ func TestConfigFileAndReload(t *testing.T) {
 		return strings.Contains(l, "log-level debug → info") && strings.Contains(l, "rolling restart done")
 	})
 }
+
+// TestDeployConfigFileIsValid: the example settings file in deploy/ is one stickyd accepts.
+func TestDeployConfigFileIsValid(t *testing.T) {
+	f, err := parseEdge(t, "run", "-config", filepath.Join("..", "..", "deploy", "stickyd.yaml"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if f.metricsAddr != defaultAdmin || f.key != "sid,ip" || f.logFormat != "json" {
+		t.Errorf("deploy/stickyd.yaml read as %+v", *f)
+	}
+}

@@ -128,6 +128,10 @@ func edgeHelp(mode string, args []string, stdout io.Writer) bool {
 	return true
 }
 
+// commit is set at build time (-ldflags "-X main.commit=..."), as deploy/Dockerfile does:
+// its build context has no .git, so the toolchain records no vcs.revision there.
+var commit string
+
 // versionInfo is what `stickyd version` prints and the admin API's Stickyd-Version
 // header carries (Version only).
 type versionInfo struct {
@@ -172,6 +176,9 @@ func buildVersion() versionInfo {
 		case "vcs.modified":
 			v.Modified = s.Value == "true"
 		}
+	}
+	if commit != "" {
+		v.Commit, v.Modified = commit, false
 	}
 	return v
 }
