@@ -54,8 +54,12 @@ type Supervisor struct {
 	// slot gives up: such a worker fails the same way every time. 0: 5.
 	QuickFailures int
 
-	Stdout, Stderr io.Writer    // worker output, each line prefixed "[worker N] "; nil: os.Stdout/os.Stderr
-	Logger         *slog.Logger // nil: the Edge's
+	Stdout, Stderr io.Writer // worker output, each line prefixed "[worker N] "; nil: os.Stdout/os.Stderr
+	// OutputLog, if set, takes worker output instead of Stdout/Stderr: one record per line,
+	// msg the line, with worker, pid and stream (stdout, stderr), never filtered by level
+	// (-log-format json: the edge's output stays one JSON record per line).
+	OutputLog *slog.Logger
+	Logger    *slog.Logger // nil: the Edge's
 
 	mu       sync.Mutex
 	procs    map[int]*proc
@@ -955,7 +959,7 @@ func (s *Supervisor) watch(slot int, kind string, process *os.Process, ch Channe
 	if pg, err := unix.Getpgid(process.Pid); err == nil && pg == process.Pid {
 		p.pgid = pg
 	}
-	p.errOut = prefixWriter(s.Stderr, fmt.Sprintf("[worker %d] ", slot))
+	p.errOut = s.outputWriter(s.Stderr, p, "stderr")
 	p.errOut.hold = starting
 	s.mu.Lock()
 	if s.live == nil {
@@ -1060,9 +1064,8 @@ func (p *proc) groupAlive() bool {
 
 // startPumps copies the worker's stdout and stderr to the edge's, prefixed with its slot.
 func (s *Supervisor) startPumps(p *proc) {
-	prefix := fmt.Sprintf("[worker %d] ", p.slot)
 	p.pumps.Add(2)
-	go pumpLines(&p.pumps, p.stdout, prefixWriter(s.Stdout, prefix), &p.pumpsStop)
+	go pumpLines(&p.pumps, p.stdout, s.outputWriter(s.Stdout, p, "stdout"), &p.pumpsStop)
 	go pumpLines(&p.pumps, p.stderr, p.errOut, &p.pumpsStop)
 }
 
@@ -1152,10 +1155,11 @@ type lineWriter struct {
 	prefix  string
 	atBOL   bool
 	hold    bool
-	held    []string // lines kept back while hold (the last heldMax)
-	dropped int      // lines dropped from held
-	cur     []byte   // the line being written (for tail and held), capped at lineMax
-	tail    []string // the last tailMax complete lines
+	held    []string          // lines kept back while hold (the last heldMax)
+	dropped int               // lines dropped from held
+	cur     []byte            // the line being written (for tail and held), capped at lineMax
+	tail    []string          // the last tailMax complete lines
+	emit    func(line string) // if set, complete lines go here instead of to dst
 }
 
 const (
@@ -1166,6 +1170,21 @@ const (
 
 func prefixWriter(dst io.Writer, prefix string) *lineWriter {
 	return &lineWriter{dst: dst, prefix: prefix, atBOL: true}
+}
+
+// outputWriter is the lineWriter of one output stream of p: to dst with the slot as
+// prefix, or a record per line on s.OutputLog.
+func (s *Supervisor) outputWriter(dst io.Writer, p *proc, stream string) *lineWriter {
+	l := prefixWriter(dst, fmt.Sprintf("[worker %d] ", p.slot))
+	if h := s.OutputLog; h != nil {
+		attrs := []slog.Attr{slog.Int("worker", p.slot), slog.Int("pid", p.process.Pid), slog.String("stream", stream)}
+		l.emit = func(line string) {
+			r := slog.NewRecord(time.Now(), slog.LevelInfo, line, 0)
+			r.AddAttrs(attrs...)
+			h.Handler().Handle(context.Background(), r)
+		}
+	}
+	return l
 }
 
 func (l *lineWriter) Write(p []byte) (int, error) {
@@ -1180,8 +1199,8 @@ func (l *lineWriter) Write(p []byte) (int, error) {
 			l.cur = append(l.cur, c)
 		}
 	}
-	if l.hold {
-		return len(p), nil
+	if l.hold || l.emit != nil {
+		return len(p), nil // endLine emitted the complete lines
 	}
 	out := make([]byte, 0, len(p)+len(l.prefix))
 	for _, c := range p {
@@ -1208,6 +1227,9 @@ func (l *lineWriter) endLine() {
 		l.tail = append(l.tail[:0], l.tail[1:]...)
 	}
 	l.tail = append(l.tail, line)
+	if l.emit != nil && !l.hold {
+		l.emit(line)
+	}
 	if l.hold {
 		if len(l.held) == heldMax {
 			l.held = append(l.held[:0], l.held[1:]...)
@@ -1230,7 +1252,7 @@ func (l *lineWriter) Flush() {
 	if len(l.cur) > 0 {
 		l.endLine()
 	}
-	if !l.atBOL {
+	if !l.atBOL && l.emit == nil {
 		l.dst.Write([]byte("\n"))
 		l.atBOL = true
 	}
@@ -1257,7 +1279,7 @@ func (l *lineWriter) Release() {
 	}
 	l.mu.Unlock()
 	l.writeLines(held)
-	if partial {
+	if partial && l.emit == nil { // with emit, the line goes out whole when it ends
 		// The line being written goes out with its end, as it comes.
 		l.mu.Lock()
 		l.dst.Write(append([]byte(l.prefix), l.cur...))
@@ -1294,6 +1316,12 @@ func (l *lineWriter) writeLines(lines []string) {
 	}
 	l.mu.Lock()
 	defer l.mu.Unlock()
+	if l.emit != nil {
+		for _, line := range lines {
+			l.emit(line)
+		}
+		return
+	}
 	l.dst.Write([]byte(b.String()))
 }
 

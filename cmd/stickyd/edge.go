@@ -261,6 +261,7 @@ func runEdge(ctx context.Context, mode string, args []string, stderr io.Writer) 
 			GracePeriod:  f.shutdownTimeout,
 			DrainGrace:   f.shutdownTimeout,
 			Logger:       log,
+			OutputLog:    workerOutputLog(log, f.logFormat),
 		}
 		if prev != nil {
 			sup.Adopt(prev.Supervisor)

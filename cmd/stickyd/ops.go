@@ -86,3 +86,13 @@ func handleSIGHUP(ctx context.Context, log *slog.Logger, rl *reloader, sup *work
 	}()
 	return func() { signal.Stop(hup) }
 }
+
+// workerOutputLog is where worker output goes as records: with -log-format json every line
+// a worker prints becomes a record of the edge's log (worker, pid, stream, msg), so the
+// edge's stderr stays one JSON object per line; with text, nil: raw "[worker N] " lines.
+func workerOutputLog(log *slog.Logger, format string) *slog.Logger {
+	if strings.EqualFold(format, "json") {
+		return log
+	}
+	return nil
+}
