@@ -381,3 +381,104 @@ func listening(t *testing.T, pid int, link string) bool {
 	}
 	return false
 }
+
+// TestJSONLogsWrapWorkerOutput: with -log-format json every line on the edge's stderr is
+// one JSON record, worker output included: each line a worker prints is a record with
+// worker, pid, stream and msg — not a raw "[worker N] …" line in the JSON stream.
+func TestJSONLogsWrapWorkerOutput(t *testing.T) {
+	bin := stickydBinary(t)
+	cmd := exec.Command(bin, "run", "-log-format", "json", "-workers", "2", "-listen", "127.0.0.1:0", "-metrics", "127.0.0.1:0", "--",
+		"sh", "-c", `echo "to stdout from $STICKYD_WORKER_ID"; echo 'to stderr, with "quotes"' >&2; exec "$0" demo-worker`, bin)
+	var out syncBuffer
+	cmd.Stdout, cmd.Stderr = &out, &out
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan struct{})
+	go func() { cmd.Wait(); close(done) }()
+	defer func() {
+		cmd.Process.Signal(syscall.SIGTERM)
+		select {
+		case <-done:
+		case <-time.After(20 * time.Second):
+			cmd.Process.Kill()
+			<-done
+		}
+	}()
+	type rec struct {
+		Msg    string `json:"msg"`
+		Level  string `json:"level"`
+		Worker *int   `json:"worker"`
+		PID    int    `json:"pid"`
+		Stream string `json:"stream"`
+		Addr   string `json:"addr"`
+	}
+	var recs []rec
+	parse := func() (bool, string) {
+		recs = recs[:0]
+		all := out.String()
+		all = all[:strings.LastIndexByte(all, '\n')+1] // complete lines only
+		for _, l := range strings.Split(all, "\n") {
+			if l == "" {
+				continue
+			}
+			var r rec
+			if err := json.Unmarshal([]byte(l), &r); err != nil {
+				return false, l
+			}
+			recs = append(recs, r)
+		}
+		return true, ""
+	}
+	var metrics string
+	waitFor(t, "both workers' output and the metrics address", 30*time.Second, func() bool {
+		ok, bad := parse()
+		if !ok {
+			t.Fatalf("a line of the edge's output is not JSON: %q\n%s", bad, out.String())
+		}
+		n := 0
+		for _, r := range recs {
+			if r.Msg == "metrics listening" {
+				metrics = r.Addr
+			}
+			if r.Stream != "" {
+				n++
+			}
+		}
+		return n >= 4 && metrics != ""
+	})
+	resp, err := http.Get("http://" + metrics + "/admin/workers")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var wl struct{ Workers []adminWorker }
+	json.NewDecoder(resp.Body).Decode(&wl)
+	resp.Body.Close()
+	pids := map[int]int{}
+	for _, w := range wl.Workers {
+		pids[w.Slot] = w.PID
+	}
+	seen := map[string]bool{}
+	for _, r := range recs {
+		if r.Stream == "" {
+			continue
+		}
+		if r.Worker == nil || r.PID == 0 || r.Level != "INFO" {
+			t.Errorf("worker record %+v: want worker, pid and level", r)
+			continue
+		}
+		// The shell execs the worker: its pid is the worker's.
+		if pids[*r.Worker] != r.PID {
+			t.Errorf("record %+v: worker %d has pid %d", r, *r.Worker, pids[*r.Worker])
+		}
+		seen[fmt.Sprintf("%d %s %s", *r.Worker, r.Stream, r.Msg)] = true
+	}
+	for _, want := range []string{"0 stdout to stdout from 0", "1 stdout to stdout from 1", `0 stderr to stderr, with "quotes"`, `1 stderr to stderr, with "quotes"`} {
+		if !seen[want] {
+			t.Errorf("no record %q in %v", want, seen)
+		}
+	}
+	if strings.Contains(out.String(), "[worker ") {
+		t.Errorf("raw worker lines in the JSON stream:\n%s", out.String())
+	}
+}
