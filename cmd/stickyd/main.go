@@ -65,6 +65,8 @@ Client commands (talk to a running edge's admin address, its -metrics):
 ADDR is host:port, :port, host (port ` + defaultAdminPort + `) or a URL (http://host:` + defaultAdminPort + `/anything: the path
 is ignored); -admin ADDR is the same, -url the old spelling of it. Default: ` + defaultAdmin + `.
 Client flags: -admin ADDR, -timeout D. Each client command checks that a stickyd answered.
+In a browser on the host, http://` + defaultAdmin + `/ is a live status page of the edge;
+/debug/pprof/ there profiles it (go tool pprof http://` + defaultAdmin + `/debug/pprof/heap).
 
 Run "stickyd run -h" for the edge's flags.`
 
@@ -122,7 +124,12 @@ func edgeHelp(mode string, args []string, stdout io.Writer) bool {
 	case "serve":
 		fmt.Fprintln(stdout, "Usage: stickyd serve -control PATH [flags]")
 	}
-	fmt.Fprintln(stdout, "\nEvery flag can also be set as STICKYD_<NAME> (e.g. STICKYD_LISTEN); a flag given wins.\n\nFlags:")
+	fmt.Fprintln(stdout, "\nEvery flag can also be set as STICKYD_<NAME> (e.g. STICKYD_LISTEN) or as a key of the -config\n"+
+		"YAML file (listen: \":8080\"). Precedence: flag > STICKYD_* variable > file > default.\n"+
+		"`stickyd reload` or SIGHUP re-reads them: log-level and admin-remote apply at once, the\n"+
+		"balancer's settings with the next `stickyd upgrade` (nothing is dropped), listen, metrics,\n"+
+		"control, workers, node and app-port with a restart. SIGHUP then restarts the workers one\n"+
+		"at a time (run, demo).\n\nFlags:")
 	fs.SetOutput(stdout)
 	fs.PrintDefaults()
 	return true
