@@ -12,6 +12,8 @@
 //  2. stickydCountWebSockets: report how many WebSockets the worker holds.
 //  3. stickydReviveAdapterBuffers: give @socket.io/cluster-adapter its Buffers back (the edge
 //     relays the adapter's messages between workers; JSON mode turns Buffers into objects).
+//  4. stickydClientAddress: make the client's address the request's socket.remoteAddress on
+//     connections from the edge that have none of their own (socketpairs).
 //
 // Harmless for other apps: 'newListener' listeners on process until detection, one wrapper
 // around the http/https Server emit, and nothing at all unless STICKYD_NODEIPC=1 and an IPC
@@ -99,6 +101,7 @@ function stickydIsWrapperCLI(main) {
   stickydDetectStickyWorker();
   stickydCountWebSockets();
   stickydReviveAdapterBuffers();
+  stickydClientAddress();
 })();
 
 // @socket.io/sticky detection (see the top of the file).
@@ -220,4 +223,133 @@ function stickydReviveAdapterBuffers() {
     process.prependListener('message', onAdapterMessage);
   }
   process.on('newListener', onNewListener);
+}
+
+// Client address. Plain HTTP requests (engine.io long-polling included) reach the worker over
+// socketpairs from the edge, which carry requests of different clients one after another, and
+// so do the WebSockets the edge tunnels: their sockets have no peer address, and the app would
+// see remoteAddress undefined. The edge writes the client's address in its own request field
+// X-Stickyd-Client-Addr ("ip:port", port 0 when a trusted proxy named the client); it drops
+// any field of that name a client sends, except in a tunnelled upgrade, where the client's
+// comes after the edge's: the first value is the edge's.
+//
+// For every 'request', 'upgrade', 'connect', 'checkContinue' and 'checkExpectation' of an http
+// or https server (a second wrapper around Server.prototype.emit), when the request's socket
+// came from the edge (no IP peer: its handle is not TCP), its remoteAddress, remotePort and
+// remoteFamily report that client until the next request on it (req.connection is the same
+// object). engine.io reads req.connection.remoteAddress at the handshake, so socket.io's
+// socket.handshake.address is the client too. A real TCP socket (the client's own, handed over
+// for a WebSocket) keeps its true address: a field a client sent there is never believed. The
+// field is removed from req.headers and req.rawHeaders in every case, so apps never see it.
+function stickydClientAddress() {
+  const FIELD = 'x-stickyd-client-addr';
+  const MAX_VALUE = 80; // "[" + 45-char IPv6 + zone + "]:65535"; longer is not the edge's
+  const net = require('net');
+  const kClient = Symbol('stickyd.clientAddress');
+  // Sockets known to come from the edge: their own-property getters are installed.
+  const fromEdge = new WeakSet();
+
+  // parse turns the edge's "ip:port" / "[ipv6]:port" into {address, port, family}, or null.
+  function parse(value) {
+    if (typeof value !== 'string') return null;
+    const comma = value.indexOf(',');
+    const first = (comma === -1 ? value : value.slice(0, comma)).trim();
+    if (first.length === 0 || first.length > MAX_VALUE) return null;
+    const colon = first.lastIndexOf(':');
+    if (colon <= 0) return null;
+    let host = first.slice(0, colon);
+    const portText = first.slice(colon + 1);
+    if (!/^[0-9]{1,5}$/.test(portText)) return null;
+    const port = Number(portText);
+    if (port > 65535) return null;
+    if (host[0] === '[') {
+      if (host[host.length - 1] !== ']') return null;
+      host = host.slice(1, -1);
+      if (net.isIPv6(host) === false) return null;
+    } else if (!net.isIPv4(host)) {
+      return null;
+    }
+    const family = net.isIPv4(host) ? 'IPv4' : 'IPv6';
+    // Port 0: the client's port is unknown (a trusted proxy named the client), as Node says.
+    return { address: host, port: port === 0 ? undefined : port, family };
+  }
+
+  // strip removes the field from the request as the app will see it and returns its value.
+  function strip(req) {
+    const headers = req.headers; // Node builds it lazily; the object is then kept
+    let value;
+    if (headers && Object.prototype.hasOwnProperty.call(headers, FIELD)) {
+      value = headers[FIELD];
+      delete headers[FIELD];
+    }
+    const raw = req.rawHeaders;
+    if (Array.isArray(raw)) {
+      for (let i = raw.length - 2; i >= 0; i -= 2) {
+        if (typeof raw[i] === 'string' && raw[i].length === FIELD.length && raw[i].toLowerCase() === FIELD) {
+          raw.splice(i, 2);
+        }
+      }
+    }
+    return value;
+  }
+
+  // isEdgeSocket: a socketpair from the edge is a Pipe handle, which has no getpeername; a
+  // TCP socket (also a closed or reset one) has, and a destroyed socket has no handle at all.
+  // A server that listens on a path of its own is reachable by other local processes: its
+  // sockets are not believed either.
+  function isEdgeSocket(server, socket) {
+    if (fromEdge.has(socket)) return true;
+    if (!socket || socket.destroyed) return false;
+    const handle = socket._handle;
+    if (!handle || typeof handle.getpeername === 'function') return false;
+    if (socket.remoteAddress !== undefined) return false;
+    let own = null;
+    try {
+      own = typeof server.address === 'function' ? server.address() : null;
+    } catch (_) {}
+    if (typeof own === 'string') return false;
+    fromEdge.add(socket);
+    const get = (k) => ({
+      configurable: true,
+      enumerable: false,
+      get() {
+        const c = this[kClient];
+        return c ? c[k] : undefined;
+      },
+    });
+    Object.defineProperty(socket, 'remoteAddress', get('address'));
+    Object.defineProperty(socket, 'remotePort', get('port'));
+    Object.defineProperty(socket, 'remoteFamily', get('family'));
+    return true;
+  }
+
+  function onRequest(server, req) {
+    if (!req || typeof req !== 'object') return;
+    const value = strip(req);
+    const socket = req.socket;
+    if (!socket || (value === undefined && !fromEdge.has(socket))) return;
+    if (!isEdgeSocket(server, socket)) return;
+    // Every request on the socket sets it: one without the field shows no stale client.
+    socket[kClient] = parse(Array.isArray(value) ? value[0] : value);
+  }
+
+  const EVENTS = new Set(['request', 'upgrade', 'connect', 'checkContinue', 'checkExpectation']);
+  function wrap(proto) {
+    const orig = proto && proto.emit;
+    if (typeof orig !== 'function' || orig.__stickydClientAddress) return;
+    const emit = function emit(event, req) {
+      if (EVENTS.has(event)) {
+        try {
+          onRequest(this, req);
+        } catch (_) {
+          // Never break the app's request over the address.
+        }
+      }
+      return orig.apply(this, arguments);
+    };
+    emit.__stickydClientAddress = true;
+    proto.emit = emit;
+  }
+  wrap(require('http').Server.prototype);
+  wrap(require('https').Server.prototype);
 }
