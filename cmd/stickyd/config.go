@@ -8,12 +8,15 @@ import (
 	"fmt"
 	"log/slog"
 	"os"
+	"os/exec"
 	"sort"
 	"strings"
 	"sync"
 	"sync/atomic"
 
 	"go.yaml.in/yaml/v3"
+
+	"github.com/stickyd/stickyd/sticky"
 )
 
 // ErrConfig marks a config file that cannot be used; the message names file, line and fix.
@@ -327,4 +330,51 @@ func quoteEmpty(s string) string {
 		return `""`
 	}
 	return s
+}
+
+// checkSettings is the hidden `stickyd check-settings MODE ARGS...`: it reads the settings
+// as `stickyd MODE ARGS...` would (flags, STICKYD_*, the -config file) and exits without
+// starting anything. An edge about to upgrade runs it with the new binary, because the new
+// image re-reads the file: a file broken since the edge started must fail the upgrade, not
+// the new image after the exec (which would end the edge).
+func checkSettings(args []string) error {
+	if len(args) == 0 || (args[0] != "demo" && args[0] != "run" && args[0] != "serve") {
+		return fmt.Errorf("%w: check-settings demo|run|serve [flags]", errUsage)
+	}
+	fs := flag.NewFlagSet(args[0], flag.ContinueOnError)
+	fs.SetOutput(discard{})
+	var f edgeFlags
+	f.register(fs, args[0])
+	if err := fs.Parse(args[1:]); err != nil {
+		return fmt.Errorf("%w: %v", errUsage, err)
+	}
+	if err := applySources(fs); err != nil {
+		return fmt.Errorf("%w: %v", errUsage, err)
+	}
+	if _, err := newLogger(discard{}, f.logFormat, f.logLevel); err != nil {
+		return fmt.Errorf("%w: %v", errUsage, err)
+	}
+	if _, err := sticky.ParseSources(f.key); err != nil {
+		return fmt.Errorf("-key: %w", err)
+	}
+	if _, err := sticky.ParsePrefixes(f.trusted); err != nil {
+		return fmt.Errorf("-trusted-proxies: %w", err)
+	}
+	return nil
+}
+
+// preflightSettings runs the binary an upgrade will exec with this edge's arguments in
+// check-settings mode. A binary from before check-settings existed cannot check: that is
+// not an error.
+func preflightSettings() error {
+	exe, err := os.Executable()
+	if err != nil {
+		return nil // the upgrade itself reports this
+	}
+	out, err := exec.Command(exe, append([]string{"check-settings"}, os.Args[1:]...)...).CombinedOutput()
+	if err == nil || strings.Contains(string(out), `unknown subcommand "check-settings"`) {
+		return nil
+	}
+	msg := strings.TrimSpace(strings.TrimPrefix(strings.TrimSpace(string(out)), "stickyd:"))
+	return fmt.Errorf("the new image would not start with these settings, so the edge stays as it is: %s", msg)
 }

@@ -284,7 +284,11 @@ func runEdge(ctx context.Context, mode string, args []string, stderr io.Writer) 
 			}
 			log.Info("edge upgrade requested")
 			notify(log, "RELOADING=1", monotonicUsec(), "STATUS=edge upgrade: replacing the binary in place")
-			if err := up.Upgrade(); err != nil {
+			err := preflightSettings() // the new image re-reads -config and the environment
+			if err == nil {
+				err = up.Upgrade()
+			}
+			if err != nil {
 				log.Error("edge upgrade failed; this edge keeps serving", "err", err)
 				notify(log, "READY=1", "STATUS=edge upgrade failed, this image keeps serving: "+err.Error())
 			}

@@ -81,6 +81,8 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 			return nil
 		}
 		return runEdge(ctx, args[0], args[1:], stderr)
+	case "check-settings": // hidden: an upgrading edge's preflight (preflightSettings)
+		return checkSettings(args[1:])
 	case "demo-worker":
 		log, err := newLogger(stderr, "text", "info")
 		if err != nil {
