@@ -66,6 +66,11 @@ type Config struct {
 	// measuring it; the general path handles everything either way).
 	NoFastPath bool
 
+	// Affinity hints for a balancer in front of several hosts (affinity.go): on an
+	// engine.io handshake answer, a cookie AffinityCookie=NodeID and a header SIDHeader
+	// carrying the sid. "": not sent. NodeID "": the short host name.
+	NodeID, AffinityCookie, SIDHeader string
+
 	Metrics *metrics.Metrics // nil: unregistered collectors
 	Logger  *slog.Logger     // nil: slog.Default()
 }
@@ -113,6 +118,7 @@ func (c *Config) applyDefaults() {
 	if c.Logger == nil {
 		c.Logger = slog.Default()
 	}
+	c.affinityDefaults()
 }
 
 var (
@@ -578,18 +584,23 @@ func (b *Balancer) handoff(cc *clientConn, h *upgrade.Head, consumed []byte) {
 		if r.w == nil {
 			break
 		}
-		if consumed != nil && !r.w.Channel().CanReplay() {
-			b.tunnel(cc, r.w, consumed)
-			return
-		}
 		start := time.Now()
-		// Each channel bounds its own wait (HandoffTimeout): no context per handoff.
-		err := r.w.Channel().Deliver(context.Background(), c.(syscall.Conn), meta)
-		if err == nil {
-			// The worker holds its own descriptor now; the edge keeps nothing.
-			c.Close()
-			b.handedOff(r.w, start)
-			return
+		var err error
+		// A backend reached by address takes no descriptors, and a Node worker cannot take
+		// bytes the edge already read: the edge tunnels (a peeked head is still in the
+		// socket, so the tunnel carries the client's own bytes).
+		if _, dials := r.w.Channel().(workers.Dialer); dials || consumed != nil && !r.w.Channel().CanReplay() {
+			if err = b.tunnel(cc, r.w, consumed); err == nil {
+				return
+			}
+		} else {
+			// Each channel bounds its own wait (HandoffTimeout): no context per handoff.
+			if err = r.w.Channel().Deliver(context.Background(), c.(syscall.Conn), meta); err == nil {
+				// The worker holds its own descriptor now; the edge keeps nothing.
+				c.Close()
+				b.handedOff(r.w, start)
+				return
+			}
 		}
 		b.m.HandoffDuration.Observe(time.Since(start).Seconds())
 		result := metrics.HandoffError

@@ -1111,6 +1111,9 @@ func (x *exchange) writeResponse(keep bool, prefix []byte) (bool, error) {
 	} else if x.info.protoMinor == 0 {
 		bw.WriteString("Connection: keep-alive\r\n")
 	}
+	if len(prefix) > 0 { // a handshake answer (learnSession): affinity hints for a balancer in front
+		x.writeAffinity(bw, prefix)
+	}
 	bw.WriteString("\r\n")
 	if noBody {
 		return keep, bw.Flush()
@@ -1196,44 +1199,63 @@ func (b *Balancer) learnSession(sc *proxyScratch, slot int) ([]byte, error) {
 	return prefix, nil
 }
 
-// tunnel proxies an upgraded connection byte for byte through a virtual connection, for
-// workers that cannot take bytes the edge already read with a descriptor (Node). The
-// edge stays in the data path for this one connection.
-func (b *Balancer) tunnel(cc *clientConn, w *workers.Worker, consumed []byte) {
+// tunnel proxies an upgraded connection byte for byte through a connection of the
+// worker's own: a virtual connection to a worker that cannot take bytes the edge already
+// read with a descriptor (Node), or a dialed connection to a backend reached by address
+// (stickyd proxy), where Go's io.Copy between two sockets splices in the kernel. The edge
+// stays in the data path for this one connection. It returns an error, with the client
+// untouched, only when the worker could not be reached: the caller may pick another.
+// Tunnels do not go over in an edge upgrade: a freeze (or a shutdown) closes them, and
+// their clients reconnect to the next image.
+func (b *Balancer) tunnel(cc *clientConn, w *workers.Worker, consumed []byte) error {
 	c := cc.c
-	defer c.Close()
 	ctx, cancel := context.WithTimeout(context.Background(), b.cfg.HandoffTimeout)
 	vc, err := w.DialVirtual(ctx)
 	cancel()
 	if err != nil {
-		b.m.Handoffs.WithLabelValues(w.Label(), metrics.HandoffError).Inc()
-		b.reject(c, 503, "no worker could take the connection; try again", false)
-		return
+		return err
 	}
+	defer c.Close()
 	defer vc.Close()
+	if tc, ok := w.Channel().(interface{ TunnelOpened() func() }); ok {
+		defer tc.TunnelOpened()()
+	}
+	b.m.Handoffs.WithLabelValues(w.Label(), metrics.HandoffOK).Inc()
 	b.m.ConnectionsAccepted.WithLabelValues(metrics.AcceptTunneled).Inc()
-	// The worker's end is a socketpair: the client's address goes in a field of the
-	// edge's own, right after the request line (a client's field of that name comes
-	// later, and the preload reads the first).
-	if i := bytes.IndexByte(consumed, '\n'); i > 0 {
-		bw := bufio.NewWriterSize(vc, len(consumed)+96)
-		bw.Write(consumed[:i+1])
-		writeClientAddr(bw, addrPort(c.RemoteAddr()))
-		bw.Write(consumed[i+1:])
-		if bw.Flush() != nil {
-			return
+	// A tunnel counts as a connection mid-head for Freeze and Shutdown: their wake-up
+	// (a read deadline in the past) ends its client-to-worker copy, and the tunnel then
+	// closes both ends instead of holding the upgrade for its whole grace period.
+	cc.state.Store(connHead)
+	if len(consumed) > 0 {
+		// The worker's end is a socketpair: the client's address goes in a field of the
+		// edge's own, right after the request line (a client's field of that name comes
+		// later, and the preload reads the first).
+		if i := bytes.IndexByte(consumed, '\n'); i > 0 {
+			bw := bufio.NewWriterSize(vc, len(consumed)+96)
+			bw.Write(consumed[:i+1])
+			writeClientAddr(bw, addrPort(c.RemoteAddr()))
+			bw.Write(consumed[i+1:])
+			if bw.Flush() != nil {
+				return nil
+			}
+		} else if _, err := vc.Write(consumed); err != nil {
+			return nil
 		}
-	} else if _, err := vc.Write(consumed); err != nil {
-		return
 	}
 	errc := make(chan error, 2)
 	go pipe(vc, c, errc)
 	go pipe(c, vc, errc)
 	<-errc
+	if b.frozen() || b.isClosing() {
+		c.Close()
+		vc.Close()
+	}
 	<-errc
+	return nil
 }
 
-// pipe copies one direction of a tunnel and half-closes the far side at the end.
+// pipe copies one direction of a tunnel and half-closes the far side at the end. Between
+// two TCP (or unix stream) sockets io.Copy uses splice(2): the bytes never enter user space.
 func pipe(dst, src net.Conn, errc chan<- error) {
 	_, err := io.Copy(dst, src)
 	if cw, ok := dst.(interface{ CloseWrite() error }); ok {
