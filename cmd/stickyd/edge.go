@@ -43,6 +43,7 @@ type edgeFlags struct {
 	engineIOPath                       string
 	maxSessions, maxAffinity           int
 	epsilon                            float64
+	nodeID, affinityCookie, sidHeader  string // affinity hints for a balancer in front of several hosts
 }
 
 func (f *edgeFlags) register(fs *flag.FlagSet, mode string) {
@@ -77,6 +78,9 @@ func (f *edgeFlags) register(fs *flag.FlagSet, mode string) {
 		fs.StringVar(&f.allowUIDs, "allow-uid", "", "peer uids allowed on the control socket besides stickyd's own, e.g. 1000,1001")
 	}
 	fs.BoolVar(&f.adminRemote, "admin-remote", false, "serve /admin/ to non-loopback clients too (it can drain and restart workers)")
+	fs.StringVar(&f.nodeID, "node-id", balancer.DefaultNodeID(), "this host's name in the affinity cookie (a balancer's server key)")
+	fs.StringVar(&f.affinityCookie, "affinity-cookie", "", "on an engine.io handshake answer, set this cookie to -node-id (cookie affinity in a balancer in front); empty: off")
+	fs.StringVar(&f.sidHeader, "sid-header", "", "on an engine.io handshake answer, add this header carrying the sid (HAProxy: stick store-response res.hdr(NAME)); empty: off")
 	fs.StringVar(&f.logFormat, "log-format", "text", "text or json")
 	fs.StringVar(&f.logLevel, "log-level", "info", "debug, info, warn or error")
 }
@@ -159,6 +163,9 @@ func runEdge(ctx context.Context, mode string, args []string, stderr io.Writer) 
 	if err != nil {
 		return fmt.Errorf("-trusted-proxies: %w", err)
 	}
+	if err := (&balancer.Config{NodeID: f.nodeID, AffinityCookie: f.affinityCookie, SIDHeader: f.sidHeader}).CheckAffinity(); err != nil {
+		return fmt.Errorf("%w: -node-id/-affinity-cookie/-sid-header: %v", errUsage, err)
+	}
 
 	reg := prometheus.NewRegistry()
 	m, err := metrics.New(reg, true)
@@ -180,6 +187,9 @@ func runEdge(ctx context.Context, mode string, args []string, stderr io.Writer) 
 		EngineIOPath:    f.engineIOPath,
 		MaxSessions:     f.maxSessions,
 		MaxAffinity:     f.maxAffinity,
+		NodeID:          f.nodeID,
+		AffinityCookie:  f.affinityCookie,
+		SIDHeader:       f.sidHeader,
 		Metrics:         m,
 		Logger:          log,
 	})
