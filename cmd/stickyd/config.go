@@ -376,5 +376,6 @@ func preflightSettings() error {
 		return nil
 	}
 	msg := strings.TrimSpace(strings.TrimPrefix(strings.TrimSpace(string(out)), "stickyd:"))
+	msg = strings.TrimPrefix(msg, errUsage.Error()+": ")
 	return fmt.Errorf("the new image would not start with these settings, so the edge stays as it is: %s", msg)
 }

@@ -195,3 +195,29 @@ func TestDeployConfigFileIsValid(t *testing.T) {
 		t.Errorf("deploy/stickyd.yaml read as %+v", *f)
 	}
 }
+
+// TestUpgradeChecksSettingsFirst: an edge upgrade re-reads the -config file in the new
+// image; a file broken since the edge started fails the upgrade (the edge keeps serving)
+// instead of ending the edge after the exec. Fixed, the upgrade goes through and applies
+// the file.
+func TestUpgradeChecksSettingsFirst(t *testing.T) {
+	cfg := writeFile(t, "stickyd.yaml", "max-conns: 1000\n")
+	d := startDaemon(t, "", "demo", "-workers", "1", "-config", cfg)
+	os.WriteFile(cfg, []byte("max-conns: lots\n"), 0o644)
+	d.signal(syscall.SIGUSR2)
+	waitFor(t, "the upgrade to be refused", 20*time.Second, func() bool {
+		return strings.Contains(d.logs.String(), "the new image would not start with these settings") &&
+			strings.Contains(d.logs.String(), `stickyd.yaml:1: max-conns: \"lots\"`) // quoted by the text log
+	})
+	if got := httpStatus(t, "GET", "http://"+d.metrics+"/readyz"); got != 200 {
+		t.Fatalf("after a refused upgrade /readyz = %d", got)
+	}
+	os.WriteFile(cfg, []byte("max-conns: 2000\n"), 0o644)
+	if out, errOut, code := cli(t, "upgrade", d.metrics); code != 0 || !strings.Contains(out, "generation 1") {
+		t.Fatalf("upgrade with the fixed file: %d %q %q", code, out, errOut)
+	}
+	// The new image read the file: a reload now sees no change.
+	if out, _, code := cli(t, "reload", d.metrics); code != 0 || !strings.Contains(out, "no change") {
+		t.Errorf("reload after the upgrade: %d %q", code, out)
+	}
+}
