@@ -12,7 +12,10 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"net"
+	"net/http"
 	"os/exec"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -56,6 +59,13 @@ func strOrUndef(p *string) string {
 		return "undefined"
 	}
 	return *p
+}
+
+func intOrUndef(p *int) string {
+	if p == nil {
+		return "undefined"
+	}
+	return strconv.Itoa(*p)
 }
 
 // runClientAddrClients runs clientaddr-clients.js against the daemon (bounded) and parses it.
@@ -130,7 +140,12 @@ func TestNodeAppSeesClientAddress(t *testing.T) {
 				}
 				if h := s.HTTP; s.Mode == "websocket-after-http" && (h == nil || h.Status != 200 ||
 					strOrUndef(h.RemoteAddress) != s.Source || h.RemotePort == nil || *h.RemotePort != h.LocalPort) {
-					t.Errorf("%s: the request before the upgrade saw %+v", what, h)
+					if h == nil {
+						t.Errorf("%s: no answer to the request before the upgrade", what)
+					} else {
+						t.Errorf("%s: the request before the upgrade (client port %d): status %d, req.socket.remoteAddress %s port %s",
+							what, h.LocalPort, h.Status, strOrUndef(h.RemoteAddress), intOrUndef(h.RemotePort))
+					}
 				}
 			}
 			for _, m := range modes {
@@ -147,12 +162,8 @@ func TestNodeAppSeesClientAddress(t *testing.T) {
 			for _, h := range res.HTTP {
 				if h.Status != 200 || strOrUndef(h.RemoteAddress) != h.Source || strOrUndef(h.Connection) != h.Source ||
 					h.RemotePort == nil || *h.RemotePort != h.LocalPort || strOrUndef(h.RemoteFamily) != "IPv4" || h.Field {
-					rp := -1
-					if h.RemotePort != nil {
-						rp = *h.RemotePort
-					}
-					t.Errorf("GET /addr from %s:%d (forged %v): status %d, req.socket.remoteAddress %s port %d family %s, req.connection %s, field visible %v",
-						h.Source, h.LocalPort, h.Forged, h.Status, strOrUndef(h.RemoteAddress), rp, strOrUndef(h.RemoteFamily),
+					t.Errorf("GET /addr from %s:%d (forged %v): status %d, req.socket.remoteAddress %s port %s family %s, req.connection %s, field visible %v",
+						h.Source, h.LocalPort, h.Forged, h.Status, strOrUndef(h.RemoteAddress), intOrUndef(h.RemotePort), strOrUndef(h.RemoteFamily),
 						strOrUndef(h.Connection), h.Field)
 				}
 			}
@@ -167,5 +178,62 @@ func TestNodeAppSeesClientAddress(t *testing.T) {
 				t.Logf("clientaddr-clients.js: %s", raw)
 			}
 		})
+	}
+}
+
+// TestNodeAppClientAddressBehindTrustedProxy: with -trusted-proxies, a request from a trusted
+// proxy shows the client it names in X-Forwarded-For (remotePort undefined: the proxy does
+// not say the client's port); the same claim from any other peer is ignored.
+func TestNodeAppClientAddressBehindTrustedProxy(t *testing.T) {
+	dir := nodeFixtures(t)
+	d := startDaemon(t, dir, "run", "-workers", "2", "-shutdown-timeout", "2s", "-trusted-proxies", "127.0.0.5/32",
+		"--", "node", "clientaddr-app.js")
+	sioWaitWorkers(t, d, 2, 60*time.Second)
+	for _, tc := range []struct {
+		from, want string
+		port       bool // remotePort is the peer's own port
+	}{
+		{"127.0.0.5", "203.0.113.9", false},
+		{"127.0.0.6", "127.0.0.6", true},
+	} {
+		dialer := &net.Dialer{LocalAddr: &net.TCPAddr{IP: net.ParseIP(tc.from)}, Timeout: 10 * time.Second}
+		var local int
+		client := &http.Client{Timeout: 20 * time.Second, Transport: &http.Transport{
+			DialContext: func(ctx context.Context, network, addr string) (net.Conn, error) {
+				c, err := dialer.DialContext(ctx, network, addr)
+				if err == nil {
+					local = c.LocalAddr().(*net.TCPAddr).Port
+				}
+				return c, err
+			},
+		}}
+		req, _ := http.NewRequest("GET", "http://"+d.addr+"/addr", nil)
+		req.Header.Set("X-Forwarded-For", "203.0.113.9")
+		req.Header.Set("X-Stickyd-Client-Addr", "6.6.6.6:1")
+		resp, err := client.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var got struct {
+			RemoteAddress *string
+			RemotePort    *int
+			RemoteFamily  *string
+			Field         bool
+		}
+		err = json.NewDecoder(resp.Body).Decode(&got)
+		resp.Body.Close()
+		client.CloseIdleConnections()
+		if err != nil {
+			t.Fatalf("GET /addr from %s: %d, %v", tc.from, resp.StatusCode, err)
+		}
+		portOK := got.RemotePort == nil
+		if tc.port {
+			portOK = got.RemotePort != nil && *got.RemotePort == local
+		}
+		if strOrUndef(got.RemoteAddress) != tc.want || !portOK || strOrUndef(got.RemoteFamily) != "IPv4" || got.Field {
+			t.Errorf("GET /addr from %s:%d with X-Forwarded-For: 203.0.113.9: the app saw %s port %s family %s (field visible %v); want %s, port %v",
+				tc.from, local, strOrUndef(got.RemoteAddress), intOrUndef(got.RemotePort), strOrUndef(got.RemoteFamily), got.Field, tc.want,
+				map[bool]string{true: "its own", false: "undefined"}[tc.port])
+		}
 	}
 }
