@@ -78,6 +78,20 @@ func startEdge(t testing.TB, cfg Config, n int, modes ...string) *testEdge {
 	}
 	serveDone := make(chan struct{})
 	go func() { b.Serve(ln); close(serveDone) }()
+	if !cfg.NoFastPath {
+		// Serve duplicates the listener's descriptor for the fast path: wait for it, or
+		// an fd baseline taken now would count it as a leak.
+		deadline := time.Now().Add(5 * time.Second)
+		for {
+			b.mu.Lock()
+			n := len(b.rawLns)
+			b.mu.Unlock()
+			if n > 0 || time.Now().After(deadline) {
+				break
+			}
+			time.Sleep(time.Millisecond)
+		}
+	}
 	e := &testEdge{b: b, sup: sup, addr: ln.Addr().String()}
 	var once sync.Once
 	e.stop = func() {
@@ -210,7 +224,8 @@ func TestWebSocketLivesInTheWorker(t *testing.T) {
 }
 
 func TestWebSocketStickyByIP(t *testing.T) {
-	e := startEdge(t, Config{}, 4)
+	// Pinning by address is opt-in since issue 14 (-key sid,ip).
+	e := startEdge(t, Config{Rules: sticky.Rules{Sources: []sticky.Source{{Kind: sticky.KindSID}, {Kind: sticky.KindIP}}}}, 4)
 	_, first := dialWS(t, e.addr, nil)
 	for range 10 {
 		c, h := dialWS(t, e.addr, nil)

@@ -174,7 +174,8 @@ func TestHungWorkerGets504AndLosesNewSessions(t *testing.T) {
 func TestClientThatLeavesFreesItsRequest(t *testing.T) {
 	dir := t.TempDir()
 	e := startEdge(t, Config{}, 1, "rogue:"+dir)
-	base := fdSet()
+	e.settle(t)
+	base, baseSet := openFDs(t), fdSet()
 	gone := counterValue(e.b.m.Rejections.WithLabelValues(metrics.RejectClientGone))
 	for range 5 {
 		c, err := net.Dial("tcp", e.addr)
@@ -198,7 +199,7 @@ func TestClientThatLeavesFreesItsRequest(t *testing.T) {
 	if n := counterValue(e.b.m.Rejections.WithLabelValues(metrics.RejectClientGone)) - gone; n != 5 {
 		t.Fatalf("client_gone counted %v times, want 5", n)
 	}
-	waitForFDs(t, len(base), base)
+	waitForFDs(t, base, baseSet)
 }
 
 // TestStuckChannelWorkerIsSkippedOnTheProxyPath: a worker that stopped reading its
