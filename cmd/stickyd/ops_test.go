@@ -143,6 +143,13 @@ func TestStatusEndpoint(t *testing.T) {
 	if code, _, _ := get("/", map[string]string{"Host": "attacker.example"}); code != http.StatusMisdirectedRequest {
 		t.Errorf("GET / with a foreign Host: %d, want 421", code)
 	}
+	// The live edge's profiles, as `go tool pprof http://ADDR/debug/pprof/heap` reads them.
+	if code, body, _ := get("/debug/pprof/heap?debug=1", nil); code != 200 || !strings.Contains(body, "heap profile:") {
+		t.Errorf("GET /debug/pprof/heap of the edge: %d %.100q", code, body)
+	}
+	if code, body, _ := get("/debug/pprof/profile?seconds=1", nil); code != 200 || len(body) < 100 {
+		t.Errorf("GET /debug/pprof/profile of the edge: %d, %d bytes", code, len(body))
+	}
 }
 
 // TestMetricsDefaultIsLoopback: -metrics defaults to the client commands' default address,
