@@ -142,11 +142,16 @@ func (b *Balancer) route(h *upgrade.Head, peer netip.Addr, tried uint64) route {
 				"path", h.Path, "engineio_path", b.cfg.EngineIOPath)
 		}
 	}
-	key := b.cfg.Rules.Identify(sticky.Request{Peer: peer, Query: query, Header: h.Header})
+	// Nothing here allocates for a request that hits a session or pin: the head goes in
+	// as an interface (not a method value, which is a closure), an address key stays a
+	// netip.Addr, and the table key is written into a stack buffer and looked up as
+	// m[string(buf)]. Only a new pin makes its key string, once.
+	key := b.cfg.Rules.IdentifyNoAlloc(sticky.Request{Peer: peer, Query: query, Fields: h})
+	var arr [128]byte
+	buf := key.AppendTo(arr[:0])
 	now := time.Now()
 	if key.Kind == sticky.KindSID {
-		tk := key.String()
-		if slot, ok := b.sessions.Get(tk, now); ok {
+		if slot, tk, ok := b.sessions.GetBytes(buf, now); ok {
 			if w := b.worker(slot); w != nil && w.State() != workers.StateGone && tried&slotBit(slot) == 0 {
 				return route{w: w, key: key, tableKey: tk}
 			}
@@ -158,8 +163,8 @@ func (b *Balancer) route(h *upgrade.Head, peer netip.Addr, tried uint64) route {
 		// behind NAT or a proxy. Its sid, learned from the answer, pins it from then on.
 		return route{w: b.leastLoaded(tried), key: sticky.Key{}}
 	}
-	tk, table := key.String(), b.tableFor(key.Kind)
-	if slot, ok := table.Get(tk, now); ok {
+	table := b.tableFor(key.Kind)
+	if slot, tk, ok := table.GetBytes(buf, now); ok {
 		if w := b.worker(slot); w != nil && w.TakesNew(now) && tried&slotBit(slot) == 0 {
 			return route{w: w, key: key, tableKey: tk}
 		}
@@ -168,6 +173,7 @@ func (b *Balancer) route(h *upgrade.Head, peer netip.Addr, tried uint64) route {
 	if w == nil {
 		return route{key: key}
 	}
+	tk := string(buf)
 	if n := table.Put(tk, w.Slot, now); n > 0 {
 		b.m.SessionEvictions.WithLabelValues(metrics.EvictCapacity).Add(float64(n))
 	}

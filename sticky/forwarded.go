@@ -22,9 +22,11 @@ const (
 //
 // X-Forwarded-For wins when present; Forwarded (RFC 7239) is used only without
 // it, since a proxy that sets both writes the same hops into each.
-func forwardedClient(req *Request, trusted []netip.Prefix) (string, bool) {
+//
+// It returns the address, not its text, so the edge's routing allocates nothing.
+func forwardedClient(req *Request, trusted []netip.Prefix) (netip.Addr, bool) {
 	if len(trusted) == 0 || !isTrusted(req.Peer.Unmap().WithZone(""), trusted) {
-		return "", false
+		return netip.Addr{}, false
 	}
 	if xff := trimOWS(req.header("X-Forwarded-For")); xff != "" {
 		return walkXFF(xff, trusted)
@@ -32,7 +34,7 @@ func forwardedClient(req *Request, trusted []netip.Prefix) (string, bool) {
 	if fwd := trimOWS(req.header("Forwarded")); fwd != "" {
 		return walkForwarded(fwd, trusted)
 	}
-	return "", false
+	return netip.Addr{}, false
 }
 
 func isTrusted(a netip.Addr, trusted []netip.Prefix) bool {
@@ -79,14 +81,14 @@ func (w *hopWalk) step(res hopResult, a netip.Addr) (client netip.Addr, done, ok
 
 // end is called when the chain is exhausted: every hop was trusted, so the
 // left-most is the originating client (e.g. an internal caller).
-func (w *hopWalk) end() (string, bool) {
+func (w *hopWalk) end() (netip.Addr, bool) {
 	if w.last.IsValid() {
-		return w.last.String(), true
+		return w.last, true
 	}
-	return "", false
+	return netip.Addr{}, false
 }
 
-func walkXFF(h string, trusted []netip.Prefix) (string, bool) {
+func walkXFF(h string, trusted []netip.Prefix) (netip.Addr, bool) {
 	w := hopWalk{trusted: trusted}
 	for {
 		i := strings.LastIndexByte(h, ',')
@@ -94,9 +96,9 @@ func walkXFF(h string, trusted []netip.Prefix) (string, bool) {
 		res, a := parseHop(item)
 		if c, done, ok := w.step(res, a); done {
 			if ok {
-				return c.String(), true
+				return c, true
 			}
-			return "", false
+			return netip.Addr{}, false
 		}
 		if i < 0 {
 			return w.end()
@@ -108,9 +110,8 @@ func walkXFF(h string, trusted []netip.Prefix) (string, bool) {
 // walkForwarded parses RFC 7239 elements left to right (quoted strings may
 // hide ',' and ';', so the header cannot be split from the right), remembering
 // the for= value of the last MaxHops elements in a ring, then walks those
-// right to left. The ring lives on the stack: nothing is allocated unless a
-// client address is returned.
-func walkForwarded(h string, trusted []netip.Prefix) (string, bool) {
+// right to left. The ring lives on the stack: nothing is allocated.
+func walkForwarded(h string, trusted []netip.Prefix) (netip.Addr, bool) {
 	var ring [MaxHops]string
 	var state [MaxHops]elemState
 	n := 0
@@ -135,13 +136,13 @@ func walkForwarded(h string, trusted []netip.Prefix) (string, bool) {
 		}
 		if c, done, ok := w.step(res, a); done {
 			if ok {
-				return c.String(), true
+				return c, true
 			}
-			return "", false
+			return netip.Addr{}, false
 		}
 	}
 	if n > MaxHops {
-		return "", false
+		return netip.Addr{}, false
 	}
 	return w.end()
 }

@@ -38,8 +38,11 @@ func FuzzIdentify(f *testing.F) {
 		for _, srcs := range [][]Source{all[0:1], all[1:2], all[2:3], all[3:4], all[4:5], all} {
 			for _, p := range []netip.Addr{peer, proxy} {
 				r := Rules{Sources: srcs, TrustedProxies: trusted}
-				k := r.Identify(Request{Peer: p, Query: query, Header: h})
+				req := Request{Peer: p, Query: query, Header: h}
+				k := r.Identify(req)
 				checkKey(t, k)
+				req.Header, req.Fields = nil, HeaderFunc(h)
+				checkSameKey(t, k, r.IdentifyNoAlloc(req))
 			}
 		}
 		// Without X-Forwarded-For the Forwarded parser runs.

@@ -203,16 +203,37 @@ type Rules struct {
 	TrustedProxies []netip.Prefix // peers whose X-Forwarded-For/Forwarded are believed
 }
 
+// Headers gives a request's header fields by name: case-insensitive, several fields
+// of one name joined with ", " ("; " for Cookie). The edge's parsed head (a
+// *upgrade.Head) satisfies it; HeaderFunc adapts a function.
+type Headers interface {
+	Header(name string) string
+}
+
+// HeaderFunc adapts a function to Headers.
+type HeaderFunc func(name string) string
+
+// Header calls f.
+func (f HeaderFunc) Header(name string) string { return f(name) }
+
 // Request is the part of a request head identity depends on. It is a struct
 // of plain values rather than *http.Request so the edge can fill it from its
 // own head parser without building an http.Request.
 type Request struct {
-	Peer   netip.Addr               // direct TCP peer (may be IPv4-mapped IPv6)
-	Query  string                   // raw query string (after '?', no '#')
-	Header func(name string) string // case-insensitive; several fields joined with ", "; nil means no headers
+	Peer  netip.Addr // direct TCP peer (may be IPv4-mapped IPv6)
+	Query string     // raw query string (after '?', no '#')
+	// Fields are the header fields; nil means none (or Header). Pass the parsed head
+	// itself: a pointer in an interface costs nothing, while a method value such as
+	// h.Header allocates a closure on every request.
+	Fields Headers
+	// Header is the older function form, used only when Fields is nil.
+	Header func(name string) string
 }
 
 func (req *Request) header(name string) string {
+	if req.Fields != nil {
+		return req.Fields.Header(name)
+	}
 	if req.Header == nil {
 		return ""
 	}
@@ -224,10 +245,15 @@ func (req *Request) header(name string) string {
 // header keys the source name is kept alongside so String can tell
 // cookie:a=x from cookie:b=x. Compare keys with String, not ==, when they may
 // come from named sources.
+//
+// A KindIP or KindXFF key also holds its address (Addr); a key from
+// IdentifyNoAlloc holds only that, with Value empty, so that no text is made
+// for it. String, AppendTo and Hash give the same results either way.
 type Key struct {
 	Kind  Kind
 	Value string
 	name  string
+	addr  netip.Addr
 }
 
 // NamedKey builds the key a KindCookie or KindHeader source named name yields for
@@ -237,10 +263,23 @@ func NamedKey(kind Kind, name, value string) Key { return Key{Kind: kind, Value:
 // Name returns the cookie or header name of a KindCookie or KindHeader key.
 func (k Key) Name() string { return k.name }
 
+// Addr returns the address of a KindIP or KindXFF key (from Identify or
+// IdentifyNoAlloc), else the zero Addr.
+func (k Key) Addr() netip.Addr { return k.addr }
+
+// lazyAddr reports whether k's value is its address, not yet written as text.
+func (k *Key) lazyAddr() bool { return k.Value == "" && k.addr.IsValid() }
+
 // Hash returns the xxhash of the kind byte followed by Value. It feeds
 // Balance.Pick. The name is left out on purpose: two sources of the same kind
 // that carry the same value describe the same client.
 func (k Key) Hash() uint64 {
+	if k.lazyAddr() {
+		// The same bytes as the text form would hash: kind byte, then the address.
+		var arr [1 + 64]byte
+		b := k.addr.AppendTo(append(arr[:0], byte(k.Kind)))
+		return xxhash.Sum64(b)
+	}
 	var d xxhash.Digest // on the stack: the asm routines are marked noescape
 	d.Reset()
 	b := [1]byte{byte(k.Kind)}
@@ -259,7 +298,32 @@ func (k Key) String() string {
 	case KindCookie, KindHeader:
 		return k.Kind.String() + ":" + k.name + "=" + k.Value
 	}
+	if k.lazyAddr() {
+		return string(k.AppendTo(nil))
+	}
 	return k.Kind.String() + ":" + k.Value
+}
+
+// AppendTo appends the String form of k to b. With a buffer of its own (on the
+// stack, or reused), a caller can look a key up in a map[string] as
+// m[string(b)] without allocating: the edge's table lookups do.
+func (k Key) AppendTo(b []byte) []byte {
+	switch k.Kind {
+	case KindNone:
+		return append(b, "none"...)
+	case KindCookie, KindHeader:
+		b = append(b, k.Kind.String()...)
+		b = append(b, ':')
+		b = append(b, k.name...)
+		b = append(b, '=')
+		return append(b, k.Value...)
+	}
+	b = append(b, k.Kind.String()...)
+	b = append(b, ':')
+	if k.lazyAddr() {
+		return k.addr.AppendTo(b)
+	}
+	return append(b, k.Value...)
 }
 
 // Trusts reports whether peer is a trusted proxy, whose forwarding fields
@@ -276,10 +340,8 @@ func (r *Rules) Client(req Request) netip.Addr {
 	if !r.Trusts(peer) {
 		return peer
 	}
-	if v, ok := forwardedClient(&req, r.TrustedProxies); ok {
-		if a, err := netip.ParseAddr(v); err == nil {
-			return a.Unmap()
-		}
+	if a, ok := forwardedClient(&req, r.TrustedProxies); ok {
+		return a
 	}
 	return peer
 }
@@ -287,6 +349,20 @@ func (r *Rules) Client(req Request) netip.Addr {
 // Identify returns the key of the first source in r.Sources that matches req,
 // or a KindNone key. A nil *Rules behaves like the zero value.
 func (r *Rules) Identify(req Request) Key {
+	k := r.IdentifyNoAlloc(req)
+	if k.lazyAddr() {
+		k.Value = k.addr.String()
+	}
+	return k
+}
+
+// IdentifyNoAlloc is Identify for the edge's per-request path: the key of a
+// KindIP or KindXFF source keeps its address (Addr) and leaves Value empty, so
+// nothing is allocated; String, AppendTo and Hash give what they give for
+// Identify's key. Sid, cookie and header values are substrings of req, except
+// an escaped sid (unescaped) and several fields of one name (joined by
+// req.Fields).
+func (r *Rules) IdentifyNoAlloc(req Request) Key {
 	srcs := DefaultSources
 	var trusted []netip.Prefix
 	if r != nil {
@@ -297,6 +373,7 @@ func (r *Rules) Identify(req Request) Key {
 	}
 	for _, s := range srcs {
 		var v string
+		var a netip.Addr
 		var ok bool
 		switch s.Kind {
 		case KindSID:
@@ -306,15 +383,14 @@ func (r *Rules) Identify(req Request) Key {
 		case KindHeader:
 			v, ok = headerValue(req.header(s.Name))
 		case KindXFF:
-			v, ok = forwardedClient(&req, trusted)
+			a, ok = forwardedClient(&req, trusted)
 		case KindIP:
 			// The zone is dropped for the same reason as in ParsePrefixes.
-			if a := req.Peer.Unmap().WithZone(""); a.IsValid() {
-				v, ok = a.String(), true
-			}
+			a = req.Peer.Unmap().WithZone("")
+			ok = a.IsValid()
 		}
 		if ok {
-			k := Key{Kind: s.Kind, Value: v}
+			k := Key{Kind: s.Kind, Value: v, addr: a}
 			if s.Kind == KindCookie || s.Kind == KindHeader {
 				k.name = s.Name
 			}

@@ -132,6 +132,31 @@ func (t *Table) Get(key string, now time.Time) (slot int, ok bool) {
 	if !ok {
 		return 0, false
 	}
+	return t.hit(i, now)
+}
+
+// GetBytes is Get for a key the caller wrote into a buffer of its own (Key.AppendTo),
+// so that a lookup allocates nothing. On a hit it also returns the table's own copy of
+// the key, to hand to Put or Delete later without making another.
+func (t *Table) GetBytes(key []byte, now time.Time) (slot int, stored string, ok bool) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if t.index == nil {
+		return 0, "", false
+	}
+	i, ok := t.index[string(key)] // the compiler does not copy key for a map index
+	if !ok {
+		return 0, "", false
+	}
+	stored = t.ents[i].key
+	if slot, ok = t.hit(i, now); !ok {
+		return 0, "", false
+	}
+	return slot, stored, true
+}
+
+// hit refreshes entry i looked up at now, or removes it when it has expired.
+func (t *Table) hit(i int32, now time.Time) (slot int, ok bool) {
 	n := t.off(now)
 	if t.ents[i].exp <= n {
 		t.remove(i)
