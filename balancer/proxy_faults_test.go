@@ -183,16 +183,7 @@ func TestClientThatLeavesFreesItsRequest(t *testing.T) {
 			t.Fatal(err)
 		}
 		io.WriteString(c, get("/hang", "x"))
-		waitFor(t, "the request to wait for the worker", 5*time.Second, func() bool {
-			e.b.mu.Lock()
-			defer e.b.mu.Unlock()
-			for cc := range e.b.conns {
-				if cc.waiting.Load() != nil {
-					return true
-				}
-			}
-			return false
-		})
+		e.waitForExchange(t)
 		c.Close()
 	}
 	e.settle(t)
@@ -326,16 +317,7 @@ func TestFreezeTakesLongPollsAlong(t *testing.T) {
 		t.Cleanup(func() { c.Close() })
 		c.SetDeadline(time.Now().Add(20 * time.Second))
 		io.WriteString(c, "GET /slow?ms=1500 HTTP/1.1\r\nHost: x\r\n\r\n")
-		waitFor(t, "the long-poll to wait for its worker", 5*time.Second, func() bool {
-			e.b.mu.Lock()
-			defer e.b.mu.Unlock()
-			for cc := range e.b.conns {
-				if cc.waiting.Load() != nil {
-					return true
-				}
-			}
-			return false
-		})
+		e.waitForExchange(t)
 		return c, bufio.NewReader(c)
 	}
 	answered := func(c net.Conn, br *bufio.Reader) {
@@ -497,4 +479,19 @@ func TestAffinityFloodKeepsSessions(t *testing.T) {
 	if n := e.b.Affinity().Len(); n > 10 {
 		t.Fatalf("%d affinity entries, over the budget of 10", n)
 	}
+}
+
+// waitForExchange waits until a proxied request of the edge waits for its worker's answer.
+func (e *testEdge) waitForExchange(t *testing.T) {
+	t.Helper()
+	waitFor(t, "a request to wait for its worker's answer", 5*time.Second, func() bool {
+		e.b.mu.Lock()
+		defer e.b.mu.Unlock()
+		for cc := range e.b.conns {
+			if cc.waiting.Load() != nil {
+				return true
+			}
+		}
+		return false
+	})
 }
