@@ -1226,7 +1226,8 @@ func (b *Balancer) tunnel(cc *clientConn, w *workers.Worker, consumed []byte) er
 	// (a read deadline in the past) ends its client-to-worker copy, and the tunnel then
 	// closes both ends instead of holding the upgrade for its whole grace period.
 	cc.state.Store(connHead)
-	if len(consumed) > 0 {
+	_, dials := w.Channel().(workers.Dialer)
+	if len(consumed) > 0 && !dials {
 		// The worker's end is a socketpair: the client's address goes in a field of the
 		// edge's own, right after the request line (a client's field of that name comes
 		// later, and the preload reads the first).
@@ -1239,6 +1240,10 @@ func (b *Balancer) tunnel(cc *clientConn, w *workers.Worker, consumed []byte) er
 				return nil
 			}
 		} else if _, err := vc.Write(consumed); err != nil {
+			return nil
+		}
+	} else if len(consumed) > 0 {
+		if _, err := vc.Write(consumed); err != nil {
 			return nil
 		}
 	}

@@ -45,6 +45,7 @@ func (b *Balancer) RemoveWorker(w *workers.Worker) {
 	b.publishWorkerGauges(next)
 	b.mu.Unlock()
 	w.SetState(workers.StateGone)
+	recent.Delete(w)
 	if n := b.sessions.ForgetSlot(w.Slot) + b.pins.ForgetSlot(w.Slot); n > 0 {
 		b.m.SessionEvictions.WithLabelValues(metrics.EvictWorkerGone).Add(float64(n))
 	}
@@ -157,6 +158,12 @@ func (b *Balancer) route(h *upgrade.Head, peer netip.Addr, tried uint64) route {
 			}
 		}
 		return route{key: key, unknownSID: true}
+	}
+	if key.Kind == sticky.KindNone && !b.isHandshake(h) {
+		// No identity and no session to open (a plain WebSocket, a request outside
+		// engine.io): it needs no stickiness, only the worker holding the fewest
+		// connections, so many clients behind one address spread.
+		return route{w: b.leastConnected(tried, now)}
 	}
 	if key.Kind == sticky.KindNone || (b.isHandshake(h) && (key.Kind == sticky.KindIP || key.Kind == sticky.KindXFF)) {
 		// A new engine.io session is not tied to an address: many clients share one

@@ -129,8 +129,16 @@ func (w *Worker) WebSockets() int64 { return w.ch.WebSockets() }
 func (w *Worker) State() WorkerState { return WorkerState(w.state.Load()) }
 
 // DialVirtual creates a socketpair, hands one end to the worker like a client connection,
-// and returns the other end for the edge's per-request proxy.
+// and returns the other end for the edge's per-request proxy. A backend reached by
+// address (a Dialer) is dialed instead.
 func (w *Worker) DialVirtual(ctx context.Context) (net.Conn, error) {
+	if d, ok := w.ch.(Dialer); ok {
+		c, err := d.Dial(ctx)
+		if err != nil {
+			return nil, fmt.Errorf("worker %d: %w", w.Slot, err)
+		}
+		return c, nil
+	}
 	mine, theirs, err := fdpass.SocketPair(unix.SOCK_STREAM)
 	if err != nil {
 		return nil, err
