@@ -123,7 +123,7 @@ type edgeFlags struct {
 
 func (e *edgeFlags) register(fs_ *flag.FlagSet, workers int) {
 	fs_.StringVar(&e.stickyd, "stickyd", "/tmp/stickyd", "start this stickyd binary: stickyd run -workers N -- stickybench serve-worker (ignored with -admin)")
-	fs_.StringVar(&e.admin, "admin", "", "attach to a running edge instead: its metrics/admin base URL, e.g. http://127.0.0.1:9090 (needs -url)")
+	fs_.StringVar(&e.admin, "admin", "", "attach to a running edge instead: its metrics/admin base URL, e.g. http://127.0.0.1:8071 (needs -url)")
 	fs_.StringVar(&e.url, "url", "", "with -admin: the edge's WebSocket URL, e.g. ws://127.0.0.1:8080/ws (its workers must serve /ws and /whoami like serve-worker)")
 	e.workers = workers
 }

@@ -37,7 +37,7 @@ const usage = `stickybench: bounded loopback load generator for stickyd
   stickybench compare -polling [-reps 3] [-c 64 -d 5s -mix echo -sources 16]   (= compare-polling)
                         long-polling, 4 Node socket.io workers behind stickyd, HAProxy balance source,
                         nginx ip_hash and @socket.io/sticky, one Node process direct as the reference
-  stickybench soak      [-stickyd /tmp/stickyd | -admin http://127.0.0.1:9090 -url ws://127.0.0.1:8080/ws]
+  stickybench soak      [-stickyd /tmp/stickyd | -admin http://127.0.0.1:8071 -url ws://127.0.0.1:8080/ws]
                         [-n 5000] [-d 60s] [-kill-every 15s]   hold WebSockets + HTTP, SIGKILL workers
   stickybench upgrade-drill [-stickyd /tmp/stickyd | -admin URL -url ws://…/ws] [-n 10000] [-upgrades 2]
                         hold WebSockets + keep-alive HTTP, upgrade the edge, check nothing dropped
