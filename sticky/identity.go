@@ -68,9 +68,11 @@ func (s Source) String() string {
 	return s.Kind.String()
 }
 
-// DefaultSources is used when Rules.Sources is nil or the -key flag is empty:
-// a socket.io session sticks by its sid, everything else by peer address.
-var DefaultSources = []Source{{Kind: KindSID}, {Kind: KindIP}}
+// DefaultSources is used when Rules.Sources is nil or the -key flag is empty: a
+// socket.io session sticks by its sid; everything else has no identity and goes to the
+// least-loaded worker. Pinning by peer address ("ip") is opt-in: behind a NAT or an
+// ingress every client shares one address, and pinning would pile them on one worker.
+var DefaultSources = []Source{{Kind: KindSID}}
 
 const sourceForms = "want sid, cookie:NAME, header:NAME, xff or ip"
 

@@ -41,6 +41,9 @@ func TestKindString(t *testing.T) {
 }
 
 func TestIdentify(t *testing.T) {
+	// sidIP was the default before issue 14 (-key sid,ip); the cases that check the
+	// address fallback name it explicitly.
+	sidIP := []Source{{Kind: KindSID}, {Kind: KindIP}}
 	all := []Source{{Kind: KindSID}, {Kind: KindCookie, Name: "io"}, {Kind: KindHeader, Name: "X-User"}, {Kind: KindXFF}, {Kind: KindIP}}
 	peer4 := netip.MustParseAddr("192.0.2.10")
 	mapped := netip.MustParseAddr("::ffff:10.0.0.1") // a trusted proxy seen through a dual-stack socket
@@ -58,16 +61,16 @@ func TestIdentify(t *testing.T) {
 		// sid
 		{"sid with EIO", nil, "", Request{Peer: peer4, Query: "EIO=4&transport=polling&sid=abc-_123"}, "sid:abc-_123"},
 		{"sid before EIO", nil, "", Request{Peer: peer4, Query: "sid=abc&EIO=3"}, "sid:abc"},
-		{"sid without EIO falls to ip", nil, "", Request{Peer: peer4, Query: "transport=polling&sid=abc"}, "ip:192.0.2.10"},
-		{"EIO name is case sensitive", nil, "", Request{Peer: peer4, Query: "eio=4&sid=abc"}, "ip:192.0.2.10"},
-		{"empty sid", nil, "", Request{Peer: peer4, Query: "EIO=4&sid="}, "ip:192.0.2.10"},
+		{"sid without EIO falls to ip", sidIP, "", Request{Peer: peer4, Query: "transport=polling&sid=abc"}, "ip:192.0.2.10"},
+		{"EIO name is case sensitive", sidIP, "", Request{Peer: peer4, Query: "eio=4&sid=abc"}, "ip:192.0.2.10"},
+		{"empty sid", sidIP, "", Request{Peer: peer4, Query: "EIO=4&sid="}, "ip:192.0.2.10"},
 		{"first sid wins", nil, "", Request{Peer: peer4, Query: "EIO=4&sid=one&sid=two"}, "sid:one"},
 		{"sid unescaped", nil, "", Request{Peer: peer4, Query: "EIO=4&sid=a%2Bb+c"}, "sid:a+b c"},
 		{"escaped param name", nil, "", Request{Peer: peer4, Query: "%45IO=4&s%69d=z"}, "sid:z"},
-		{"bad escape", nil, "", Request{Peer: peer4, Query: "EIO=4&sid=%zz"}, "ip:192.0.2.10"},
+		{"bad escape", sidIP, "", Request{Peer: peer4, Query: "EIO=4&sid=%zz"}, "ip:192.0.2.10"},
 		{"sid 256 ok", nil, "", Request{Peer: peer4, Query: "EIO=4&sid=" + strings.Repeat("s", 256)}, "sid:" + strings.Repeat("s", 256)},
-		{"sid 257 rejected", nil, "", Request{Peer: peer4, Query: "EIO=4&sid=" + strings.Repeat("s", 257)}, "ip:192.0.2.10"},
-		{"escaped sid over 256 after unescape", nil, "", Request{Peer: peer4, Query: "EIO=4&sid=" + strings.Repeat("%41", 257)}, "ip:192.0.2.10"},
+		{"sid 257 rejected", sidIP, "", Request{Peer: peer4, Query: "EIO=4&sid=" + strings.Repeat("s", 257)}, "ip:192.0.2.10"},
+		{"escaped sid over 256 after unescape", sidIP, "", Request{Peer: peer4, Query: "EIO=4&sid=" + strings.Repeat("%41", 257)}, "ip:192.0.2.10"},
 		{"escaped sid under 256 after unescape", nil, "", Request{Peer: peer4, Query: "EIO=4&sid=" + strings.Repeat("%41", 200)}, "sid:" + strings.Repeat("A", 200)},
 		{"garbage query", nil, "", Request{Peer: peer4, Query: "&&==&EIO&sid==x"}, "sid:=x"},
 
@@ -139,9 +142,11 @@ func TestIdentify(t *testing.T) {
 		{"fwd 100 elements, client near", all, trusted, Request{Peer: proxy, Header: hdr("Forwarded", strings.Repeat("for=1.1.1.1,", 100)+"for=192.0.2.1,for=10.0.0.2")}, "xff:192.0.2.1"},
 
 		// ip
-		{"ip mapped peer", nil, "", Request{Peer: mapped}, "ip:10.0.0.1"},
-		{"ip v6 peer", nil, "", Request{Peer: netip.MustParseAddr("2001:db8::7")}, "ip:2001:db8::7"},
+		{"ip mapped peer", sidIP, "", Request{Peer: mapped}, "ip:10.0.0.1"},
+		{"ip v6 peer", sidIP, "", Request{Peer: netip.MustParseAddr("2001:db8::7")}, "ip:2001:db8::7"},
 		{"ip invalid peer", nil, "", Request{}, "none"},
+		{"default has no address key", nil, "", Request{Peer: peer4, Query: "transport=websocket"}, "none"},
+		{"default sid", nil, "", Request{Peer: peer4, Query: "EIO=4&sid=abc"}, "sid:abc"},
 		{"empty sources list", []Source{}, "", Request{Peer: peer4}, "none"},
 		{"nil header func", all, trusted, Request{Peer: proxy}, "ip:10.0.0.1"},
 		{"unknown kind skipped", []Source{{Kind: Kind(99)}, {Kind: KindNone}, {Kind: KindIP}}, "", Request{Peer: peer4}, "ip:192.0.2.10"},

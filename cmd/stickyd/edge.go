@@ -43,7 +43,8 @@ type edgeFlags struct {
 	engineIOPath                       string
 	maxSessions, maxAffinity           int
 	epsilon                            float64
-	nodeID, affinityCookie, sidHeader  string // affinity hints for a balancer in front of several hosts
+	nodeID, affinityCookie, sidHeader  string     // affinity hints for a balancer in front of several hosts
+	proxy                              proxyFlags // stickyd proxy only (proxymode.go)
 }
 
 func (f *edgeFlags) register(fs *flag.FlagSet, mode string) {
@@ -55,7 +56,7 @@ func (f *edgeFlags) register(fs *flag.FlagSet, mode string) {
 	fs.StringVar(&f.metricsAddr, "metrics", defaultAdmin, "address of /metrics, /healthz, /readyz, the status page and /admin/ (empty: off); loopback unless you give another, e.g. :8071 for Prometheus in another container")
 	fs.StringVar(&f.config, "config", "", "YAML file of settings, keys named as these flags (listen: \":8080\"); a flag or STICKYD_* variable given wins over it")
 	fs.IntVar(&f.workers, "workers", defWorkers, "number of workers (0: one per CPU)")
-	fs.StringVar(&f.key, "key", "sid,ip", "identity sources in order: sid, cookie:NAME, header:NAME, xff, ip")
+	fs.StringVar(&f.key, "key", "sid", "identity sources in order: sid, cookie:NAME, header:NAME, xff, ip (a connection without one goes to the least-loaded worker; ip pins by client address, which behind a NAT piles everyone on one worker)")
 	fs.StringVar(&f.trusted, "trusted-proxies", "", "CIDRs whose X-Forwarded-For/Forwarded is believed, e.g. 10.0.0.0/8,::1")
 	fs.Float64Var(&f.epsilon, "balance-factor", 0.25, "bounded load: no worker gets more than (1+ε)× the mean of active sessions")
 	fs.DurationVar(&f.sessionTTL, "session-ttl", 45*time.Second, "forget a session idle this long; without this flag it rises to the app's own pingInterval + pingTimeout, read from its handshake answers")
@@ -73,6 +74,9 @@ func (f *edgeFlags) register(fs *flag.FlagSet, mode string) {
 	fs.DurationVar(&f.spawnTimeout, "spawn-timeout", 30*time.Second, "a worker must be ready within this")
 	fs.BoolVar(&f.node, "node", false, "speak Node's IPC protocol to the workers (implied when CMD is node)")
 	fs.IntVar(&f.appPort, "app-port", 0, "Node apps with several servers: the port whose server gets the edge's traffic (0: the first to listen)")
+	if mode == "proxy" {
+		f.proxy.register(fs)
+	}
 	if mode == "serve" {
 		fs.StringVar(&f.control, "control", "/run/stickyd/ctl.sock", "control socket Go workers connect to (created 0600 in a 0700 directory)")
 		fs.StringVar(&f.allowUIDs, "allow-uid", "", "peer uids allowed on the control socket besides stickyd's own, e.g. 1000,1001")
@@ -134,6 +138,10 @@ func runEdge(ctx context.Context, mode string, args []string, stderr io.Writer) 
 		}
 		if err := workers.CheckWorkerCommand(command); err != nil {
 			return fmt.Errorf("%w: %v", errUsage, err)
+		}
+	case "proxy":
+		if len(command) > 0 {
+			return fmt.Errorf("%w: proxy takes no command: its backends listen on their own addresses (-backend ADDR)", errUsage)
 		}
 	case "serve":
 		if len(command) > 0 {
@@ -260,6 +268,13 @@ func runEdge(ctx context.Context, mode string, args []string, stderr io.Writer) 
 		go cs.Serve(ctl)
 		go func() { <-supCtx.Done(); ctl.Close(); supDone <- nil }()
 		log.Info("control socket listening", "path", f.control)
+	} else if mode == "proxy" {
+		bs, err := startProxy(supCtx, b, &f.proxy, f.spawnTimeout, log)
+		if err != nil {
+			closeAll(lns)
+			return err
+		}
+		go func() { <-supCtx.Done(); bs.Wait(); supDone <- nil }()
 	} else {
 		sup = &workers.Supervisor{
 			Edge:         b,

@@ -47,6 +47,8 @@ Usage:
   stickyd demo [flags]                 edge on :8080, 4 built-in Go echo workers, admin on ` + defaultAdmin + `
   stickyd run [flags] -- CMD ARGS...   spawn -workers copies of CMD as workers (Go or Node)
   stickyd serve -control PATH [flags]  sidecar: Go workers started elsewhere connect to PATH
+  stickyd proxy -backend ADDR [flags]  sidecar: any server listening on host:port, unix:/path or
+                                       dns:NAME:PORT (repeat -backend), same sticky routing
 
 Client commands (talk to a running edge's admin address, its -metrics):
   stickyd health [ADDR]                exit 0 when the edge answers /healthz (container health checks)
@@ -76,7 +78,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 		return fmt.Errorf("%w: no subcommand", errUsage)
 	}
 	switch args[0] {
-	case "demo", "run", "serve":
+	case "demo", "run", "serve", "proxy":
 		if edgeHelp(args[0], args[1:], stdout) {
 			return nil
 		}
@@ -125,6 +127,8 @@ func edgeHelp(mode string, args []string, stdout io.Writer) bool {
 		fmt.Fprintln(stdout, "Usage: stickyd run [flags] -- CMD ARGS...")
 	case "serve":
 		fmt.Fprintln(stdout, "Usage: stickyd serve -control PATH [flags]")
+	case "proxy":
+		fmt.Fprintln(stdout, "Usage: stickyd proxy -backend ADDR [-backend ADDR ...] [flags]")
 	}
 	fmt.Fprintln(stdout, "\nEvery flag can also be set as STICKYD_<NAME> (e.g. STICKYD_LISTEN) or as a key of the -config\n"+
 		"YAML file (listen: \":8080\"). Precedence: flag > STICKYD_* variable > file > default.\n"+
