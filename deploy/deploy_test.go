@@ -10,6 +10,7 @@ import (
 	"fmt"
 	"io"
 	"io/fs"
+	"maps"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -1332,4 +1333,155 @@ func main() {
 }
 `)
 	runDockerfileBuild(t, mod, "example.com/throwaway/cmd/stickyd")
+}
+
+// ---- several hosts (deploy/multihost) ----
+
+// needProxyTool returns the path of haproxy or nginx; outside CI a missing one skips
+// (the config is then only checked by the assertions), under CI=true it fails: .ci/run
+// installs both.
+func needProxyTool(t *testing.T, name string) string {
+	t.Helper()
+	for _, p := range []string{name, "/usr/sbin/" + name} {
+		if path, err := exec.LookPath(p); err == nil {
+			return path
+		}
+	}
+	if os.Getenv("CI") == "true" {
+		t.Fatalf("%s not found (CI=true: required; apt-get install -y %s)", name, name)
+	}
+	t.Skipf("%s not found: apt-get install -y %s to check the file with it", name, name)
+	return ""
+}
+
+// TestMultihostHAProxy: the stick table learns from the header stickyd sends (the
+// command line the file documents) and matches on the sid parameter, the table is shared
+// through peers, the cookie backends use stickyd's cookie and HAProxy's own, and haproxy
+// itself accepts the file.
+func TestMultihostHAProxy(t *testing.T) {
+	cfg := string(read(t, "multihost/haproxy.cfg"))
+	hdr := regexp.MustCompile(`-sid-header (\S+)`).FindStringSubmatch(cfg)
+	ck := regexp.MustCompile(`-affinity-cookie (\S+)`).FindStringSubmatch(cfg)
+	if hdr == nil || ck == nil {
+		t.Fatal("haproxy.cfg does not show the stickyd command line (-sid-header, -affinity-cookie)")
+	}
+	for _, want := range []string{
+		"stick store-response res.hdr(" + hdr[1] + ")",
+		"stick match url_param(sid)",
+		"stick-table type string len 64",
+		"peers stickyd_lbs",
+		"\n    cookie " + ck[1] + "\n",
+		"cookie SRV insert indirect nocache",
+		"option redispatch",
+		"timeout tunnel",
+	} {
+		if !strings.Contains(cfg, want) {
+			t.Errorf("haproxy.cfg lacks %q", want)
+		}
+	}
+	haproxy := needProxyTool(t, "haproxy")
+	for _, local := range []string{"lb1", "lb2"} {
+		out, err := exec.Command(haproxy, "-c", "-f", "multihost/haproxy.cfg", "-L", local).CombinedOutput()
+		if err != nil {
+			t.Errorf("haproxy -c -L %s: %v\n%s", local, err, out)
+		}
+	}
+}
+
+// TestMultihostNginx: the map routes by stickyd's cookie to one upstream group per host,
+// WebSocket upgrades pass, and nginx -t accepts the file.
+func TestMultihostNginx(t *testing.T) {
+	cfg := string(read(t, "multihost/nginx.conf"))
+	ck := regexp.MustCompile(`-affinity-cookie (\S+)`).FindStringSubmatch(cfg)
+	if ck == nil {
+		t.Fatal("nginx.conf does not show the stickyd command line (-affinity-cookie)")
+	}
+	for _, want := range []string{"map $cookie_" + ck[1] + " ", "proxy_pass http://$stickyd_upstream", "proxy_set_header Upgrade $http_upgrade", "proxy_http_version 1.1", "X-Forwarded-Proto $scheme"} {
+		if !strings.Contains(cfg, want) {
+			t.Errorf("nginx.conf lacks %q", want)
+		}
+	}
+	nginx := needProxyTool(t, "nginx")
+	abs, err := filepath.Abs("multihost/nginx.conf")
+	if err != nil {
+		t.Fatal(err)
+	}
+	dir := t.TempDir()
+	out, err := exec.Command(nginx, "-t", "-p", dir, "-e", filepath.Join(dir, "error.log"), "-c", abs, "-g", "pid "+filepath.Join(dir, "nginx.pid")+";").CombinedOutput()
+	if err != nil {
+		t.Errorf("nginx -t: %v\n%s", err, out)
+	}
+}
+
+// TestMultihostK8s: the app's pods run `stickyd run` with their pod name as node id and
+// the Redis URL of the Redis Service; the Ingress uses ingress-nginx cookie affinity
+// (persistent) and points at the app's Service, whose selector matches the pods.
+func TestMultihostK8s(t *testing.T) {
+	docs := yamlDocs(t, "multihost/k8s.yaml")
+	deps, svcs := map[string]map[string]any{}, map[string]map[string]any{}
+	var ing map[string]any
+	for i, d := range docs {
+		kind := s(t, d["kind"], fmt.Sprintf("doc %d kind", i))
+		name := s(t, m(t, d["metadata"], kind+".metadata")["name"], kind+".name")
+		switch kind {
+		case "Deployment":
+			deps[name] = d
+		case "Service":
+			svcs[name] = d
+		case "Ingress":
+			ing = d
+		}
+	}
+	app, redis := deps["socketio"], deps["socketio-redis"]
+	if app == nil || redis == nil || ing == nil || svcs["socketio"] == nil || svcs["socketio-redis"] == nil {
+		t.Fatalf("want Deployments socketio and socketio-redis, their Services and an Ingress; have %v %v", slices.Collect(maps.Keys(deps)), slices.Collect(maps.Keys(svcs)))
+	}
+	spec := m(t, app["spec"], "spec")
+	if r, _ := spec["replicas"].(int); r < 2 {
+		t.Errorf("replicas %v: several hosts need at least 2", spec["replicas"])
+	}
+	tmpl := m(t, spec["template"], "template")
+	labels := m(t, m(t, tmpl["metadata"], "template.metadata")["labels"], "labels")
+	for name, svc := range svcs {
+		if name == "socketio" && !subset(m(t, m(t, svc["spec"], "svc spec")["selector"], "selector"), labels) {
+			t.Errorf("Service socketio selects %v, pods have %v", m(t, svc["spec"], "svc spec")["selector"], labels)
+		}
+	}
+	c := m(t, l(t, m(t, tmpl["spec"], "pod spec")["containers"], "containers")[0], "container")
+	args := strs(t, c["args"], "args")
+	if args[0] != "run" || !slices.Contains(args, "--") || !slices.Contains(args, "node") {
+		t.Errorf("args %v: want stickyd run … -- node app.js (Node workers need stickyd as their IPC parent)", args)
+	}
+	if i := slices.Index(args, "-node-id"); i < 0 || args[i+1] != "$(POD_NAME)" {
+		t.Errorf("args %v: want -node-id $(POD_NAME)", args)
+	}
+	env := map[string]map[string]any{}
+	for i, e := range l(t, c["env"], "env") {
+		em := m(t, e, fmt.Sprintf("env[%d]", i))
+		env[s(t, em["name"], "env name")] = em
+	}
+	if pod := env["POD_NAME"]; pod == nil || m(t, m(t, pod["valueFrom"], "valueFrom")["fieldRef"], "fieldRef")["fieldPath"] != "metadata.name" {
+		t.Errorf("POD_NAME must come from metadata.name: %v", env["POD_NAME"])
+	}
+	if r := env["REDIS_URL"]; r == nil || r["value"] != "redis://socketio-redis:6379" {
+		t.Errorf("REDIS_URL %v, want the socketio-redis Service", env["REDIS_URL"])
+	}
+	ann := m(t, m(t, ing["metadata"], "ingress metadata")["annotations"], "ingress annotations")
+	for k, v := range map[string]string{
+		"nginx.ingress.kubernetes.io/affinity":            "cookie",
+		"nginx.ingress.kubernetes.io/affinity-mode":       "persistent",
+		"nginx.ingress.kubernetes.io/session-cookie-path": "/",
+	} {
+		if ann[k] != v {
+			t.Errorf("Ingress annotation %s = %v, want %q", k, ann[k], v)
+		}
+	}
+	if timeout, _ := strconv.Atoi(fmt.Sprint(ann["nginx.ingress.kubernetes.io/proxy-read-timeout"])); timeout <= 25 {
+		t.Errorf("proxy-read-timeout %v: must exceed engine.io's pingInterval (25 s)", ann["nginx.ingress.kubernetes.io/proxy-read-timeout"])
+	}
+	rule := m(t, l(t, m(t, ing["spec"], "ingress spec")["rules"], "rules")[0], "rule")
+	path := m(t, l(t, m(t, rule["http"], "http")["paths"], "paths")[0], "path")
+	if name := m(t, m(t, path["backend"], "backend")["service"], "service")["name"]; name != "socketio" {
+		t.Errorf("Ingress backend %v, want the socketio Service", name)
+	}
 }
