@@ -21,6 +21,7 @@ type clientSeen struct {
 	Connection    *string `json:"connection"`
 	Field         bool    `json:"field"`
 	RawField      bool    `json:"rawField"`
+	HostOK        bool    `json:"hostOK"`
 }
 
 func (s clientSeen) String() string {
@@ -42,6 +43,9 @@ func (s clientSeen) check(t *testing.T, what string, addr any, port any, family 
 		deref(s.Connection) != addr {
 		t.Errorf("%s: the app saw %s; want remoteAddress %v, remotePort %v, remoteFamily %v (req.connection the same)",
 			what, s, addr, port, family)
+	}
+	if !s.HostOK {
+		t.Errorf("%s: the Host field is not intact in req.headers, req.headersDistinct and req.rawHeaders", what)
 	}
 	if s.Field || s.RawField {
 		t.Errorf("%s: X-Stickyd-Client-Addr still visible to the app (headers %v, rawHeaders %v)", what, s.Field, s.RawField)
@@ -81,7 +85,7 @@ func deliver(t *testing.T, w *worker, c syscall.Conn) {
 // request, the client the edge names in X-Stickyd-Client-Addr as req.socket.remoteAddress,
 // remotePort and remoteFamily; the first value wins (the edge writes its own first); no field,
 // or a malformed one, shows no address (never the previous client's); the field is gone from
-// req.headers and req.rawHeaders. On a real TCP socket the field a client sends is not
+// req.headers, req.headersDistinct and req.rawHeaders, the other fields intact. On a real TCP socket the field a client sends is not
 // believed and the true peer shows.
 func TestPreloadClientAddress(t *testing.T) {
 	w := startWorker(t, workerOpts{}, "clientaddr.js", "3000")

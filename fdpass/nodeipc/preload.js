@@ -236,8 +236,9 @@ function stickydReviveAdapterBuffers() {
 // For every 'request', 'upgrade', 'connect', 'checkContinue' and 'checkExpectation' of an http
 // or https server (a second wrapper around Server.prototype.emit), when the request's socket
 // came from the edge (no IP peer: its handle is not TCP), its remoteAddress, remotePort and
-// remoteFamily report that client until the next request on it (req.connection is the same
-// object). engine.io reads req.connection.remoteAddress at the handshake, so socket.io's
+// remoteFamily report that client from then until the next request on that socket, so that
+// loggers that run after the response still see it (req.connection is the same object; the
+// edge sends a socketpair its next request only after the answer to the previous one). engine.io reads req.connection.remoteAddress at the handshake, so socket.io's
 // socket.handshake.address is the client too. A real TCP socket (the client's own, handed over
 // for a WebSocket) keeps its true address: a field a client sent there is never believed. The
 // field is removed from req.headers and req.rawHeaders in every case, so apps never see it.
@@ -275,13 +276,19 @@ function stickydClientAddress() {
   }
 
   // strip removes the field from the request as the app will see it and returns its value.
+  // Node builds req.headers and req.headersDistinct lazily from the first kHeadersCount
+  // entries of req.rawHeaders and then keeps them: both are built before rawHeaders gets
+  // shorter, so that neither reads past its end.
   function strip(req) {
-    const headers = req.headers; // Node builds it lazily; the object is then kept
-    let value;
-    if (headers && Object.prototype.hasOwnProperty.call(headers, FIELD)) {
-      value = headers[FIELD];
-      delete headers[FIELD];
-    }
+    const headers = req.headers;
+    if (!headers || !Object.prototype.hasOwnProperty.call(headers, FIELD)) return undefined;
+    const value = headers[FIELD];
+    delete headers[FIELD];
+    let distinct = null;
+    try {
+      distinct = req.headersDistinct; // Node >= 18.3
+    } catch (_) {}
+    if (distinct && typeof distinct === 'object') delete distinct[FIELD];
     const raw = req.rawHeaders;
     if (Array.isArray(raw)) {
       for (let i = raw.length - 2; i >= 0; i -= 2) {
@@ -309,6 +316,7 @@ function stickydClientAddress() {
     } catch (_) {}
     if (typeof own === 'string') return false;
     fromEdge.add(socket);
+    Object.defineProperty(socket, kClient, { configurable: true, enumerable: false, writable: true, value: null });
     const get = (k) => ({
       configurable: true,
       enumerable: false,

@@ -1,7 +1,8 @@
-// Client address app: answers every request and upgrade with what it saw of the client as
-// JSON {remoteAddress, remotePort, remoteFamily, connection, field, rawField}: connection is
+// Client address app: answers every request and upgrade with what it saw of the client as JSON
+// {remoteAddress, remotePort, remoteFamily, connection, field, rawField, hostOK}: connection is
 // req.connection.remoteAddress, field and rawField whether X-Stickyd-Client-Addr was still in
-// req.headers / req.rawHeaders. Answers after a turn of the event loop, as real apps do.
+// req.headers (or req.headersDistinct) / req.rawHeaders. Answers after a turn of the event
+// loop, as real apps do.
 'use strict';
 const http = require('http');
 const port = Number(process.argv[2] || 3000);
@@ -12,8 +13,11 @@ function seen(req) {
     remotePort: s.remotePort === undefined ? null : s.remotePort,
     remoteFamily: s.remoteFamily === undefined ? null : s.remoteFamily,
     connection: req.connection.remoteAddress === undefined ? null : req.connection.remoteAddress,
-    field: 'x-stickyd-client-addr' in req.headers,
+    field: 'x-stickyd-client-addr' in req.headers || 'x-stickyd-client-addr' in req.headersDistinct,
     rawField: req.rawHeaders.some((h) => h.toLowerCase() === 'x-stickyd-client-addr'),
+    // The other fields are intact in all three views.
+    hostOK: req.headers.host === 'x' && (req.headersDistinct.host || [])[0] === 'x' &&
+      req.rawHeaders.length % 2 === 0 && req.rawHeaders[req.rawHeaders.indexOf('Host') + 1] === 'x',
   });
 }
 const server = http.createServer((req, res) => {
