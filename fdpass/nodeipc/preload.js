@@ -238,10 +238,12 @@ function stickydReviveAdapterBuffers() {
 // came from the edge (no IP peer: its handle is not TCP), its remoteAddress, remotePort and
 // remoteFamily report that client from then until the next request on that socket, so that
 // loggers that run after the response still see it (req.connection is the same object; the
-// edge sends a socketpair its next request only after the answer to the previous one). engine.io reads req.connection.remoteAddress at the handshake, so socket.io's
+// edge sends a socketpair its next request only after the answer to the previous one).
+// engine.io reads req.connection.remoteAddress at the handshake, so socket.io's
 // socket.handshake.address is the client too. A real TCP socket (the client's own, handed over
 // for a WebSocket) keeps its true address: a field a client sent there is never believed. The
-// field is removed from req.headers and req.rawHeaders in every case, so apps never see it.
+// field is removed from req.headers, req.headersDistinct and req.rawHeaders in every case, so
+// apps never see it.
 function stickydClientAddress() {
   const FIELD = 'x-stickyd-client-addr';
   const MAX_VALUE = 80; // "[" + 45-char IPv6 + zone + "]:65535"; longer is not the edge's
@@ -266,7 +268,7 @@ function stickydClientAddress() {
     if (host[0] === '[') {
       if (host[host.length - 1] !== ']') return null;
       host = host.slice(1, -1);
-      if (net.isIPv6(host) === false) return null;
+      if (!net.isIPv6(host)) return null;
     } else if (!net.isIPv4(host)) {
       return null;
     }
