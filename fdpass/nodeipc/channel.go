@@ -32,7 +32,9 @@
 package nodeipc
 
 import (
+	"bytes"
 	"context"
+	"encoding/binary"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -40,6 +42,7 @@ import (
 	"log/slog"
 	"net"
 	"os"
+	"strconv"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -138,6 +141,18 @@ type Channel struct {
 
 	done      chan struct{}
 	closeOnce sync.Once
+
+	// Reused by every handle so that a handoff allocates (almost) nothing. hbuf and
+	// ackTimer belong to the holder of the turn (one handle in flight); oob, wline, wn,
+	// werr and sendFD to the holder of wmu.
+	hbuf     []byte      // the NODE_HANDLE line being sent
+	hcache   handleCache // precomputed fixed parts of the lines Primary sends
+	ackTimer *time.Timer
+	oob      []byte // SCM_RIGHTS control message with room for one fd
+	wline    []byte
+	wn       int
+	werr     error
+	sendFD   func(fd uintptr) // sendmsg of wline with fd attached; built once
 }
 
 // NewChannel takes ownership of uc (the parent's end of a SOCK_STREAM socketpair whose other
@@ -160,6 +175,12 @@ func newChannel(uc *net.UnixConn, cfg Config, pending []byte, queued []Message) 
 		done:       make(chan struct{}),
 		readerDone: make(chan struct{}),
 		queue:      queued,
+		oob:        unix.UnixRights(0),
+	}
+	c.sendFD = func(fd uintptr) {
+		// The fd goes where unix.UnixRights puts it: the data of the one SCM_RIGHTS message.
+		binary.NativeEndian.PutUint32(c.oob[unix.CmsgLen(0):], uint32(fd))
+		c.wn, _, c.werr = c.uc.WriteMsgUnix(c.wline, c.oob, nil)
 	}
 	if len(queued) > 0 {
 		c.notify <- struct{}{}
@@ -337,20 +358,34 @@ func (c *Channel) SendHandle(ctx context.Context, typ string, msg any, conn sysc
 	if conn == nil {
 		return fmt.Errorf("nodeipc: SendHandle: nil conn")
 	}
-	line, err := marshalLine(handleEnvelope{Cmd: "NODE_HANDLE", Type: typ, Msg: msg})
-	if err != nil {
-		return err
+	// The messages Primary sends every handoff are written from precomputed bytes under the
+	// turn (into a buffer the turn owns); anything else is encoded before waiting for it.
+	fast := isFastHandleMsg(msg)
+	var line []byte
+	if !fast {
+		var err error
+		if line, err = marshalLine(handleEnvelope{Cmd: "NODE_HANDLE", Type: typ, Msg: msg}); err != nil {
+			return err
+		}
 	}
 	if err := c.acquire(ctx); err != nil {
 		return err
 	}
 	defer c.release()
-	var timer *time.Timer
-	defer func() {
-		if timer != nil {
-			timer.Stop()
+	if fast {
+		var err error
+		if c.hbuf, err = c.hcache.appendLine(c.hbuf[:0], typ, msg); err != nil {
+			return err
 		}
-	}()
+		line = c.hbuf
+	}
+	// One timer per channel, reused: only the holder of the turn waits for an ACK.
+	if c.ackTimer == nil {
+		c.ackTimer = time.NewTimer(c.cfg.AckTimeout)
+		c.ackTimer.Stop()
+	}
+	timer := c.ackTimer
+	defer timer.Stop()
 	for attempt := 0; ; attempt++ {
 		c.mu.Lock()
 		c.inflight = true
@@ -365,11 +400,7 @@ func (c *Channel) SendHandle(ctx context.Context, typ string, msg any, conn sysc
 			}
 			return err
 		}
-		if timer == nil {
-			timer = time.NewTimer(c.cfg.AckTimeout)
-		} else {
-			timer.Reset(c.cfg.AckTimeout)
-		}
+		timer.Reset(c.cfg.AckTimeout)
 		select {
 		case ok := <-c.ack:
 			if ok {
@@ -387,6 +418,87 @@ func (c *Channel) SendHandle(ctx context.Context, typ string, msg any, conn sysc
 			return c.sendErr()
 		}
 	}
+}
+
+// handleCache holds the bytes of the NODE_HANDLE lines Primary sends for every handoff
+// (newconn, sticky:connection) up to the one field that changes (seq, connectionId), made
+// once by encoding/json so that the fast lines are byte for byte what json.Marshal writes.
+type handleCache struct {
+	newconn newconnMsg // with Seq 0: the fields the prefix was made for
+	newTyp  string
+	newPre  []byte        // ...,"seq":
+	sticky  stickyConnMsg // with ConnectionID ""
+	stTyp   string
+	stPre   []byte // ...,"connectionId":"
+}
+
+func isFastHandleMsg(msg any) bool {
+	switch msg.(type) {
+	case newconnMsg, stickyConnMsg:
+		return true
+	}
+	return false
+}
+
+// appendLine appends the NODE_HANDLE line for msg (a newconnMsg or a stickyConnMsg) to dst.
+func (hc *handleCache) appendLine(dst []byte, typ string, msg any) ([]byte, error) {
+	switch m := msg.(type) {
+	case newconnMsg:
+		seq := m.Seq
+		m.Seq = 0
+		if hc.newPre == nil || hc.newconn != m || hc.newTyp != typ {
+			pre, err := cachedPrefix(typ, m, `"seq":0}}`, `"seq":`)
+			if err != nil {
+				return dst, err
+			}
+			hc.newconn, hc.newTyp, hc.newPre = m, typ, pre
+		}
+		dst = append(dst, hc.newPre...)
+		dst = strconv.AppendInt(dst, int64(seq), 10)
+		return append(dst, "}}\n"...), nil
+	case stickyConnMsg:
+		id := m.ConnectionID
+		if !plainJSONString(id) {
+			return marshalLine(handleEnvelope{Cmd: "NODE_HANDLE", Type: typ, Msg: msg})
+		}
+		m.ConnectionID = ""
+		if hc.stPre == nil || hc.sticky != m || hc.stTyp != typ {
+			pre, err := cachedPrefix(typ, m, `"connectionId":""}}`, `"connectionId":"`)
+			if err != nil {
+				return dst, err
+			}
+			hc.sticky, hc.stTyp, hc.stPre = m, typ, pre
+		}
+		dst = append(dst, hc.stPre...)
+		dst = append(dst, id...)
+		return append(dst, "\"}}\n"...), nil
+	}
+	return marshalLine(handleEnvelope{Cmd: "NODE_HANDLE", Type: typ, Msg: msg})
+}
+
+// cachedPrefix encodes the envelope of msg and cuts it where the variable field's value
+// starts: the line must end with tail, of which keep stays in the prefix.
+func cachedPrefix(typ string, msg any, tail, keep string) ([]byte, error) {
+	b, err := json.Marshal(handleEnvelope{Cmd: "NODE_HANDLE", Type: typ, Msg: msg})
+	if err != nil {
+		return nil, fmt.Errorf("%w: %w", ErrBadMessage, err)
+	}
+	if !bytes.HasSuffix(b, []byte(tail)) {
+		// The field order of the message types is fixed, so this is a programming error.
+		return nil, fmt.Errorf("%w: %s does not end with %s", ErrBadMessage, b, tail)
+	}
+	return b[:len(b)-len(tail)+len(keep)], nil
+}
+
+// plainJSONString reports whether s encodes in JSON as itself between quotes (printable
+// ASCII without '"', '\\' or the characters json.Marshal escapes for HTML).
+func plainJSONString(s string) bool {
+	for i := 0; i < len(s); i++ {
+		if c := s[i]; c < 0x20 || c >= 0x7f || c == '"' || c == '\\' || c == '<' || c == '>' || c == '&' {
+			return false
+		}
+	}
+	return true
 }
 
 func marshalLine(msg any) ([]byte, error) {
@@ -429,9 +541,11 @@ func (c *Channel) writeLineWithin(line []byte, conn syscall.Conn, timeout time.D
 	)
 	if rc != nil {
 		// The fd is valid only inside the callback, so sendmsg happens there; never File().
-		cerr := rc.Control(func(fd uintptr) {
-			n, _, werr = c.uc.WriteMsgUnix(line, unix.UnixRights(int(fd)), nil)
-		})
+		// The callback and its control message are the channel's, built once (under wmu).
+		c.wline = line
+		cerr := rc.Control(c.sendFD)
+		n, werr = c.wn, c.werr
+		c.wline, c.werr = nil, nil
 		if cerr != nil {
 			return fmt.Errorf("nodeipc: handle: %w", cerr)
 		}
@@ -528,6 +642,16 @@ func (c *Channel) dropFDs(oob []byte, flags int) {
 
 // handleLine is called by the reader for every complete line.
 func (c *Channel) handleLine(line []byte) error {
+	// Node writes its ACK and NACK as exactly these bytes (JSON.stringify): one per handle,
+	// so they skip decoding.
+	switch {
+	case bytes.Equal(line, ackLine[:len(ackLine)-1]):
+		c.handleAck("NODE_HANDLE_ACK")
+		return nil
+	case bytes.Equal(line, nackLine):
+		c.handleAck("NODE_HANDLE_NACK")
+		return nil
+	}
 	m, err := parseMessage(line)
 	if err != nil {
 		return err
@@ -537,15 +661,7 @@ func (c *Channel) handleLine(line []byte) error {
 	}
 	switch m.Cmd {
 	case "NODE_HANDLE_ACK", "NODE_HANDLE_NACK":
-		c.mu.Lock()
-		inflight := c.inflight
-		c.inflight = false
-		c.mu.Unlock()
-		if !inflight {
-			c.log.Warn("nodeipc: unexpected handle acknowledgement", "cmd", m.Cmd)
-			return nil
-		}
-		c.ack <- m.Cmd == "NODE_HANDLE_ACK" // capacity 1, one value per handle in flight
+		c.handleAck(m.Cmd)
 		return nil
 	case "NODE_HANDLE":
 		// The child sent us a handle (its fd, if any, was closed in dropFDs). ACK it so that
@@ -558,7 +674,23 @@ func (c *Channel) handleLine(line []byte) error {
 	return nil
 }
 
-var ackLine = []byte(`{"cmd":"NODE_HANDLE_ACK"}` + "\n")
+var (
+	ackLine  = []byte(`{"cmd":"NODE_HANDLE_ACK"}` + "\n")
+	nackLine = []byte(`{"cmd":"NODE_HANDLE_NACK"}`)
+)
+
+// handleAck passes an ACK or NACK to the handle in flight.
+func (c *Channel) handleAck(cmd string) {
+	c.mu.Lock()
+	inflight := c.inflight
+	c.inflight = false
+	c.mu.Unlock()
+	if !inflight {
+		c.log.Warn("nodeipc: unexpected handle acknowledgement", "cmd", cmd)
+		return
+	}
+	c.ack <- cmd == "NODE_HANDLE_ACK" // capacity 1, one value per handle in flight
+}
 
 func (c *Channel) writeAck() error {
 	return c.writeLine(ackLine, nil)
@@ -566,6 +698,14 @@ func (c *Channel) writeAck() error {
 
 // parseMessage decodes one line. A blank line gives a zero Message and no error.
 func parseMessage(line []byte) (Message, error) {
+	if m, ok := parseMessageFast(line); ok {
+		return m, nil
+	}
+	return parseMessageSlow(line)
+}
+
+// parseMessageSlow is parseMessage by encoding/json alone; parseMessageFast must agree with it.
+func parseMessageSlow(line []byte) (Message, error) {
 	i := 0
 	for i < len(line) && (line[i] == ' ' || line[i] == '\t' || line[i] == '\r') {
 		i++
@@ -666,4 +806,177 @@ func (c *Channel) restartReader(pending []byte) {
 	c.readerDone = done
 	c.mu.Unlock()
 	go readLoop(c, done, pending)
+}
+
+// parseMessageFast decodes the lines a Node worker sends all the time — JSON objects whose
+// keys are plain and whose cmd/act/type/data/seq/ack values are plain strings and integers —
+// without reflection, with the same result as parseMessageSlow. ok is false for anything
+// else (not an object, an escaped or differently cased key, a string with escapes or
+// non-ASCII bytes), which then takes the general path. Invalid JSON is never ok.
+func parseMessageFast(line []byte) (m Message, ok bool) {
+	i := skipSpace(line, 0)
+	if i == len(line) || line[i] != '{' || !json.Valid(line) {
+		return Message{}, false
+	}
+	var raw [6][]byte // cmd, act, type, data, seq, ack; the last of a repeated key wins, as in encoding/json
+	i = skipSpace(line, i+1)
+	for i < len(line) && line[i] != '}' {
+		// A key: the input is valid JSON, so it is a string here.
+		ks := i + 1
+		ke := ks
+		for line[ke] != '"' {
+			if line[ke] == '\\' || line[ke] >= 0x80 {
+				return Message{}, false
+			}
+			ke++
+		}
+		key := line[ks:ke]
+		i = skipSpace(line, ke+1) + 1 // past ':'
+		vs := skipSpace(line, i)
+		ve := skipValue(line, vs)
+		f := -1
+		switch string(key) {
+		case "cmd":
+			f = 0
+		case "act":
+			f = 1
+		case "type":
+			f = 2
+		case "data":
+			f = 3
+		case "seq":
+			f = 4
+		case "ack":
+			f = 5
+		default:
+			// encoding/json matches field names case-insensitively.
+			for _, n := range [...]string{"cmd", "act", "type", "data", "seq", "ack"} {
+				if bytes.EqualFold(key, []byte(n)) {
+					return Message{}, false
+				}
+			}
+		}
+		if f >= 0 {
+			raw[f] = line[vs:ve]
+		}
+		i = skipSpace(line, ve)
+		if line[i] == ',' {
+			i = skipSpace(line, i+1)
+		}
+	}
+	var strs [4]string
+	for f := range strs {
+		s, ok := plainString(raw[f])
+		if !ok {
+			return Message{}, false
+		}
+		strs[f] = s
+	}
+	var ints *[2]int // one allocation for seq and ack
+	for f := 4; f < 6; f++ {
+		if raw[f] == nil {
+			continue
+		}
+		v, ok := plainInt(raw[f])
+		if !ok {
+			return Message{}, false
+		}
+		if ints == nil {
+			ints = new([2]int)
+		}
+		ints[f-4] = v
+		if f == 4 {
+			m.Seq = &ints[0]
+		} else {
+			m.Ack = &ints[1]
+		}
+	}
+	m.Raw = json.RawMessage(bytes.Clone(line))
+	m.Cmd, m.Act, m.Type, m.Data = strs[0], strs[1], strs[2], strs[3]
+	return m, true
+}
+
+func skipSpace(b []byte, i int) int {
+	for i < len(b) && (b[i] == ' ' || b[i] == '\t' || b[i] == '\r' || b[i] == '\n') {
+		i++
+	}
+	return i
+}
+
+// skipValue returns the end of the JSON value starting at b[i]; b is valid JSON.
+func skipValue(b []byte, i int) int {
+	switch b[i] {
+	case '"':
+		for i++; b[i] != '"'; i++ {
+			if b[i] == '\\' {
+				i++
+			}
+		}
+		return i + 1
+	case '{', '[':
+		depth := 0
+		for ; i < len(b); i++ {
+			switch b[i] {
+			case '"':
+				i = skipValue(b, i) - 1
+			case '{', '[':
+				depth++
+			case '}', ']':
+				if depth--; depth == 0 {
+					return i + 1
+				}
+			}
+		}
+		return i
+	}
+	for i < len(b) && !bytes.ContainsRune([]byte(",}] \t\r\n"), rune(b[i])) {
+		i++
+	}
+	return i
+}
+
+// plainString is rawString for a value without escapes or non-ASCII bytes (absent or not a
+// string: ""); the values Node sends every handoff come back without allocating.
+func plainString(r []byte) (string, bool) {
+	if len(r) == 0 || r[0] != '"' {
+		return "", true
+	}
+	s := r[1 : len(r)-1]
+	for _, c := range s {
+		if c == '\\' || c >= 0x80 {
+			return "", false
+		}
+	}
+	switch string(s) {
+	case "NODE_CLUSTER":
+		return "NODE_CLUSTER", true
+	case "NODE_HANDLE":
+		return "NODE_HANDLE", true
+	case "":
+		return "", true
+	}
+	return string(s), true
+}
+
+// plainInt is rawInt for an integer of at most 15 digits (exact in a float64).
+func plainInt(r []byte) (int, bool) {
+	d := r
+	neg := len(d) > 0 && d[0] == '-'
+	if neg {
+		d = d[1:]
+	}
+	if len(d) == 0 || len(d) > 15 {
+		return 0, false
+	}
+	v := 0
+	for _, c := range d {
+		if c < '0' || c > '9' {
+			return 0, false
+		}
+		v = v*10 + int(c-'0')
+	}
+	if neg {
+		v = -v
+	}
+	return v, true
 }
