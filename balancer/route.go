@@ -237,14 +237,23 @@ func (b *Balancer) pick(hash uint64, tried uint64) *workers.Worker {
 }
 
 func (b *Balancer) leastLoaded(tried uint64) *workers.Worker {
+	now := time.Now()
 	ws := *b.workers.Load()
 	var arr [64]sticky.Candidate
 	cands := b.candidates(arr[:0], ws, tried)
+	// A session counts once its worker's answer names it; until then the handshakes
+	// routed in the last second or two count, or a burst of them would all see the same
+	// loads and spread at random (200 at once over 4: max/mean 1.6).
+	for i := range cands {
+		cands[i].Load += recentFor(b.worker(cands[i].Slot)).count(now)
+	}
 	i := sticky.LeastLoaded(cands, rand.Uint64())
 	if i < 0 {
 		return nil
 	}
-	return b.worker(cands[i].Slot)
+	w := b.worker(cands[i].Slot)
+	recentFor(w).add(now)
+	return w
 }
 
 // Load is what bounded-load hashing counts for a worker: the sessions and keys pinned

@@ -12,6 +12,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"syscall"
 	"time"
 )
 
@@ -298,13 +299,17 @@ func (bs *Backends) watch(ctx context.Context, b *backend) {
 		}
 	}()
 	for {
-		ok, why := bs.probe(ctx, b)
+		ok, refused, why := bs.probe(ctx, b)
 		if ctx.Err() != nil {
 			return
 		}
 		bs.mu.Lock()
 		in := b.w != nil
 		switch {
+		case !ok && refused && in:
+			// Nothing listens there any more: its sessions died with it.
+			passes, fails = 0, fails+1
+			bs.takeOut(b, why)
 		case ok:
 			passes, fails = passes+1, 0
 			// The first probe at start puts a backend in at once: the edge serves as soon
@@ -335,11 +340,11 @@ func (bs *Backends) watch(ctx context.Context, b *backend) {
 		case !in:
 			wait = time.After(backoff)
 			backoff = min(2*backoff, bs.HealthInterval)
-		case bs.HealthPath != "":
+		default:
+			// A connect every interval finds a backend that died while no client asked
+			// for it (its WebSockets just end; only a new connection is refused).
 			backoff = 100 * time.Millisecond
 			wait = time.After(bs.HealthInterval)
-		default:
-			backoff = 100 * time.Millisecond
 		}
 		select {
 		case <-ctx.Done():
@@ -351,19 +356,26 @@ func (bs *Backends) watch(ctx context.Context, b *backend) {
 }
 
 // probe connects to b, and with HealthPath asks for it. It never waits longer than
-// HealthTimeout.
-func (bs *Backends) probe(ctx context.Context, b *backend) (bool, string) {
+// HealthTimeout. refused means nothing listens at b's address.
+func (bs *Backends) probe(ctx context.Context, b *backend) (ok, refused bool, why string) {
 	ctx, cancel := context.WithTimeout(ctx, bs.HealthTimeout)
 	defer cancel()
 	var d net.Dialer
 	c, err := d.DialContext(ctx, b.network, b.address)
 	if err != nil {
-		return false, "connect: " + err.Error()
+		refused = errors.Is(err, syscall.ECONNREFUSED) || errors.Is(err, syscall.ENOENT)
+		return false, refused, "connect: " + err.Error()
 	}
 	defer c.Close()
 	if bs.HealthPath == "" {
-		return true, ""
+		return true, false, ""
 	}
+	ok, why = bs.check(ctx, c, b)
+	return ok, false, why
+}
+
+// check asks an open connection to b for HealthPath.
+func (bs *Backends) check(ctx context.Context, c net.Conn, b *backend) (bool, string) {
 	dl, _ := ctx.Deadline()
 	c.SetDeadline(dl)
 	host := b.address
