@@ -411,7 +411,8 @@ func TestMultiHostBehindHAProxy(t *testing.T) {
 	}
 
 	// Chromium through the two cookie frontends: every reload (a new engine.io session,
-	// polling only) lands on the host of the first visit.
+	// polling only) lands on the host of the first visit, and a cookie naming another
+	// host sends the next load there.
 	checkBrowserStaysOnHost(t, lab, nsCli, fixtures, chromium)
 
 	// One host dies: its network goes first (no FIN reaches anyone), then its processes
@@ -469,6 +470,7 @@ type pageResult struct {
 		URL          string            `json:"url"`
 		Hosts        []string          `json:"hosts"`
 		Cookies      map[string]string `json:"cookies"`
+		Steered      map[string]string `json:"steered"`
 		Polls        int               `json:"polls"`
 		PollStatuses map[string]int    `json:"pollStatuses"`
 	} `json:"pages"`
@@ -480,7 +482,8 @@ func checkBrowserStaysOnHost(t *testing.T, lab *netlab, ns, fixtures, chromium s
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
 	cmd := exec.CommandContext(ctx, "ip", "netns", "exec", ns, "node", "multihost-page.js",
-		"--url", "http://"+mhLB1+":81/", "--url", "http://"+mhLB1+":82/", "--reloads", "4", "--chromium", chromium, "--timeout-ms", "90000")
+		"--url", "http://"+mhLB1+":81/", "--cookie", "stickyd_node", "--url", "http://"+mhLB1+":82/", "--cookie", "SRV",
+		"--hosts", "h1,h2,h3", "--reloads", "4", "--chromium", chromium, "--timeout-ms", "90000")
 	cmd.Dir = fixtures
 	cmd.WaitDelay = 5 * time.Second
 	var stderr syncBuffer
@@ -504,6 +507,15 @@ func checkBrowserStaysOnHost(t *testing.T, lab *netlab, ns, fixtures, chromium s
 			if h != p.Hosts[0] {
 				t.Errorf("%s: reloads went to hosts %v, want one host", p.URL, p.Hosts)
 				break
+			}
+		}
+		// The cookie decides: set to another host's name, the next load goes there.
+		if len(p.Steered) != 2 {
+			t.Errorf("%s: steered by the cookie %v, want the 2 other hosts", p.URL, p.Steered)
+		}
+		for want, got := range p.Steered {
+			if got != want {
+				t.Errorf("%s: with %s=%s the page was served by %s", p.URL, cookie, want, got)
 			}
 		}
 		if p.Cookies[cookie] != p.Hosts[0] {

@@ -3,20 +3,25 @@
 // e2e). For each --url: a fresh browser context opens multihost-app.js's page (socket.io,
 // polling transport only), waits for the serving {host, worker, pid} in document.title,
 // then reloads the page --reloads times; every reload is a new engine.io session whose
-// handshake carries the affinity cookie. Prints one JSON line
-//   {pages: [{url, hosts: [...], cookies: {name: value}, polls, pollStatuses}], errors}
+// handshake carries the affinity cookie. Then, for each other host of --hosts, it sets the
+// --cookie given after that --url to the host's name and reloads: the cookie, not chance,
+// must decide the host. Prints one JSON line
+//   {pages: [{url, hosts: [...], cookies: {name: value}, steered: {want: got}, polls,
+//    pollStatuses}], errors}
 // The browser is $CHROMIUM or --chromium, default /usr/bin/chromium.
 const fs = require("fs");
 const os = require("os");
 const path = require("path");
 const puppeteer = require("puppeteer-core");
 
-const opt = { urls: [], reloads: 4, timeoutMs: 60000, chromium: process.env.CHROMIUM || "/usr/bin/chromium" };
+const opt = { urls: [], cookies: [], hosts: [], reloads: 4, timeoutMs: 60000, chromium: process.env.CHROMIUM || "/usr/bin/chromium" };
 for (let i = 2; i < process.argv.length; i++) {
   const a = process.argv[i];
   const next = () => process.argv[++i];
   switch (a) {
     case "--url": opt.urls.push(next()); break;
+    case "--cookie": opt.cookies[opt.urls.length - 1] = next(); break;
+    case "--hosts": opt.hosts = next().split(","); break;
     case "--reloads": opt.reloads = Number(next()); break;
     case "--timeout-ms": opt.timeoutMs = Number(next()); break;
     case "--chromium": opt.chromium = next(); break;
@@ -50,10 +55,10 @@ async function main() {
       args: ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
         "--disable-background-networking", "--disable-component-update", "--disable-sync", "--no-proxy-server"],
     });
-    for (const url of opt.urls) {
+    for (const [u, url] of opt.urls.entries()) {
       const ctx = await browser.createBrowserContext();
       const page = await ctx.newPage();
-      const rec = { url, hosts: [], cookies: {}, polls: 0, pollStatuses: {} };
+      const rec = { url, hosts: [], cookies: {}, steered: {}, polls: 0, pollStatuses: {} };
       page.on("response", (r) => {
         if (!r.url().includes("/socket.io/?")) return;
         rec.polls++;
@@ -67,6 +72,13 @@ async function main() {
         rec.hosts.push((await identity(page)).host);
       }
       for (const c of await page.cookies()) rec.cookies[c.name] = c.value;
+      for (const h of opt.hosts) {
+        if (!opt.cookies[u] || h === rec.hosts[0]) continue;
+        await page.setCookie({ name: opt.cookies[u], value: h, url, path: "/", httpOnly: true });
+        await page.evaluate(() => { document.title = "reloading"; });
+        await page.reload({ waitUntil: "load" });
+        rec.steered[h] = (await identity(page)).host;
+      }
       out.pages.push(rec);
       await ctx.close();
     }
