@@ -253,7 +253,7 @@ func (d *mhDriver) read(what string, timeout time.Duration) map[string]any {
 		if err := json.Unmarshal([]byte(line), &v); err != nil {
 			d.t.Fatalf("multihost-clients.js %s: %q: %v", what, line, err)
 		}
-		d.t.Logf("clients %s: %s", what, line)
+		d.t.Logf("clients %s: %s", what, tail(line, 1500))
 		return v
 	case <-time.After(timeout):
 		d.t.Fatalf("multihost-clients.js did not answer %s within %v:\n%s", what, timeout, tail(d.proc.logs.String(), 4096))
@@ -393,6 +393,7 @@ func TestMultiHostBehindHAProxy(t *testing.T) {
 		t.Errorf("no keep-alive connection carried two sessions (max %d): the shared-agent case was not exercised", num(res, "maxSessionsPerConnection"))
 	}
 	checkNoMisroutes(t, hosts)
+	checkNoUnknownSessions(t, d, mhHosts)
 
 	// The second HAProxy knows every session the first learnt (peers): a pong naming the
 	// sid reaches the session's worker ("ok"), not another ("Session ID unknown").
@@ -437,18 +438,39 @@ func TestMultiHostBehindHAProxy(t *testing.T) {
 		t.Errorf("after the move, io.emit from %v reached %d of %d sessions", em["from"], num(em, "received"), total)
 	}
 	delete(hosts, dead.name)
-	checkNoMisroutes(t, hosts)
+	checkNoMisroutes(t, hosts) // the survivors' edges did answer "Session ID unknown": to the dead host's sessions
 	d.do("quit", 10*time.Second)
 }
 
 // checkNoMisroutes fails if any worker refused a request (a request of a session it does not
-// hold reached it).
+// hold reached it). A request that reaches another host is answered by that host's edge
+// (it does not know the sid): checkNoUnknownSessions, and the client's disconnect.
 func checkNoMisroutes(t *testing.T, hosts map[string]*mhProc) {
 	t.Helper()
 	for name, p := range hosts {
 		if n := strings.Count(p.logs.String(), "multihost-app: connection_error"); n > 0 {
 			i := strings.Index(p.logs.String(), "multihost-app: connection_error")
 			t.Errorf("host %s: engine.io refused %d requests, e.g. %s", name, n, firstLine([]byte(p.logs.String()[i:])))
+		}
+	}
+}
+
+var unknownRE = regexp.MustCompile(`(?m)^stickyd_unknown_sessions_total (\S+)$`)
+
+// checkNoUnknownSessions fails if any host's edge answered "Session ID unknown": a request
+// of a session reached a host that does not hold it. (Read from the clients' namespace.)
+func checkNoUnknownSessions(t *testing.T, d *mhDriver, hosts []struct{ name, addr string }) {
+	t.Helper()
+	for _, h := range hosts {
+		r := d.do("get http://"+h.addr+":8071/metrics", 30*time.Second)
+		body, _ := r["body"].(string)
+		m := unknownRE.FindStringSubmatch(body)
+		if num(r, "status") != 200 || m == nil {
+			t.Errorf("host %s /metrics: %v, no stickyd_unknown_sessions_total", h.name, r["status"])
+			continue
+		}
+		if m[1] != "0" {
+			t.Errorf("host %s: stickyd_unknown_sessions_total %s, want 0 (requests reached a host that does not hold their session)", h.name, m[1])
 		}
 	}
 }

@@ -18,6 +18,7 @@
 //                                 session got that broadcast: {id, from, received, missing}
 //   peercheck URL N               N keepalive sessions each POST a pong ("3") naming their sid
 //                                 through another balancer URL: {ok, failed, answers}
+//   get URL                       {status, body} of a GET (a host's /metrics, from this namespace)
 //   mark                          remembers every session's host and clears the counters
 //   reconnected HOST TIMEOUT_MS   waits until every session marked on HOST is connected to
 //                                 another host: {moved, stillDown, disconnectsElsewhere, ...}
@@ -206,6 +207,9 @@ const commands = {
       }
     }
     return { checked: ks.length, ok, failed: ks.length - ok, answers };
+  },
+  async get(url) {
+    return get(url);
   },
   async mark() {
     marked = new Map();
