@@ -47,6 +47,64 @@ var (
 	}}
 )
 
+// connBufs are a proxied client connection's buffers and scratch state (≈30 KiB). They
+// are taken from the pools while a request is read and served, and given back while the
+// connection waits for its next request, so an idle keep-alive connection holds none.
+type connBufs struct {
+	br *bufio.Reader
+	bw *bufio.Writer
+	sc *proxyScratch
+}
+
+func (cb *connBufs) get(c net.Conn, size int) {
+	if cb.br != nil {
+		return
+	}
+	br, _ := readerPool.Get().(*bufio.Reader)
+	if br == nil || br.Size() != size {
+		br = bufio.NewReaderSize(c, size)
+	} else {
+		br.Reset(c)
+	}
+	bw := writerPool.Get().(*bufio.Writer)
+	bw.Reset(c)
+	*cb = connBufs{br: br, bw: bw, sc: scratchPool.Get().(*proxyScratch)}
+}
+
+func (cb *connBufs) put() {
+	if cb.br == nil {
+		return
+	}
+	cb.sc.reset()
+	scratchPool.Put(cb.sc)
+	cb.br.Reset(nil)
+	readerPool.Put(cb.br)
+	cb.bw.Reset(nil)
+	writerPool.Put(cb.bw)
+	*cb = connBufs{}
+}
+
+// waitReadable parks the goroutine on the runtime poller until c has a byte to read, is
+// closed by its peer, fails or reaches its read deadline, without a buffer (MSG_PEEK of
+// one byte into the stack). ok is false when c is not a socket it can wait on that way
+// (a connection with bytes of its own in front, from a previous edge image).
+func waitReadable(c net.Conn) (ok bool, err error) {
+	sc, isSock := c.(syscall.Conn)
+	if !isSock {
+		return false, nil
+	}
+	rc, err := sc.SyscallConn()
+	if err != nil {
+		return false, nil
+	}
+	err = rc.Read(func(fd uintptr) bool {
+		var b [1]byte
+		_, _, e := unix.Recvfrom(int(fd), b[:], unix.MSG_PEEK|unix.MSG_DONTWAIT)
+		return e != unix.EAGAIN && e != unix.EINTR // false: wait for the poller
+	})
+	return true, err
+}
+
 // proxyScratch is the per-connection state of the proxy, reused request after request.
 type proxyScratch struct {
 	head upgrade.Head // aliases the client reader's buffer: valid until the body is read
@@ -93,23 +151,11 @@ func idempotentRequest(h *upgrade.Head) bool {
 // edge image with its request already sent to a worker: its answer is relayed first.
 func (b *Balancer) proxyConn(cc *clientConn, pending *parkedExchange) {
 	c := cc.c
-	br, _ := readerPool.Get().(*bufio.Reader)
-	if br == nil || br.Size() != b.cfg.MaxHeadBytes {
-		br = bufio.NewReaderSize(c, b.cfg.MaxHeadBytes)
-	} else {
-		br.Reset(c)
-	}
-	bw := writerPool.Get().(*bufio.Writer)
-	bw.Reset(c)
-	sc := scratchPool.Get().(*proxyScratch)
+	var cb connBufs
+	cb.get(c, b.cfg.MaxHeadBytes)
 	handedOff := false
 	defer func() {
-		sc.reset()
-		scratchPool.Put(sc)
-		br.Reset(nil)
-		readerPool.Put(br)
-		bw.Reset(nil)
-		writerPool.Put(bw)
+		cb.put()
 		if !handedOff {
 			c.Close()
 		}
@@ -119,8 +165,8 @@ func (b *Balancer) proxyConn(cc *clientConn, pending *parkedExchange) {
 	first, counted := true, false
 	if pending != nil {
 		first, counted = false, true
-		keep := b.finishParked(cc, br, bw, sc, peer, pending)
-		if sc.parked {
+		keep := b.finishParked(cc, cb.br, cb.bw, cb.sc, peer, pending)
+		if cb.sc.parked {
 			handedOff = true
 			return
 		}
@@ -136,15 +182,27 @@ func (b *Balancer) proxyConn(cc *clientConn, pending *parkedExchange) {
 			}
 			if b.frozen() {
 				// Between requests: the next edge image serves it, with any pipelined bytes.
-				buffered, _ := br.Peek(br.Buffered())
+				buffered, _ := cb.br.Peek(cb.br.Buffered())
 				if b.park(c, buffered) {
 					handedOff = true
 					return
 				}
 			}
 			c.SetReadDeadline(time.Now().Add(b.cfg.IdleTimeout))
-			if _, err := br.Peek(1); err != nil {
-				if b.frozen() && isTimeout(err) && br.Buffered() == 0 && b.park(c, nil) {
+			if cb.br.Buffered() == 0 && cb.bw.Buffered() == 0 {
+				// Nothing pipelined: wait for the next request on the poller with the
+				// buffers given back (issue 17: an idle keep-alive connection held ≈30 KiB).
+				cb.put()
+				if ok, err := waitReadable(c); ok && err != nil {
+					if b.frozen() && isTimeout(err) && b.park(c, nil) {
+						handedOff = true
+					}
+					return // idle timeout, shutdown, or parked
+				}
+				cb.get(c, b.cfg.MaxHeadBytes)
+			}
+			if _, err := cb.br.Peek(1); err != nil {
+				if b.frozen() && isTimeout(err) && cb.br.Buffered() == 0 && b.park(c, nil) {
 					handedOff = true
 				}
 				return // idle timeout, client closed, shutdown, or parked
@@ -153,6 +211,7 @@ func (b *Balancer) proxyConn(cc *clientConn, pending *parkedExchange) {
 			c.SetReadDeadline(time.Now().Add(b.cfg.HeadTimeout))
 		}
 		first = false
+		br, sc := cb.br, cb.sc
 		n, err := readHead(br, &sc.head, b.cfg.MaxHeadBytes)
 		if err != nil {
 			if b.frozen() && isTimeout(err) {
@@ -185,7 +244,7 @@ func (b *Balancer) proxyConn(cc *clientConn, pending *parkedExchange) {
 			counted = true
 			b.m.ConnectionsAccepted.WithLabelValues(metrics.AcceptProxied).Inc()
 		}
-		keep := b.proxyRequest(cc, br, bw, sc, peer, trusted)
+		keep := b.proxyRequest(cc, br, cb.bw, sc, peer, trusted)
 		if sc.parked {
 			handedOff = true // the next edge image relays the answer and goes on
 			return
