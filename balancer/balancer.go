@@ -8,6 +8,7 @@ package balancer
 
 import (
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"io"
@@ -429,6 +430,10 @@ func (b *Balancer) wakeIdle() {
 func (b *Balancer) serveConn(cc *clientConn) {
 	defer b.untrack(cc)
 	c := cc.c
+	if tc, ok := c.(*tls.Conn); ok {
+		b.serveTLSConn(cc, tc)
+		return
+	}
 	sc, ok := c.(syscall.Conn)
 	if !ok {
 		c.Close()
@@ -586,10 +591,11 @@ func (b *Balancer) handoff(cc *clientConn, h *upgrade.Head, consumed []byte) {
 		}
 		start := time.Now()
 		var err error
-		// A backend reached by address takes no descriptors, and a Node worker cannot take
-		// bytes the edge already read: the edge tunnels (a peeked head is still in the
+		// A backend reached by address takes no descriptors, a Node worker cannot take
+		// bytes the edge already read, and a TLS session lives in the edge: the edge tunnels (a peeked head is still in the
 		// socket, so the tunnel carries the client's own bytes).
-		if _, dials := r.w.Channel().(workers.Dialer); dials || consumed != nil && !r.w.Channel().CanReplay() {
+		_, isTLS := c.(*tls.Conn)
+		if _, dials := r.w.Channel().(workers.Dialer); dials || isTLS || consumed != nil && !r.w.Channel().CanReplay() {
 			if err = b.tunnel(cc, r.w, consumed); err == nil {
 				return
 			}

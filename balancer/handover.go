@@ -2,6 +2,7 @@ package balancer
 
 import (
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"net"
@@ -163,6 +164,13 @@ func (b *Balancer) Thaw() {
 // park hands a client connection to the next edge image instead of closing it. The
 // caller's goroutine ends without touching c again.
 func (b *Balancer) park(c net.Conn, buffered []byte) bool {
+	if _, ok := c.(*tls.Conn); ok {
+		// A TLS session's keys live in this image and cannot cross the exec: the
+		// connection closes between requests, and the client opens a new one (browsers
+		// and HTTP clients retry a request on a kept-alive connection that closed).
+		c.Close()
+		return true
+	}
 	fd, err := fdutil.Inherit(c)
 	if err != nil {
 		return false

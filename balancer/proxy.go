@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"bytes"
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"io"
@@ -538,7 +539,7 @@ func (x *exchange) run(fresh bool) (keep bool, err error) {
 
 	// The head goes to the worker before any body byte is read: it aliases the client
 	// reader's buffer.
-	writeRequestHead(vc.BW, &sc.head, x.peer.Addr(), x.clientAddr())
+	writeRequestHead(vc.BW, &sc.head, x.peer.Addr(), x.clientAddr(), x.scheme())
 	if x.streaming {
 		x.sent = make(chan error, 1)
 		go x.sendBody(vc, x.sent, sc.head.Chunked, sc.head.ContentLength)
@@ -743,7 +744,7 @@ func (x *exchange) WaitRead() error {
 // failed). A client that only half-closed looks the same; it is treated as gone, as
 // nginx does.
 func clientGone(c net.Conn) bool {
-	sc, ok := c.(syscall.Conn)
+	sc, ok := rawConn(c).(syscall.Conn) // under TLS: the socket itself (a FIN is a FIN)
 	if !ok {
 		return false
 	}
@@ -782,8 +783,9 @@ func (b *Balancer) protocolError(x *exchange, reason string, n int, what string)
 // the client sent it, less hop-by-hop fields, plus X-Forwarded-For/-Proto and the
 // edge's own framing. Forwarding fields from a peer that is not a trusted proxy are
 // dropped, not appended to: the worker sees exactly one client address, the true one.
-// client, when valid, goes in ClientAddrField (client is the peer unless trusted).
-func writeRequestHead(w *bufio.Writer, h *upgrade.Head, peer netip.Addr, client netip.AddrPort) {
+// client, when valid, goes in ClientAddrField (client is the peer unless trusted); proto
+// ("http" or "https") is the scheme the client used with the edge.
+func writeRequestHead(w *bufio.Writer, h *upgrade.Head, peer netip.Addr, client netip.AddrPort, proto string) {
 	trusted := client.IsValid() && client.Addr() != peer
 	w.WriteString(h.Method)
 	w.WriteByte(' ')
@@ -846,7 +848,9 @@ func writeRequestHead(w *bufio.Writer, h *upgrade.Head, peer netip.Addr, client 
 	w.Write(peer.AppendTo(w.AvailableBuffer()))
 	w.WriteString("\r\n")
 	if !hasXFP {
-		w.WriteString("X-Forwarded-Proto: http\r\n")
+		w.WriteString("X-Forwarded-Proto: ")
+		w.WriteString(proto)
+		w.WriteString("\r\n")
 	}
 	if client.IsValid() {
 		writeClientAddr(w, client)
@@ -883,6 +887,14 @@ func writeClientAddr(w *bufio.Writer, client netip.AddrPort) {
 	w.WriteString(": ")
 	w.Write(client.AppendTo(w.AvailableBuffer()))
 	w.WriteString("\r\n")
+}
+
+// scheme is how the client reached the edge: "https" over TLS.
+func (x *exchange) scheme() string {
+	if _, ok := x.c.(*tls.Conn); ok {
+		return "https"
+	}
+	return "http"
 }
 
 // clientAddr is the client as the worker should see it: the peer, or the client a

@@ -38,6 +38,7 @@ const (
 	NameUnknownSessions     = "stickyd_unknown_sessions_total"
 	NameWorkerProtocolErrs  = "stickyd_worker_protocol_errors_total"
 	NameClusterMessages     = "stickyd_cluster_messages_total"
+	NameTLSCertExpiry       = "stickyd_tls_cert_expiry_seconds"
 )
 
 // Values of the result label of stickyd_connections_accepted_total.
@@ -66,6 +67,7 @@ const (
 	RejectClientGone   = "client_gone"      // the client left while its request was proxied
 	RejectWorkerFailed = "worker_failed"    // 502: the worker failed to answer
 	RejectWorkerSlow   = "response_timeout" // 504: no response head within the response timeout
+	RejectTLSHandshake = "tls_handshake"    // a TLS client that did not finish its handshake in time or sent garbage
 )
 
 // Values of the reason label of stickyd_worker_protocol_errors_total.
@@ -108,7 +110,7 @@ const (
 // them before the first event.
 var (
 	acceptResults   = []string{AcceptHandedOff, AcceptProxied, AcceptRejected, AcceptTunneled}
-	rejectReasons   = []string{RejectHeadTimeout, RejectHeadTooLarge, RejectBadRequest, RejectSmuggling, RejectTLS, RejectVersion, RejectNoWorker, RejectOverload, RejectClientClosed, RejectMaxConns, RejectPerIP, RejectBodyTooLarge, RejectBodyTimeout, RejectClientGone, RejectWorkerFailed, RejectWorkerSlow}
+	rejectReasons   = []string{RejectHeadTimeout, RejectHeadTooLarge, RejectBadRequest, RejectSmuggling, RejectTLS, RejectVersion, RejectNoWorker, RejectOverload, RejectClientClosed, RejectMaxConns, RejectPerIP, RejectBodyTooLarge, RejectBodyTimeout, RejectClientGone, RejectWorkerFailed, RejectWorkerSlow, RejectTLSHandshake}
 	protoReasons    = []string{ProtoUnsolicited, ProtoMalformed}
 	handoffResults  = []string{HandoffOK, HandoffError, HandoffRetried, HandoffTimeout}
 	workerStates    = []string{WorkerStarting, WorkerReady, WorkerDraining, WorkerFailed}
@@ -136,6 +138,7 @@ type Metrics struct {
 	UnknownSessions     prometheus.Counter      // stickyd_unknown_sessions_total
 	WorkerProtocolErrs  *prometheus.CounterVec  // stickyd_worker_protocol_errors_total{worker,reason}
 	ClusterMessages     *prometheus.CounterVec  // stickyd_cluster_messages_total{result}
+	TLSCertExpiry       *prometheus.GaugeVec    // stickyd_tls_cert_expiry_seconds{name}
 	collectors          []prometheus.Collector  // in registration order
 	perWorker           []*prometheus.MetricVec // vecs with a worker label, for DeleteWorker
 }
@@ -206,6 +209,10 @@ func New(reg prometheus.Registerer, withRuntime bool) (*Metrics, error) {
 			Name: NameClusterMessages,
 			Help: "@socket.io/cluster-adapter messages relayed between Node workers, one per message and receiving worker: relayed, or dropped (the receiver's queue was full, it went away, or a response's requester is unknown).",
 		}, []string{"result"}),
+		TLSCertExpiry: prometheus.NewGaugeVec(prometheus.GaugeOpts{
+			Name: NameTLSCertExpiry,
+			Help: "When each TLS certificate the edge serves expires, as a Unix time in seconds, by name (its first DNS name, or its file); refreshed on every reload.",
+		}, []string{"name"}),
 	}
 	for _, v := range acceptResults {
 		m.ConnectionsAccepted.WithLabelValues(v)
@@ -226,7 +233,7 @@ func New(reg prometheus.Registerer, withRuntime bool) (*Metrics, error) {
 		m.ConnectionsAccepted, m.Rejections, m.Handoffs, m.HandoffDuration,
 		m.RequestsProxied, m.Sessions, m.WebSockets, m.Workers,
 		m.WorkerRestarts, m.SessionTableSize, m.SessionEvictions, m.UnknownSessions,
-		m.WorkerProtocolErrs, m.ClusterMessages,
+		m.WorkerProtocolErrs, m.ClusterMessages, m.TLSCertExpiry,
 	}
 	m.perWorker = []*prometheus.MetricVec{
 		m.Handoffs.MetricVec, m.RequestsProxied.MetricVec, m.Sessions.MetricVec,
@@ -282,6 +289,7 @@ func Names() []string {
 		NameSessionEvictions,
 		NameSessionTableSize,
 		NameSessions,
+		NameTLSCertExpiry,
 		NameUnknownSessions,
 		NameWebSockets,
 		NameWorkerProtocolErrs,
@@ -311,6 +319,7 @@ func Labels() map[string]map[string][]string {
 		NameUnknownSessions:     {},
 		NameWorkerProtocolErrs:  {"worker": worker, "reason": slices.Clone(protoReasons)},
 		NameClusterMessages:     {"result": slices.Clone(clusterResults)},
+		NameTLSCertExpiry:       {"name": nil},
 	}
 }
 

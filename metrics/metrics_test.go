@@ -147,8 +147,8 @@ func TestScrapeExactValues(t *testing.T) {
 		wantRej["reason="+r] = 0
 	}
 	wantRej["reason=smuggling"] = 2
-	if len(wantRej) != 16 {
-		t.Fatalf("rejection reasons: %d, want 16", len(wantRej))
+	if len(wantRej) != 17 {
+		t.Fatalf("rejection reasons: %d, want 17", len(wantRej))
 	}
 	assertSeries(t, NameRejections, values(t, mfs, NameRejections, C), wantRej)
 	assertSeries(t, NameHandoffs, values(t, mfs, NameHandoffs, C), map[string]float64{
@@ -331,6 +331,7 @@ func touchAll(m *Metrics) {
 	m.WebSockets.WithLabelValues(WorkerLabel(0)).Set(1)
 	m.WorkerRestarts.WithLabelValues(WorkerLabel(0)).Inc()
 	m.WorkerProtocolErrs.WithLabelValues(WorkerLabel(0), ProtoUnsolicited).Inc()
+	m.TLSCertExpiry.WithLabelValues("example.com").Set(1)
 }
 
 func TestNamesMatchGather(t *testing.T) {
