@@ -111,7 +111,8 @@ func (x *exchange) writeAffinity(bw *bufio.Writer, prefix []byte) {
 		// SameSite=Lax: sent with the page's own XHR/fetch polling requests and
 		// top-level navigations, never on cross-site subrequests; it grants nothing, but
 		// there is no reason to send it anywhere else. Secure only when the client spoke
-		// https to a trusted proxy: a browser drops a Secure cookie set over plain http.
+		// https (to the edge, or to a trusted proxy): a browser drops a Secure cookie set
+		// over plain http.
 		bw.WriteString("Set-Cookie: ")
 		bw.WriteString(cfg.AffinityCookie)
 		bw.WriteByte('=')
@@ -124,11 +125,15 @@ func (x *exchange) writeAffinity(bw *bufio.Writer, prefix []byte) {
 	}
 }
 
-// overHTTPS reports whether a trusted proxy says the client's request came over https
-// (X-Forwarded-Proto, or proto= of Forwarded). A client's own claim is not believed.
-// The request head is still valid here: requests without a streaming body keep it in
-// the client reader's buffer until the exchange ends (proxyRequest retries with it).
+// overHTTPS reports whether the client's request came over https: to the edge itself
+// (ServeTLS), or to a trusted proxy that says so (X-Forwarded-Proto, or proto= of
+// Forwarded). A client's own claim is not believed. The request head is still valid
+// here: requests without a streaming body keep it in the client reader's buffer until
+// the exchange ends (proxyRequest retries with it).
 func (x *exchange) overHTTPS() bool {
+	if x.scheme() == "https" {
+		return true
+	}
 	if !x.trusted || x.streaming {
 		return false
 	}

@@ -2,6 +2,7 @@ package balancer
 
 import (
 	"bufio"
+	"crypto/tls"
 	"errors"
 	"io"
 	"net"
@@ -130,6 +131,34 @@ func TestAffinityCookieSecure(t *testing.T) {
 				t.Fatalf("Set-Cookie %q: Secure %v, want %v", ck, got, tc.secure)
 			}
 		})
+	}
+}
+
+// TestAffinityCookieSecureOverTLS: when the edge itself terminates TLS the cookie is
+// Secure, with no forwarding field at all.
+func TestAffinityCookieSecureOverTLS(t *testing.T) {
+	ca := newTestCA(t)
+	pair := ca.issue(t, t.TempDir(), "edge", time.Now().Add(time.Hour), "localhost")
+	cert, err := tls.LoadX509KeyPair(pair.CertFile, pair.KeyFile)
+	if err != nil {
+		t.Fatal(err)
+	}
+	e := startEdge(t, Config{NodeID: "h1", AffinityCookie: testAffinityCookie}, 1)
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ln.Close() })
+	go e.b.ServeTLS(ln, &tls.Config{Certificates: []tls.Certificate{cert}, NextProtos: []string{"http/1.1"}})
+	c, err := tls.DialWithDialer(&net.Dialer{Timeout: 5 * time.Second}, "tcp", ln.Addr().String(),
+		&tls.Config{ServerName: "localhost", RootCAs: ca.pool})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	resp, _ := exchangeOn(t, c, bufio.NewReader(c), handshakeReq)
+	if want := testAffinityCookie + "=h1; Path=/; HttpOnly; SameSite=Lax; Secure"; resp.Header.Get("Set-Cookie") != want {
+		t.Fatalf("Set-Cookie over TLS %q, want %q", resp.Header.Get("Set-Cookie"), want)
 	}
 }
 
