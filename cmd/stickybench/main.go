@@ -80,6 +80,8 @@ func main() {
 		err = runSoak(ctx, args, os.Stdout)
 	case "upgrade-drill":
 		err = runUpgradeDrill(ctx, args, os.Stdout)
+	case "memory":
+		err = runMemory(ctx, args, os.Stdout)
 	case "-h", "-help", "--help", "help":
 		fmt.Fprint(os.Stdout, usage)
 		return
