@@ -60,6 +60,9 @@ type Config struct {
 	// piece of its body; 0: 60 s. It must exceed the longest long-poll the app holds
 	// (engine.io: pingInterval, 25 s by default).
 	ResponseTimeout time.Duration
+	// RedirectHTTPS, a port, makes plain-HTTP connections answer 308 to the same URL over
+	// https on that port (the edge's TLS listener) instead of being served.
+	RedirectHTTPS string
 	// EngineIOPath is the path prefix of engine.io requests (socket.io's "path" option);
 	// only requests under it are routed by sid or learned from; "": /socket.io/.
 	EngineIOPath string
@@ -150,8 +153,9 @@ type Balancer struct {
 	wg        sync.WaitGroup
 	done      chan struct{} // closed by Shutdown
 
-	tlsWarned atomic.Int64 // unix seconds of the last "TLS on a plain port" log line
-	warned    sync.Map     // message → *warnState (warnf)
+	tlsWarned atomic.Int64           // unix seconds of the last "TLS on a plain port" log line
+	redirect  atomic.Pointer[string] // SetRedirectHTTPS; nil: Config.RedirectHTTPS
+	warned    sync.Map               // message → *warnState (warnf)
 	draining  atomic.Bool
 
 	// Edge upgrade (handover.go).
@@ -247,7 +251,7 @@ func (b *Balancer) Serve(ln net.Listener) error {
 		delete(b.listeners, ln)
 		b.mu.Unlock()
 	}()
-	if tl, ok := ln.(*net.TCPListener); ok && !b.cfg.NoFastPath {
+	if tl, ok := ln.(*net.TCPListener); ok && !b.cfg.NoFastPath && b.redirectPort() == "" {
 		return b.serveTCP(tl)
 	}
 
@@ -463,6 +467,11 @@ func (b *Balancer) serveConn(cc *clientConn) {
 			return // nothing was read: the next image peeks again
 		}
 		b.rejectHead(c, err)
+		return
+	}
+	if b.redirectPort() != "" {
+		b.redirectHTTPS(c, &ph.head)
+		putPeekBuf(ph)
 		return
 	}
 	if ph.head.WebSocket {

@@ -4,11 +4,14 @@ import (
 	"context"
 	"crypto/tls"
 	"errors"
+	"fmt"
 	"net"
+	"strings"
 	"syscall"
 	"time"
 
 	"github.com/stickyd/stickyd/metrics"
+	"github.com/stickyd/stickyd/upgrade"
 )
 
 // ServeTLS accepts TLS connections on ln until Shutdown, as Serve does plain ones. The
@@ -16,7 +19,19 @@ import (
 // plain port; WebSockets are tunnelled (the edge holds the TLS state, so it cannot hand
 // the socket to a worker) and proxied requests go to workers as usual.
 func (b *Balancer) ServeTLS(ln net.Listener, cfg *tls.Config) error {
-	return b.Serve(&tlsListener{Listener: ln, cfg: cfg})
+	return b.Serve(TLSListener(ln, cfg))
+}
+
+// TLSListener wraps ln so that Serve terminates TLS on it with cfg.
+func TLSListener(ln net.Listener, cfg *tls.Config) net.Listener {
+	return &tlsListener{Listener: ln, cfg: cfg}
+}
+
+// IsTLSListener reports whether ln serves TLS (TLSListener): an edge handover tells the
+// next image which of its listeners to wrap again.
+func IsTLSListener(ln net.Listener) bool {
+	_, ok := ln.(*tlsListener)
+	return ok
 }
 
 // tlsListener wraps accepted connections in TLS. It keeps the inner listener's
@@ -84,4 +99,49 @@ func rawConn(c net.Conn) net.Conn {
 		return tc.NetConn()
 	}
 	return c
+}
+
+// SetRedirectHTTPS makes plain-HTTP connections answer 308 to https on port (the TLS
+// listener's, known once it is bound); "" serves them again. Call it before Serve: the
+// accept-loop fast path is chosen when Serve starts.
+func (b *Balancer) SetRedirectHTTPS(port string) { b.redirect.Store(&port) }
+
+func (b *Balancer) redirectPort() string {
+	if p := b.redirect.Load(); p != nil {
+		return *p
+	}
+	return b.cfg.RedirectHTTPS
+}
+
+// redirectHTTPS answers a plain-HTTP client with a permanent redirect to the same URL over
+// https (RedirectHTTPS), and closes.
+func (b *Balancer) redirectHTTPS(c net.Conn, h *upgrade.Head) {
+	host := h.Host
+	if hh, _, err := net.SplitHostPort(host); err == nil {
+		host = hh
+	} else if strings.HasPrefix(host, "[") { // [v6] without a port
+		host = strings.Trim(host, "[]")
+	}
+	if host == "" {
+		b.reject(c, 400, "this port only redirects to https, and the request names no Host", true)
+		return
+	}
+	if port := b.redirectPort(); port != "443" {
+		host = net.JoinHostPort(host, port)
+	} else if strings.Contains(host, ":") {
+		host = "[" + host + "]"
+	}
+	target := h.Target
+	if len(target) == 0 || target[0] != '/' {
+		target = h.Path
+		if h.RawQuery != "" {
+			target += "?" + h.RawQuery
+		}
+	}
+	loc := "https://" + host + target
+	body := "moved to " + loc + "\n"
+	c.SetWriteDeadline(time.Now().Add(time.Second))
+	fmt.Fprintf(c, "HTTP/1.1 308 Permanent Redirect\r\nLocation: %s\r\nConnection: close\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: %d\r\n\r\n%s",
+		loc, len(body), body)
+	closeGracefully(c, true)
 }

@@ -45,7 +45,8 @@ import (
 // Format versions State.
 //
 // 2: requests in flight (Exchanges) go over; an older image would leak them.
-const Format = 2
+// 3: TLSListeners: an older image would serve them as plain HTTP.
+const Format = 3
 
 // EnvState names the descriptor of the state an edge passes to its next image.
 const EnvState = "STICKYD_HANDOVER"
@@ -55,6 +56,7 @@ type State struct {
 	Format     int
 	Generation int
 	Listeners  []int                       // client listeners
+	TLS        []int                       `json:",omitempty"` // those of Listeners that serve TLS
 	Metrics    int                         // the metrics/admin listener; -1: none
 	Control    int                         // serve mode's control socket; -1: none
 	Conns      []balancer.HandoverConn     // keep-alive client connections between requests
@@ -155,6 +157,9 @@ func (u *Upgrader) parts() []part {
 				return err
 			}
 			st.Listeners = append(st.Listeners, fd)
+			if balancer.IsTLSListener(ln) {
+				st.TLS = append(st.TLS, fd)
+			}
 		}
 		return nil
 	}, u.Edge.Thaw})

@@ -45,6 +45,7 @@ type edgeFlags struct {
 	epsilon                            float64
 	nodeID, affinityCookie, sidHeader  string     // affinity hints for a balancer in front of several hosts
 	proxy                              proxyFlags // stickyd proxy only (proxymode.go)
+	tls                                tlsFlags   // TLS at the edge (tlsedge.go)
 }
 
 func (f *edgeFlags) register(fs *flag.FlagSet, mode string) {
@@ -77,6 +78,7 @@ func (f *edgeFlags) register(fs *flag.FlagSet, mode string) {
 	if mode == "proxy" {
 		f.proxy.register(fs)
 	}
+	f.tls.register(fs)
 	if mode == "serve" {
 		fs.StringVar(&f.control, "control", "/run/stickyd/ctl.sock", "control socket Go workers connect to (created 0600 in a 0700 directory)")
 		fs.StringVar(&f.allowUIDs, "allow-uid", "", "peer uids allowed on the control socket besides stickyd's own, e.g. 1000,1001")
@@ -232,8 +234,21 @@ func runEdge(ctx context.Context, mode string, args []string, stderr io.Writer) 
 		log.Info("edge upgraded: serving with the previous edge's sockets, workers and sessions",
 			"generation", generation, "version", version, "workers", len(prev.Supervisor.Workers),
 			"connections", len(prev.Conns), "sessions", len(prev.Sessions))
-	} else if lns, err = listenClient(ctx, act, f.listen); err != nil {
-		return fmt.Errorf("-listen: %w", err)
+	} else if f.listen != "" || f.tls.listen == "" {
+		if lns, err = listenClient(ctx, act, f.listen); err != nil {
+			return fmt.Errorf("-listen: %w", err)
+		}
+	}
+	edgeTLS, err := f.tls.setup(ctx, m, log)
+	if err == nil {
+		lns, err = edgeTLS.listeners(ctx, lns, prev, f.tls.listen)
+	}
+	if err != nil {
+		closeAll(lns)
+		return err
+	}
+	if f.tls.redirectHTTPS {
+		b.SetRedirectHTTPS(tlsPort(lns))
 	}
 	if metricsLn == nil {
 		if metricsLn, err = listenAdmin(act, f.metricsAddr); err != nil {

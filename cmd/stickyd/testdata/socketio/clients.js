@@ -11,6 +11,7 @@
 // ({"event":"holding",...}, {"event":"connected",...}) so a test can act on them.
 
 const http = require("http");
+const https = require("https");
 const crypto = require("crypto");
 const { io } = require("socket.io-client");
 
@@ -131,7 +132,8 @@ function recordErr(client, kind, err) {
 // connection it creates (id, local port) and, per request, the engine.io sid
 // carried by that request and the connection it went over.
 const conns = []; // {id, agent, localPort, sids:Set}
-class TrackingAgent extends http.Agent {
+// An https:// URL (TLS at the edge) gets the same tracking over https.Agent.
+class TrackingAgent extends (/^https:/.test(opt.url) ? https.Agent : http.Agent) {
   constructor(index, options) {
     super(options);
     this.index = index;
