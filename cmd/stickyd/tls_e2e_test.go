@@ -8,6 +8,7 @@ import (
 	"crypto/tls"
 	"crypto/x509"
 	"crypto/x509/pkix"
+	"encoding/json"
 	"encoding/pem"
 	"fmt"
 	"io"
@@ -17,6 +18,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -214,6 +216,30 @@ func TestTLSEdge(t *testing.T) {
 		return rejections(t, d, "tls_handshake")-before >= 4
 	})
 	echo("after hostile clients")
+
+	// An edge upgrade keeps the TLS listener TLS (the next image wraps it again); the
+	// wss:// tunnels, whose TLS sessions live in the edge image, are cut and reconnect.
+	d.signal(syscall.SIGUSR2)
+	waitFor(t, "the upgraded edge", 30*time.Second, func() bool {
+		resp, err := http.Get("http://" + d.metrics + "/admin/workers")
+		if err != nil {
+			return false
+		}
+		defer resp.Body.Close()
+		var v struct{ Generation int }
+		json.NewDecoder(resp.Body).Decode(&v)
+		return v.Generation == 1
+	})
+	if resp, err := httpc.Get("https://" + addr + "/whoami"); err != nil || resp.StatusCode != 200 {
+		t.Fatalf("https after an edge upgrade: %v %v", resp, err)
+	} else {
+		resp.Body.Close()
+	}
+	if c, _, err := dialer.Dial("wss://"+addr+"/ws", nil); err != nil {
+		t.Fatalf("wss after an edge upgrade: %v", err)
+	} else {
+		c.Close()
+	}
 
 	// The plain port sends browsers to https.
 	plain := &http.Client{CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse }, Timeout: 10 * time.Second}
