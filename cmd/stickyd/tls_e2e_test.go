@@ -5,9 +5,11 @@ import (
 	"crypto/ecdsa"
 	"crypto/elliptic"
 	"crypto/rand"
+	"crypto/sha256"
 	"crypto/tls"
 	"crypto/x509"
 	"crypto/x509/pkix"
+	"encoding/base64"
 	"encoding/json"
 	"encoding/pem"
 	"fmt"
@@ -289,5 +291,31 @@ func TestTLSFlagsNameTheFix(t *testing.T) {
 		if err == nil || !strings.Contains(err.Error(), tc.want) {
 			t.Errorf("%v: %v, want an error naming %q", tc.args, err, tc.want)
 		}
+	}
+}
+
+// TestTLSDemoPageInChromium: the demo page over https in a real Chromium that trusts the
+// edge's certificate opens its wss:// WebSocket through the edge.
+func TestTLSDemoPageInChromium(t *testing.T) {
+	r := newTLSRig(t)
+	d := startDaemon(t, "", "demo", "-tls-listen", "127.0.0.1:0", "-tls-cert", r.cert, "-tls-key", r.key)
+	addr := tlsAddr(t, d)
+	pemBytes, err := os.ReadFile(r.cert)
+	if err != nil {
+		t.Fatal(err)
+	}
+	block, _ := pem.Decode(pemBytes)
+	leaf, err := x509.ParseCertificate(block.Bytes)
+	if err != nil {
+		t.Fatal(err)
+	}
+	spki := sha256.Sum256(leaf.RawSubjectPublicKeyInfo)
+	t.Setenv("CHROMIUM_SPKI", base64.StdEncoding.EncodeToString(spki[:]))
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	_, port, _ := net.SplitHostPort(addr)
+	res := runDemoPage(t, ctx, "https://localhost:"+port+"/", 4)
+	if res.Connected != 4 || res.Echoed != 4 {
+		t.Fatalf("demo page over https: %+v", res)
 	}
 }
