@@ -100,8 +100,12 @@ func waitReadable(c net.Conn) (ok bool, err error) {
 	}
 	err = rc.Read(func(fd uintptr) bool {
 		var b [1]byte
-		_, _, e := unix.Recvfrom(int(fd), b[:], unix.MSG_PEEK|unix.MSG_DONTWAIT)
-		return e != unix.EAGAIN && e != unix.EINTR // false: wait for the poller
+		for {
+			_, _, e := unix.Recvfrom(int(fd), b[:], unix.MSG_PEEK|unix.MSG_DONTWAIT)
+			if e != unix.EINTR {
+				return e != unix.EAGAIN // false: nothing yet, wait for the poller
+			}
+		}
 	})
 	return true, err
 }
