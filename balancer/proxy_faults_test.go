@@ -495,3 +495,50 @@ func (e *testEdge) waitForExchange(t *testing.T) {
 		return false
 	})
 }
+
+// fakeAddrConn is a net.Conn that only has a remote address (for admission tests).
+type fakeAddrConn struct {
+	net.Conn
+	remote net.Addr
+}
+
+func (c fakeAddrConn) RemoteAddr() net.Addr { return c.remote }
+
+// TestPerIPLimitCountsAnIPv6Slash64AsOneClient: one IPv6 client owns a /64; counting its
+// addresses one by one would make -max-conns-per-ip meaningless.
+func TestPerIPLimitCountsAnIPv6Slash64AsOneClient(t *testing.T) {
+	b := New(Config{MaxConnsPerIP: 2})
+	defer b.Shutdown(context.Background())
+	var admitted []*clientConn
+	defer func() {
+		for _, cc := range admitted {
+			b.untrack(cc)
+		}
+	}()
+	admit := func(ip string) int {
+		cc := &clientConn{c: fakeAddrConn{remote: &net.TCPAddr{IP: net.ParseIP(ip), Port: 1}}}
+		r := b.track(cc)
+		if r == trackOK {
+			admitted = append(admitted, cc)
+		}
+		return r
+	}
+	for i, tc := range []struct {
+		ip   string
+		want int
+	}{
+		{"2001:db8:1:1::1", trackOK},
+		{"2001:db8:1:1::2", trackOK},
+		{"2001:db8:1:1:ffff::3", trackPerIP}, // same /64
+		{"2001:db8:1:2::1", trackOK},         // another /64
+		{"192.0.2.1", trackOK},
+		{"192.0.2.2", trackOK}, // IPv4 addresses count one by one
+	} {
+		if got := admit(tc.ip); got != tc.want {
+			t.Errorf("%d: %s admitted as %d, want %d", i, tc.ip, got, tc.want)
+		}
+	}
+	if got := statusText(429); got != "Too Many Requests" {
+		t.Errorf("429 reason phrase %q", got)
+	}
+}
