@@ -908,7 +908,7 @@ func (x *exchange) clientAddr() netip.AddrPort {
 		return x.peer
 	}
 	h := &x.sc.head
-	a := x.b.cfg.Rules.Client(sticky.Request{Peer: x.peer.Addr(), Header: h.Header})
+	a := x.b.cfg.Rules.Client(sticky.Request{Peer: x.peer.Addr(), Fields: h})
 	if a == x.peer.Addr() {
 		return x.peer
 	}
