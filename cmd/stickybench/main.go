@@ -41,6 +41,8 @@ const usage = `stickybench: bounded loopback load generator for stickyd
                         [-n 5000] [-d 60s] [-kill-every 15s]   hold WebSockets + HTTP, SIGKILL workers
   stickybench upgrade-drill [-stickyd /tmp/stickyd | -admin URL -url ws://…/ws] [-n 10000] [-upgrades 2]
                         hold WebSockets + keep-alive HTTP, upgrade the edge, check nothing dropped
+  stickybench memory    [-stickyd /tmp/stickyd] [-ws 10000] [-keepalive 1000]
+                        edge heap, stacks and RSS per handed-off WebSocket and per idle keep-alive connection
 
 Targets must be loopback (127.0.0.0/8, ::1, localhost). Results: one JSON line per run on stdout.
 Run "stickybench MODE -h" for a mode's flags.
