@@ -10,7 +10,11 @@ import (
 	"fmt"
 	"net"
 	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
 	"strconv"
+	"strings"
 	"sync"
 	"syscall"
 	"testing"
@@ -298,4 +302,77 @@ func TestRawWebSocketsFromOneAddressSpread(t *testing.T) {
 		proxyWaitBackends(t, d, n, 30*time.Second)
 		check(t, openRawWebSockets(t, d.addr, clients))
 	})
+}
+
+// pythonSocketIO returns the path of testdata/python/server.py after checking that
+// Debian's python3-socketio and python3-aiohttp are installed for /usr/bin/python3 (not a
+// pyenv python3 on PATH). Missing: skip, or fail under CI=true.
+func pythonSocketIO(t *testing.T) string {
+	t.Helper()
+	out, err := exec.Command("/usr/bin/python3", "-c", "import socketio, aiohttp").CombinedOutput()
+	if err != nil {
+		skipOrFail(t, "python-socketio for /usr/bin/python3 missing (%v: %s): apt-get install -y python3-socketio python3-aiohttp", err, strings.TrimSpace(string(out)))
+	}
+	p, err := filepath.Abs(filepath.Join("testdata", "python", "server.py"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return p
+}
+
+// startPythonBackend starts server.py on port with STICKYD_WORKER_ID=id in its own process
+// group (killed at cleanup) and waits until it answers.
+func startPythonBackend(t *testing.T, script string, id, port int) {
+	t.Helper()
+	cmd := exec.Command("/usr/bin/python3", script)
+	cmd.Env = append(os.Environ(), "PORT="+strconv.Itoa(port), "STICKYD_WORKER_ID="+strconv.Itoa(id))
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+	var logs syncBuffer
+	cmd.Stdout, cmd.Stderr = &logs, &logs
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	waited := make(chan struct{})
+	go func() { cmd.Wait(); close(waited) }()
+	t.Cleanup(func() {
+		syscall.Kill(-cmd.Process.Pid, syscall.SIGTERM)
+		select {
+		case <-waited:
+		case <-time.After(5 * time.Second):
+			syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL)
+			<-waited
+		}
+	})
+	waitHTTP(t, fmt.Sprintf("http://127.0.0.1:%d/whoami", port), 30*time.Second, &logs)
+}
+
+// TestProxySocketIOPythonBackends: two python-socketio servers (Debian's package, aiohttp)
+// behind stickyd proxy serve 200 clients with and without shared keep-alive agents.
+func TestProxySocketIOPythonBackends(t *testing.T) {
+	script := pythonSocketIO(t)
+	nodeFixtures(t) // clients.js
+	const n = 2
+	args := []string{"proxy"}
+	for i := range n {
+		port := sioFreePort(t)
+		startPythonBackend(t, script, i, port)
+		args = append(args, "-backend", "127.0.0.1:"+strconv.Itoa(port))
+	}
+	d := startDaemon(t, "", args...)
+	proxyWaitBackends(t, d, n, 30*time.Second)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
+	defer cancel()
+	for _, shared := range []string{"0", "4"} {
+		res := runClients(t, ctx, sioClientArgs(d, "--clients", "200", "--shared-agents", shared, "--expect-upgrade", "--messages", "3", "--binary-bytes", "65536")...)
+		checkAllClientsOK(t, res, true, true)
+		sioCheckSpread(t, res, n)
+		r := spreadRatio(res.PerWorker, n)
+		t.Logf("python, shared agents %s: per backend %v, max/mean %.3f", shared, res.PerWorker, r)
+		if r > 1.10 {
+			t.Errorf("python, shared agents %s: per backend %v: max/mean %.3f, want ≤ 1.10", shared, res.PerWorker, r)
+		}
+		if shared != "0" && (res.MaxSessionsPerTCPConnection <= 1 || !res.SharingVerified) {
+			t.Errorf("shared agents: maxSessionsPerTcpConnection %d (sharingVerified %v), want > 1", res.MaxSessionsPerTCPConnection, res.SharingVerified)
+		}
+	}
 }
