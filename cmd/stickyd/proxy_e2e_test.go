@@ -13,6 +13,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"strconv"
 	"strings"
 	"sync"
@@ -374,5 +375,43 @@ func TestProxySocketIOPythonBackends(t *testing.T) {
 		if shared != "0" && (res.MaxSessionsPerTCPConnection <= 1 || !res.SharingVerified) {
 			t.Errorf("shared agents: maxSessionsPerTcpConnection %d (sharingVerified %v), want > 1", res.MaxSessionsPerTCPConnection, res.SharingVerified)
 		}
+	}
+}
+
+// TestProxyPageInChromium: a real browser page through stickyd proxy. The backends are two
+// `stickyd demo` edges — servers listening on their own ports like any other — whose page
+// opens a WebSocket; the proxy serves the page over a pooled keep-alive connection and
+// tunnels the WebSocket. 6 tabs of one browser (one client address, shared connections)
+// connect, echo, and reach both backends.
+func TestProxyPageInChromium(t *testing.T) {
+	chromiumPath(t)
+	args := []string{"proxy"}
+	for range 2 {
+		b := startDaemon(t, "", "demo", "-workers", "2")
+		args = append(args, "-backend", b.addr)
+	}
+	d := startDaemon(t, "", args...)
+	proxyWaitBackends(t, d, 2, 30*time.Second)
+	ctx, cancel := context.WithTimeout(context.Background(), 90*time.Second)
+	defer cancel()
+	res := runDemoPage(t, ctx, "http://"+d.addr+"/", 6)
+	t.Logf("demo-page.js: %s", res.Raw)
+	if res.Connected != 6 || res.Echoed != 6 || len(res.Errors) != 0 {
+		t.Fatalf("page through the proxy: %+v\nstderr:\n%s", res, res.Stderr)
+	}
+	re := regexp.MustCompile(`^worker \d+ \(pid (\d+)\)$`)
+	pids := map[string]bool{}
+	for _, w := range res.Workers {
+		m := re.FindStringSubmatch(w)
+		if m == nil {
+			t.Errorf("tab shows %q", w)
+			continue
+		}
+		pids[m[1]] = true
+	}
+	// Each backend has two workers; 6 keyless WebSockets over 2 backends reach at least
+	// 3 of the 4 worker processes unless the proxy piles them on one backend.
+	if len(pids) < 3 {
+		t.Errorf("6 tabs reached worker processes %v: the proxy did not spread them", pids)
 	}
 }
