@@ -47,4 +47,5 @@ async def whoami(sid):
 if __name__ == "__main__":
     port = int(os.environ.get("PORT", "3000"))
     sys.stderr.write(f"python server: worker={WORKER} pid={os.getpid()} listening on {port}\n")
-    web.run_app(app, host="127.0.0.1", port=port, print=None, access_log=None)
+    # HOST=0.0.0.0 in a container (deploy/compose-proxy.yaml); loopback for the tests.
+    web.run_app(app, host=os.environ.get("HOST", "127.0.0.1"), port=port, print=None, access_log=None)
