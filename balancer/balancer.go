@@ -605,7 +605,7 @@ func (b *Balancer) handoff(cc *clientConn, h *upgrade.Head, consumed []byte) {
 		// socket, so the tunnel carries the client's own bytes).
 		_, isTLS := c.(*tls.Conn)
 		if _, dials := r.w.Channel().(workers.Dialer); dials || isTLS || consumed != nil && !r.w.Channel().CanReplay() {
-			if err = b.tunnel(cc, r.w, consumed); err == nil {
+			if err = b.tunnel(cc, r.w, h, consumed); err == nil {
 				return
 			}
 		} else {

@@ -11,31 +11,41 @@ import (
 
 // leastConnected picks, by two random choices, the worker holding the fewest connections
 // without an identity: the WebSockets it reports (a backend's are the edge's own tunnels,
-// counted exactly) plus those routed to it in the last second or two, which a worker's
-// report (once a second) does not show yet.
+// counted exactly), or more while connections routed to it lately are not in that count
+// yet (a worker reports once a second).
 func (b *Balancer) leastConnected(tried uint64, now time.Time) *workers.Worker {
 	ws := *b.workers.Load()
 	var arr [64]sticky.Candidate
 	cands := b.candidates(arr[:0], ws, tried)
 	for i := range cands {
 		w := b.worker(cands[i].Slot)
-		cands[i].Load += int(w.WebSockets()) + recentFor(w).count(now)
+		cands[i].Load = recentFor(w).estimate(now, cands[i].Load+int(w.WebSockets()))
 	}
 	i := sticky.LeastLoaded(cands, rand.Uint64())
 	if i < 0 {
 		return nil
 	}
 	w := b.worker(cands[i].Slot)
-	recentFor(w).add(now)
+	recentFor(w).add()
 	return w
 }
 
-// recentRoutes counts the keyless connections routed to one worker in the current and
-// the previous second.
+// recentWindow is how long routes are counted on top of a worker's load as it was when
+// the window began.
+const recentWindow = 2 * time.Second
+
+// recentRoutes keeps a worker's load honest during a burst. A load (learned sessions,
+// reported WebSockets) lags the routing decisions: a session counts once its worker
+// answered its handshake, a WebSocket once the worker reported it. Counting recent routes
+// on top of the load would count every answered one twice, and favour the slowest worker
+// (fewest answers so far) — a feedback that piled 61 of 200 sessions on one of 4. Instead
+// the estimate is the load at the window's start plus every route since, or the load now
+// if that is more (what was routed before the window and answered since).
 type recentRoutes struct {
-	mu        sync.Mutex
-	sec       int64
-	cur, prev int
+	mu     sync.Mutex
+	start  time.Time
+	base   int
+	routed int
 }
 
 // recent holds a recentRoutes per worker in routing (RemoveWorker deletes its entry).
@@ -49,26 +59,19 @@ func recentFor(w *workers.Worker) *recentRoutes {
 	return r.(*recentRoutes)
 }
 
-func (r *recentRoutes) roll(now time.Time) {
-	switch s := now.Unix(); {
-	case s == r.sec:
-	case s == r.sec+1:
-		r.sec, r.prev, r.cur = s, r.cur, 0
-	default:
-		r.sec, r.prev, r.cur = s, 0, 0
-	}
-}
-
-func (r *recentRoutes) add(now time.Time) {
-	r.mu.Lock()
-	r.roll(now)
-	r.cur++
-	r.mu.Unlock()
-}
-
-func (r *recentRoutes) count(now time.Time) int {
+// estimate is the worker's load for a routing decision, given its load now.
+func (r *recentRoutes) estimate(now time.Time, load int) int {
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	r.roll(now)
-	return r.cur + r.prev
+	if now.Sub(r.start) >= recentWindow {
+		r.start, r.base, r.routed = now, load, 0
+	}
+	return max(load, r.base+r.routed)
+}
+
+// add counts one route to the worker.
+func (r *recentRoutes) add() {
+	r.mu.Lock()
+	r.routed++
+	r.mu.Unlock()
 }

@@ -1282,7 +1282,7 @@ func (b *Balancer) learnSession(sc *proxyScratch, slot int) ([]byte, error) {
 // untouched, only when the worker could not be reached: the caller may pick another.
 // Tunnels do not go over in an edge upgrade: a freeze (or a shutdown) closes them, and
 // their clients reconnect to the next image.
-func (b *Balancer) tunnel(cc *clientConn, w *workers.Worker, consumed []byte) error {
+func (b *Balancer) tunnel(cc *clientConn, w *workers.Worker, h *upgrade.Head, consumed []byte) error {
 	c := cc.c
 	ctx, cancel := context.WithTimeout(context.Background(), b.cfg.HandoffTimeout)
 	vc, err := w.DialVirtual(ctx)
@@ -1302,7 +1302,29 @@ func (b *Balancer) tunnel(cc *clientConn, w *workers.Worker, consumed []byte) er
 	// closes both ends instead of holding the upgrade for its whole grace period.
 	cc.state.Store(connHead)
 	_, dials := w.Channel().(workers.Dialer)
-	if len(consumed) > 0 && !dials {
+	if dials {
+		// A backend sees the edge as its peer: the head goes with X-Forwarded-For, as on
+		// the per-request path. A peeked head is still in the socket: read it now, within
+		// the head timeout.
+		head := consumed
+		if head == nil {
+			head = make([]byte, h.Size)
+			c.SetReadDeadline(time.Now().Add(b.cfg.HeadTimeout))
+			_, err := io.ReadFull(c, head)
+			c.SetReadDeadline(time.Time{})
+			if err != nil {
+				return nil // the client left; nothing to tunnel
+			}
+		}
+		n := min(h.Size, len(head))
+		bw := bufio.NewWriterSize(vc, n+256)
+		peer := addrPort(c.RemoteAddr()).Addr()
+		writeTunnelHead(bw, head[:n], peer, b.cfg.Rules.Trusts(peer))
+		bw.Write(head[n:])
+		if bw.Flush() != nil {
+			return nil
+		}
+	} else if len(consumed) > 0 {
 		// The worker's end is a socketpair: the client's address goes in a field of the
 		// edge's own, right after the request line (a client's field of that name comes
 		// later, and the preload reads the first).
@@ -1315,10 +1337,6 @@ func (b *Balancer) tunnel(cc *clientConn, w *workers.Worker, consumed []byte) er
 				return nil
 			}
 		} else if _, err := vc.Write(consumed); err != nil {
-			return nil
-		}
-	} else if len(consumed) > 0 {
-		if _, err := vc.Write(consumed); err != nil {
 			return nil
 		}
 	}

@@ -242,17 +242,17 @@ func (b *Balancer) leastLoaded(tried uint64) *workers.Worker {
 	var arr [64]sticky.Candidate
 	cands := b.candidates(arr[:0], ws, tried)
 	// A session counts once its worker's answer names it; until then the handshakes
-	// routed in the last second or two count, or a burst of them would all see the same
-	// loads and spread at random (200 at once over 4: max/mean 1.6).
+	// routed to it count (recentRoutes), or a burst of them would all see the same loads
+	// and spread at random (200 at once over 4: max/mean 1.6).
 	for i := range cands {
-		cands[i].Load += recentFor(b.worker(cands[i].Slot)).count(now)
+		cands[i].Load = recentFor(b.worker(cands[i].Slot)).estimate(now, cands[i].Load)
 	}
 	i := sticky.LeastLoaded(cands, rand.Uint64())
 	if i < 0 {
 		return nil
 	}
 	w := b.worker(cands[i].Slot)
-	recentFor(w).add(now)
+	recentFor(w).add()
 	return w
 }
 

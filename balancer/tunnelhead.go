@@ -1,0 +1,74 @@
+package balancer
+
+import (
+	"bufio"
+	"bytes"
+	"net/netip"
+	"strings"
+)
+
+// writeTunnelHead writes an upgrade request's head for a backend reached by address, which
+// sees the edge as its peer: the head as the client sent it (Connection and Upgrade stay:
+// the backend answers the upgrade itself), less the client's forwarding fields unless the
+// peer is a trusted proxy, plus X-Forwarded-For (the chain a trusted proxy gave, then the
+// peer) and X-Forwarded-Proto — what the per-request path writes for the same backend.
+// head is the whole head, through its blank line; a head it cannot split is written as is.
+func writeTunnelHead(w *bufio.Writer, head []byte, peer netip.Addr, trusted bool) {
+	rest := head
+	for len(rest) > 0 && (rest[0] == '\r' || rest[0] == '\n') {
+		rest = rest[1:] // empty lines before the request line (RFC 9112 §2.2)
+	}
+	i := bytes.IndexByte(rest, '\n')
+	if i < 0 {
+		w.Write(head)
+		return
+	}
+	w.Write(rest[:i+1]) // request line
+	rest = rest[i+1:]
+	var chain []string
+	hasProto := false
+	for len(rest) > 0 {
+		i := bytes.IndexByte(rest, '\n')
+		if i < 0 {
+			i = len(rest) - 1
+		}
+		line := rest[:i+1]
+		rest = rest[i+1:]
+		text := strings.TrimRight(string(line), "\r\n")
+		if text == "" {
+			break // the blank line: ours go before it
+		}
+		name, value, _ := strings.Cut(text, ":")
+		switch forwardingField(strings.TrimSpace(name)) {
+		case fwdFor:
+			if trusted {
+				chain = append(chain, strings.TrimSpace(value))
+			}
+			continue // rebuilt below
+		case fwdEdge:
+			continue // the edge's own field for socketpair workers
+		case fwdProto:
+			if !trusted {
+				continue
+			}
+			hasProto = true
+		case fwdNone, fwdExpect:
+		default:
+			if !trusted {
+				continue // a client's claim about itself (Forwarded, X-Real-IP): dropped
+			}
+		}
+		w.Write(line)
+	}
+	w.WriteString("X-Forwarded-For: ")
+	for _, c := range chain {
+		w.WriteString(c)
+		w.WriteString(", ")
+	}
+	w.Write(peer.AppendTo(w.AvailableBuffer()))
+	w.WriteString("\r\n")
+	if !hasProto {
+		w.WriteString("X-Forwarded-Proto: http\r\n")
+	}
+	w.WriteString("\r\n")
+}
