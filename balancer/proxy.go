@@ -1340,26 +1340,34 @@ func (b *Balancer) tunnel(cc *clientConn, w *workers.Worker, h *upgrade.Head, co
 			return nil
 		}
 	}
-	errc := make(chan error, 2)
-	go pipe(vc, c, errc)
-	go pipe(c, vc, errc)
-	<-errc
-	if b.frozen() || b.isClosing() {
-		c.Close()
-		vc.Close()
+	// One direction in a goroutine, the other in this one (a goroutine's stack is most
+	// of what an idle tunnel costs). Whichever ends first during a freeze or a shutdown
+	// closes both, so the other ends too.
+	endIfFrozen := func() {
+		if b.frozen() || b.isClosing() {
+			c.Close()
+			vc.Close()
+		}
 	}
-	<-errc
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		pipe(vc, c)
+		endIfFrozen()
+	}()
+	pipe(c, vc)
+	endIfFrozen()
+	<-done
 	return nil
 }
 
 // pipe copies one direction of a tunnel and half-closes the far side at the end. Between
 // two TCP (or unix stream) sockets io.Copy uses splice(2): the bytes never enter user space.
-func pipe(dst, src net.Conn, errc chan<- error) {
-	_, err := io.Copy(dst, src)
+func pipe(dst, src net.Conn) {
+	io.Copy(dst, src)
 	if cw, ok := dst.(interface{ CloseWrite() error }); ok {
 		cw.CloseWrite()
 	} else {
 		dst.Close()
 	}
-	errc <- err
 }

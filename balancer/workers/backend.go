@@ -88,9 +88,14 @@ func (c *BackendChannel) Dial(ctx context.Context) (net.Conn, error) {
 	d := net.Dialer{Timeout: backendDialTimeout}
 	conn, err := d.DialContext(ctx, c.Network, c.Address)
 	if err != nil {
-		if errors.Is(err, context.DeadlineExceeded) || errors.Is(err, os.ErrDeadlineExceeded) || isTimeoutErr(err) {
+		switch {
+		case LocalDialError(err):
+			// The edge is out of descriptors or ports: nothing to hold against the
+			// backend (ejecting it would forget every session it holds).
+			return nil, fmt.Errorf("connect to %s: %w", c, err)
+		case errors.Is(err, context.DeadlineExceeded) || errors.Is(err, os.ErrDeadlineExceeded) || isTimeoutErr(err):
 			err = fmt.Errorf("%w: connect to %s: %v", ErrWorkerTimeout, c, err)
-		} else {
+		default:
 			err = fmt.Errorf("%w: %s: %v", ErrBackendDown, c, err)
 		}
 		// A caller that gave up (its client left) says nothing about the backend.
@@ -103,6 +108,13 @@ func (c *BackendChannel) Dial(ctx context.Context) (net.Conn, error) {
 		tc.SetNoDelay(true)
 	}
 	return conn, nil
+}
+
+// LocalDialError reports whether a failed connect is the edge's own shortage (descriptors,
+// ephemeral ports, kernel memory), which says nothing about the backend.
+func LocalDialError(err error) bool {
+	return errors.Is(err, syscall.EMFILE) || errors.Is(err, syscall.ENFILE) || errors.Is(err, syscall.EADDRNOTAVAIL) ||
+		errors.Is(err, syscall.ENOBUFS) || errors.Is(err, syscall.ENOMEM)
 }
 
 func isTimeoutErr(err error) bool {

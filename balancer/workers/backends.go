@@ -303,6 +303,15 @@ func (bs *Backends) watch(ctx context.Context, b *backend) {
 		if ctx.Err() != nil {
 			return
 		}
+		if why == errLocal {
+			// The edge's own shortage: no verdict on the backend; try again later.
+			select {
+			case <-ctx.Done():
+				return
+			case <-time.After(bs.HealthInterval):
+			}
+			continue
+		}
 		bs.mu.Lock()
 		in := b.w != nil
 		switch {
@@ -355,6 +364,9 @@ func (bs *Backends) watch(ctx context.Context, b *backend) {
 	}
 }
 
+// errLocal is probe's why when the edge itself could not open a connection.
+const errLocal = "local shortage"
+
 // probe connects to b, and with HealthPath asks for it. It never waits longer than
 // HealthTimeout. refused means nothing listens at b's address.
 func (bs *Backends) probe(ctx context.Context, b *backend) (ok, refused bool, why string) {
@@ -363,6 +375,10 @@ func (bs *Backends) probe(ctx context.Context, b *backend) (ok, refused bool, wh
 	var d net.Dialer
 	c, err := d.DialContext(ctx, b.network, b.address)
 	if err != nil {
+		if LocalDialError(err) {
+			bs.log.Warn("cannot probe a backend: the edge is out of descriptors or ports; raise the fd limit (LimitNOFILE)", "backend", b.address, "err", err)
+			return false, false, errLocal
+		}
 		refused = errors.Is(err, syscall.ECONNREFUSED) || errors.Is(err, syscall.ENOENT)
 		return false, refused, "connect: " + err.Error()
 	}

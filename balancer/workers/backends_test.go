@@ -3,13 +3,16 @@ package workers
 import (
 	"context"
 	"errors"
+	"fmt"
 	"io"
 	"log/slog"
 	"net"
 	"net/http"
 	"net/netip"
+	"os"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
 )
@@ -298,5 +301,21 @@ func TestBackendsActiveHealth(t *testing.T) {
 	eventually(t, "a passing backend back in routing", func() bool { return e.worker(0) != nil })
 	if bs.Routable() != 1 {
 		t.Errorf("Routable = %d, want 1", bs.Routable())
+	}
+}
+
+// TestLocalDialErrorIsNotTheBackends: the edge running out of descriptors or ports must
+// not eject a backend (that would forget every session it holds); a refusal must.
+func TestLocalDialErrorIsNotTheBackends(t *testing.T) {
+	wrap := func(e error) error {
+		return fmt.Errorf("dial: %w", &net.OpError{Op: "dial", Net: "tcp", Err: os.NewSyscallError("socket", e)})
+	}
+	for _, e := range []error{syscall.EMFILE, syscall.ENFILE, syscall.EADDRNOTAVAIL} {
+		if !LocalDialError(wrap(e)) {
+			t.Errorf("%v: not taken for the edge's own shortage", e)
+		}
+	}
+	if LocalDialError(wrap(syscall.ECONNREFUSED)) {
+		t.Error("ECONNREFUSED taken for a local shortage")
 	}
 }
