@@ -338,8 +338,8 @@ func quoteEmpty(s string) string {
 // image re-reads the file: a file broken since the edge started must fail the upgrade, not
 // the new image after the exec (which would end the edge).
 func checkSettings(args []string) error {
-	if len(args) == 0 || (args[0] != "demo" && args[0] != "run" && args[0] != "serve") {
-		return fmt.Errorf("%w: check-settings demo|run|serve [flags]", errUsage)
+	if len(args) == 0 || (args[0] != "demo" && args[0] != "run" && args[0] != "serve" && args[0] != "proxy") {
+		return fmt.Errorf("%w: check-settings demo|run|serve|proxy [flags]", errUsage)
 	}
 	fs := flag.NewFlagSet(args[0], flag.ContinueOnError)
 	fs.SetOutput(discard{})
