@@ -14,6 +14,8 @@ import (
 	"sync"
 	"sync/atomic"
 
+	"github.com/stickyd/stickyd/balancer"
+
 	"go.yaml.in/yaml/v3"
 
 	"github.com/stickyd/stickyd/sticky"
@@ -245,8 +247,9 @@ type reloader struct {
 	level  *slog.LevelVar
 	remote *atomic.Bool
 
-	mu  sync.Mutex
-	cur map[string]string // every flag's value now in force
+	mu    sync.Mutex
+	cur   map[string]string      // every flag's value now in force
+	certs *balancer.Certificates // TLS at the edge: reloaded by every reload; nil: none
 }
 
 func newReloader(mode string, args []string, fs *flag.FlagSet, log *slog.Logger, level *slog.LevelVar, remote *atomic.Bool) *reloader {
@@ -301,6 +304,16 @@ func (r *reloader) reload(ctx context.Context) (string, error) {
 		}
 		for name := range reloadLive {
 			r.cur[name] = next[name]
+		}
+	}
+	if r.certs != nil {
+		// The files are watched anyway; a reload makes a renewal take effect now.
+		n, err := r.certs.Reload()
+		switch {
+		case err != nil:
+			live = append(live, fmt.Sprintf("TLS certificates: %d reloaded, the previous kept for the others: %v", n, err))
+		case n > 0:
+			live = append(live, fmt.Sprintf("TLS certificates: %d reloaded", n))
 		}
 	}
 	sort.Strings(live)

@@ -338,6 +338,9 @@ func runEdge(ctx context.Context, mode string, args []string, stderr io.Writer) 
 	remote := new(atomic.Bool) // -admin-remote: a reload may change it
 	remote.Store(f.adminRemote)
 	rl := newReloader(mode, args, fs, log, logLevel, remote)
+	if edgeTLS != nil {
+		rl.certs = edgeTLS.certs
+	}
 	board := newStatusBoard(b, sup, reg, generation)
 	go board.run(supCtx)
 	var adminSrv *http.Server

@@ -18,6 +18,7 @@ import (
 	"net"
 	"net/http"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"syscall"
@@ -317,5 +318,25 @@ func TestTLSDemoPageInChromium(t *testing.T) {
 	res := runDemoPage(t, ctx, "https://localhost:"+port+"/", 4)
 	if res.Connected != 4 || res.Echoed != 4 {
 		t.Fatalf("demo page over https: %+v", res)
+	}
+}
+
+// TestTLSReloadOnAdminCall: with file watching off, `POST /admin/reload` (stickyd
+// reload, SIGHUP) puts a renewed certificate in force.
+func TestTLSReloadOnAdminCall(t *testing.T) {
+	r := newTLSRig(t)
+	d := startDaemon(t, "", "demo", "-tls-listen", "127.0.0.1:0", "-tls-cert", r.cert, "-tls-key", r.key, "-tls-watch", "0")
+	addr := tlsAddr(t, d)
+	old := serialAt(t, addr, r.client())
+	fresh := r.issue(t)
+	if got := serialAt(t, addr, r.client()); got.Cmp(old) != 0 {
+		t.Fatalf("the certificate changed without a reload (watching is off)")
+	}
+	out, err := exec.Command(stickydBinary(t), "reload", d.metrics).CombinedOutput()
+	if err != nil || !strings.Contains(string(out), "TLS certificates: 1 reloaded") {
+		t.Fatalf("stickyd reload: %v\n%s", err, out)
+	}
+	if got := serialAt(t, addr, r.client()); got.Cmp(fresh) != 0 {
+		t.Fatalf("after the reload the edge shows serial %v, want %v", got, fresh)
 	}
 }
