@@ -233,7 +233,7 @@ func rogueWorker(dir string) int {
 					os.Exit(7)
 				default:
 					body := "worker=" + id + " req=" + r.Header.Get("X-Req") + " xff=" + r.Header.Get("X-Forwarded-For") +
-						" xfp=" + r.Header.Get("X-Forwarded-Proto") + " fwd=" + r.Header.Get("Forwarded") + " expect=" + r.Header.Get("Expect") +
+						" xfp=" + r.Header.Get("X-Forwarded-Proto") + " fwd=" + strings.Join(r.Header.Values("Forwarded"), ", ") + " expect=" + r.Header.Get("Expect") +
 						" client=" + strings.Join(r.Header.Values("X-Stickyd-Client-Addr"), "|")
 					answer("HTTP/1.1 200 OK\r\nContent-Length: " + strconv.Itoa(len(body)) + "\r\nSet-Cookie: owner=" + r.Header.Get("X-Req") + "\r\n\r\n" + body)
 				}

@@ -856,6 +856,19 @@ func writeRequestHead(w *bufio.Writer, h *upgrade.Head, peer netip.Addr, client 
 		w.WriteString(proto)
 		w.WriteString("\r\n")
 	}
+	// RFC 7239: this hop, after whatever a trusted proxy sent (a second field line is
+	// the same list).
+	w.WriteString("Forwarded: for=")
+	if peer.Is6() && !peer.Is4In6() {
+		w.WriteString(`"[`)
+		w.Write(peer.AppendTo(w.AvailableBuffer()))
+		w.WriteString(`]"`)
+	} else {
+		w.Write(peer.Unmap().AppendTo(w.AvailableBuffer()))
+	}
+	w.WriteString(";proto=")
+	w.WriteString(proto)
+	w.WriteString("\r\n")
 	if client.IsValid() {
 		writeClientAddr(w, client)
 	}

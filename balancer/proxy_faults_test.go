@@ -220,7 +220,7 @@ func TestForwardingFieldsFromUntrustedClientsAreReplaced(t *testing.T) {
 	t.Run("untrusted", func(t *testing.T) {
 		e := startEdge(t, Config{}, 1, "rogue:"+dir)
 		_, body := rawRequest(t, e.addr, lie)
-		if !strings.Contains(body, " xff=127.0.0.1 xfp=http fwd= ") || !strings.Contains(body, " client=127.0.0.1:") || strings.Contains(body, "6.6.6.6") {
+		if !strings.Contains(body, " xff=127.0.0.1 xfp=http fwd=for=127.0.0.1;proto=http ") || !strings.Contains(body, " client=127.0.0.1:") || strings.Contains(body, "6.6.6.6") {
 			t.Fatalf("worker saw %q", body)
 		}
 	})
@@ -228,7 +228,7 @@ func TestForwardingFieldsFromUntrustedClientsAreReplaced(t *testing.T) {
 		trusted, _ := sticky.ParsePrefixes("127.0.0.0/8")
 		e := startEdge(t, Config{Rules: sticky.Rules{TrustedProxies: trusted}}, 1, "rogue:"+dir)
 		_, body := rawRequest(t, e.addr, lie)
-		if !strings.Contains(body, " xff=6.6.6.6, 127.0.0.1 xfp=https fwd=for=6.6.6.6 ") || !strings.HasSuffix(body, " client=6.6.6.6:0") {
+		if !strings.Contains(body, " xff=6.6.6.6, 127.0.0.1 xfp=https fwd=for=6.6.6.6, for=127.0.0.1;proto=http ") || !strings.HasSuffix(body, " client=6.6.6.6:0") {
 			t.Fatalf("worker saw %q", body)
 		}
 	})
