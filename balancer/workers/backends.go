@@ -14,6 +14,8 @@ import (
 	"sync"
 	"syscall"
 	"time"
+
+	dto "github.com/prometheus/client_model/go"
 )
 
 // MaxBackends bounds the backends of one edge: routing marks the workers it already tried
@@ -291,6 +293,7 @@ func (bs *Backends) watch(ctx context.Context, b *backend) {
 	passes, fails := 0, 0
 	backoff := 100 * time.Millisecond
 	first := true
+	var seen answerCounts // the backend's proxied answers at the last look
 	defer func() {
 		if first { // removed or stopped before its first probe ended
 			bs.mu.Lock()
@@ -339,7 +342,11 @@ func (bs *Backends) watch(ctx context.Context, b *backend) {
 			bs.probedOnce()
 		}
 		in = b.w != nil
+		w := b.w
 		bs.mu.Unlock()
+		if in {
+			bs.checkAnswers(b, w, &seen)
+		}
 
 		// Out of routing: probe again soon, backing off to the health interval. In
 		// routing: every interval with active checks; with passive checks only when a
@@ -361,6 +368,40 @@ func (bs *Backends) watch(ctx context.Context, b *backend) {
 		case <-wait:
 		case <-b.kick:
 		}
+	}
+}
+
+// burst5xx is how many 5xx answers in one health interval, at least half of the
+// backend's answers then, make an error burst.
+const burst5xx = 20
+
+// answerCounts are a backend's proxied answers so far: all of them and the 5xx ones.
+type answerCounts struct{ all, failed float64 }
+
+// checkAnswers is passive health on the answers: a burst of 5xx since the last look gives
+// the backend no new sessions for a while (Worker.MarkStuck, a backoff); the sessions it
+// holds stay, since the app may fail only some of its requests.
+func (bs *Backends) checkAnswers(b *backend, w *Worker, seen *answerCounts) {
+	m := bs.Edge.WorkerSettings().Metrics
+	if m == nil {
+		return
+	}
+	var now answerCounts
+	for class := 100; class <= 500; class += 100 {
+		var pm dto.Metric
+		if w.Pool().Requests(m, class).Write(&pm) != nil {
+			continue
+		}
+		v := pm.GetCounter().GetValue()
+		now.all += v
+		if class == 500 {
+			now.failed = v
+		}
+	}
+	all, failed := now.all-seen.all, now.failed-seen.failed
+	*seen = now
+	if failed >= burst5xx && 2*failed >= all {
+		w.MarkStuck(bs.log, fmt.Sprintf("backend %s answered %.0f of its last %.0f requests with 5xx", b.address, failed, all))
 	}
 }
 

@@ -319,3 +319,40 @@ func TestLocalDialErrorIsNotTheBackends(t *testing.T) {
 		t.Error("ECONNREFUSED taken for a local shortage")
 	}
 }
+
+// TestBackendsErrorBurst: a burst of 5xx answers gives the backend no new sessions for a
+// while; it stays in routing with its sessions.
+func TestBackendsErrorBurst(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	go acceptAll(ln)
+	e := newFakeEdge(quietLog(t))
+	bs := &Backends{Edge: e, Addrs: []string{ln.Addr().String()}, HealthInterval: 20 * time.Millisecond, Logger: quietLog(t)}
+	ctx, cancel := context.WithCancel(context.Background())
+	defer func() { cancel(); bs.Wait() }()
+	if err := bs.Start(ctx); err != nil {
+		t.Fatal(err)
+	}
+	<-bs.Settled()
+	w := e.worker(0)
+	m := e.settings.Metrics
+	// A few errors among many answers: no burst.
+	w.Pool().Requests(m, 200).Add(100)
+	w.Pool().Requests(m, 502).Add(5)
+	bs.mu.Lock()
+	b := bs.slots[0]
+	bs.mu.Unlock()
+	var seen answerCounts
+	bs.checkAnswers(b, w, &seen)
+	if !w.TakesNew(time.Now()) {
+		t.Fatal("5 errors in 105 answers made the backend stuck")
+	}
+	w.Pool().Requests(m, 502).Add(30)
+	eventually(t, "an error burst to take the backend out of new sessions", func() bool { return !w.TakesNew(time.Now()) })
+	if e.worker(0) != w || w.State() != StateReady {
+		t.Fatalf("an error burst removed the backend (state %v): its sessions would be lost", w.State())
+	}
+}
