@@ -4,11 +4,19 @@ import (
 	"bufio"
 	"bytes"
 	"context"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/tls"
+	"crypto/x509"
+	"crypto/x509/pkix"
 	"encoding/json"
+	"encoding/pem"
 	"errors"
 	"flag"
 	"fmt"
 	"io"
+	"math/big"
 	"net"
 	"os"
 	"os/exec"
@@ -38,6 +46,11 @@ type compareOpts struct {
 	sources                       int
 	hold                          time.Duration
 	raw                           io.Writer
+	// -tls: every target terminates TLS with the same certificate (pem: cert and key in
+	// one file, as HAProxy wants it).
+	tls               bool
+	certFile, keyFile string
+	pemFile           string
 }
 
 func runCompare(ctx context.Context, args []string, out io.Writer) error {
@@ -57,6 +70,7 @@ func runCompare(ctx context.Context, args []string, out io.Writer) error {
 	fs.DurationVar(&o.hold, "hold", 2*time.Second, "idle hold after the last step")
 	fs.IntVar(&o.sources, "sources", 8, "client source addresses")
 	rawPath := fs.String("raw", "", "also append every run's JSON line to this file")
+	fs.BoolVar(&o.tls, "tls", false, "every target terminates TLS (wss://) with one self-signed certificate; direct is the Go server speaking TLS itself")
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
@@ -87,6 +101,11 @@ func runCompare(ctx context.Context, args []string, out io.Writer) error {
 		return err
 	}
 	defer os.RemoveAll(dir)
+	if o.tls {
+		if err := o.writeCert(dir); err != nil {
+			return err
+		}
+	}
 
 	var names []string
 	for _, name := range strings.Split(*targets, ",") {
@@ -242,7 +261,11 @@ func (t *target) stop() {
 
 // startServe starts `stickybench serve` and returns its address.
 func startServe(ctx context.Context, o *compareOpts, t *target, id string) (string, int, error) {
-	cmd := exec.Command(o.self, "serve", "-listen", "127.0.0.1:0", "-id", id)
+	args := []string{"serve", "-listen", "127.0.0.1:0", "-id", id}
+	if o.tls && t.name == "direct" {
+		args = append(args, "-tls-cert", o.certFile, "-tls-key", o.keyFile)
+	}
+	cmd := exec.Command(o.self, args...)
 	cmd.Stderr = os.Stderr
 	so, err := cmd.StdoutPipe()
 	if err != nil {
@@ -272,7 +295,7 @@ func startDirect(ctx context.Context, o *compareOpts) (*target, error) {
 	if err != nil {
 		return t, err
 	}
-	t.url = "ws://" + addr + "/ws"
+	t.url = o.scheme() + addr + "/ws"
 	t.pids = []int{pid}
 	return t, waitReady(ctx, t.url)
 }
@@ -312,11 +335,15 @@ func startStickyd(ctx context.Context, o *compareOpts, dir string) (*target, err
 		return nil, err
 	}
 	addr := net.JoinHostPort("127.0.0.1", strconv.Itoa(p))
-	if err := startProc(t, o.stickyd, "run", "-listen", addr, "-workers", "2", "-metrics", net.JoinHostPort("127.0.0.1", strconv.Itoa(mp)),
-		"-log-level", "warn", "--", o.self, "serve-worker"); err != nil {
+	args := []string{"run", "-listen", addr, "-workers", "2", "-metrics", net.JoinHostPort("127.0.0.1", strconv.Itoa(mp)), "-log-level", "warn"}
+	if o.tls {
+		args = append(args[:1], "-listen", "", "-tls-listen", addr, "-tls-cert", o.certFile, "-tls-key", o.keyFile, "-tls-watch", "0")
+		args = append(args, "-workers", "2", "-metrics", net.JoinHostPort("127.0.0.1", strconv.Itoa(mp)), "-log-level", "warn")
+	}
+	if err := startProc(t, o.stickyd, append(args, "--", o.self, "serve-worker")...); err != nil {
 		return t, err
 	}
-	t.url = "ws://" + addr + "/ws"
+	t.url = o.scheme() + addr + "/ws"
 	if err := waitReady(ctx, t.url); err != nil {
 		return t, err
 	}
@@ -377,8 +404,8 @@ http {
   upstream ws {
 %[2]s  }
   server {
-    listen 127.0.0.1:%[3]d;
-    location / {
+    listen 127.0.0.1:%[3]d%[5]s;
+%[6]s    location / {
       proxy_pass http://ws;
       proxy_http_version 1.1;
       proxy_set_header Upgrade $http_upgrade;
@@ -389,7 +416,7 @@ http {
     }
   }
 }
-`, nd, ups.String(), p, 2*o.idleN+100)
+`, nd, ups.String(), p, 2*o.idleN+100, o.nginxSSL(), o.nginxCert())
 	cf := filepath.Join(nd, "nginx.conf")
 	if err := os.WriteFile(cf, []byte(conf), 0o644); err != nil {
 		return t, err
@@ -397,7 +424,7 @@ http {
 	if err := startProc(t, bin, "-p", nd, "-c", cf, "-e", "stderr"); err != nil {
 		return t, err
 	}
-	t.url = fmt.Sprintf("ws://127.0.0.1:%d/ws", p)
+	t.url = fmt.Sprintf("%s127.0.0.1:%d/ws", o.scheme(), p)
 	return t, waitReady(ctx, t.url)
 }
 
@@ -428,11 +455,11 @@ defaults
   timeout tunnel 1h
   timeout http-request 10s
 frontend fe
-  bind 127.0.0.1:%[1]d
+  bind 127.0.0.1:%[1]d%[4]s
   default_backend be
 backend be
   balance roundrobin
-%[2]s`, p, srv.String(), o.idleN+200)
+%[2]s`, p, srv.String(), o.idleN+200, o.haproxySSL())
 	cf := filepath.Join(dir, "haproxy.cfg")
 	if err := os.WriteFile(cf, []byte(conf), 0o644); err != nil {
 		return t, err
@@ -440,13 +467,69 @@ backend be
 	if err := startProc(t, bin, "-db", "-f", cf); err != nil {
 		return t, err
 	}
-	t.url = fmt.Sprintf("ws://127.0.0.1:%d/ws", p)
+	t.url = fmt.Sprintf("%s127.0.0.1:%d/ws", o.scheme(), p)
 	return t, waitReady(ctx, t.url)
+}
+
+func (o *compareOpts) scheme() string {
+	if o.tls {
+		return "wss://"
+	}
+	return "ws://"
+}
+
+func (o *compareOpts) nginxSSL() string {
+	if o.tls {
+		return " ssl"
+	}
+	return ""
+}
+
+func (o *compareOpts) nginxCert() string {
+	if !o.tls {
+		return ""
+	}
+	return fmt.Sprintf("    ssl_certificate %s;\n    ssl_certificate_key %s;\n    ssl_protocols TLSv1.2 TLSv1.3;\n", o.certFile, o.keyFile)
+}
+
+func (o *compareOpts) haproxySSL() string {
+	if !o.tls {
+		return ""
+	}
+	return " ssl crt " + o.pemFile + " alpn http/1.1"
+}
+
+// writeCert makes the self-signed ECDSA P-256 certificate every target serves under -tls.
+func (o *compareOpts) writeCert(dir string) error {
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		return err
+	}
+	tmpl := &x509.Certificate{SerialNumber: big.NewInt(1), Subject: pkix.Name{CommonName: "127.0.0.1"},
+		IPAddresses: []net.IP{net.IPv4(127, 0, 0, 1)}, NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(24 * time.Hour),
+		KeyUsage: x509.KeyUsageDigitalSignature, ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth}}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
+	if err != nil {
+		return err
+	}
+	kder, err := x509.MarshalECPrivateKey(key)
+	if err != nil {
+		return err
+	}
+	certPEM := pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der})
+	keyPEM := pem.EncodeToMemory(&pem.Block{Type: "EC PRIVATE KEY", Bytes: kder})
+	o.certFile, o.keyFile, o.pemFile = filepath.Join(dir, "tls.crt"), filepath.Join(dir, "tls.key"), filepath.Join(dir, "tls.pem")
+	for path, data := range map[string][]byte{o.certFile: certPEM, o.keyFile: keyPEM, o.pemFile: append(append([]byte{}, certPEM...), keyPEM...)} {
+		if err := os.WriteFile(path, data, 0o600); err != nil {
+			return err
+		}
+	}
+	return nil
 }
 
 // waitReady dials the target until a WebSocket handshake and its hello succeed.
 func waitReady(ctx context.Context, u string) error {
-	d := &websocket.Dialer{HandshakeTimeout: time.Second}
+	d := &websocket.Dialer{HandshakeTimeout: time.Second, TLSClientConfig: &tls.Config{InsecureSkipVerify: true}}
 	deadline := time.Now().Add(20 * time.Second)
 	var last error
 	for time.Now().Before(deadline) {
@@ -501,6 +584,9 @@ func writeTable(out io.Writer, o *compareOpts, ts []*target, res map[string]*tar
 			t.name, h, ratio(h, dh), e, ratio(e, de), p, ratio(p, dp), k, ratio(k, dk), proxyOnly, median(r.idleFDs), r.errors)
 	}
 	fmt.Fprintf(&b, "\nMedians of %d interleaved repetitions (order rotated each repetition); ratios are to direct.\n", o.reps)
+	if o.tls {
+		fmt.Fprintf(&b, "TLS: every target terminates TLS (ECDSA P-256, full handshakes, TLS 1.3); direct is the Go server speaking TLS itself.\n")
+	}
 	fmt.Fprintf(&b, "Per run: handshake -n %d -c %d (dial, upgrade, read the hello, close); echo -c %d -m %d -size %d (one message in flight per connection);\n", o.hsN, o.c, o.c, o.m, o.size)
 	fmt.Fprintf(&b, "idle -n %d, RSS and fds sampled at %s held connections, slope between them; -tree over the edge/proxy and its backends. Client sources: %d addresses.\n", o.idleN, o.idleSteps, o.sources)
 	fmt.Fprintf(&b, "Raw per-run values (handshakes/s, echo msgs/s, echo p99 ms, idle KiB/conn):\n")

@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"crypto/tls"
 	"encoding/json"
 	"errors"
 	"flag"
@@ -54,6 +55,11 @@ func runServe(ctx context.Context, args []string, worker bool) error {
 		fs.StringVar(&listen, "listen", listen, "loopback address to listen on (port 0: any); the bound address is printed as JSON on stdout")
 	}
 	id := fs.String("id", os.Getenv(fdpass.EnvWorkerID), "worker id in the hello (default: $"+fdpass.EnvWorkerID+", else the pid)")
+	var certFile, keyFile string
+	if !worker {
+		fs.StringVar(&certFile, "tls-cert", "", "serve TLS with this certificate (and -tls-key): the direct baseline of compare -tls")
+		fs.StringVar(&keyFile, "tls-key", "", "the key of -tls-cert")
+	}
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
@@ -80,6 +86,13 @@ func runServe(ctx context.Context, args []string, worker bool) error {
 		ln, err = net.Listen("tcp", listen)
 		if err != nil {
 			return err
+		}
+		if certFile != "" {
+			cert, err := tls.LoadX509KeyPair(certFile, keyFile)
+			if err != nil {
+				return fmt.Errorf("-tls-cert: %v", err)
+			}
+			ln = tls.NewListener(ln, &tls.Config{Certificates: []tls.Certificate{cert}, NextProtos: []string{"http/1.1"}})
 		}
 		emit(os.Stdout, map[string]any{"mode": "serve", "listen": ln.Addr().String(), "pid": os.Getpid()})
 	}
