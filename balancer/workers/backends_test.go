@@ -320,38 +320,37 @@ func TestLocalDialErrorIsNotTheBackends(t *testing.T) {
 	}
 }
 
-// TestBackendsErrorBurst: a burst of 5xx answers gives the backend no new sessions for a
-// while; it stays in routing with its sessions.
+// TestBackendsErrorBurst: a burst of 5xx answers since the last look gives the backend no
+// new sessions for a while; it stays in routing with its sessions. (The watch loop looks
+// once per health interval; the test looks itself, at chosen points.)
 func TestBackendsErrorBurst(t *testing.T) {
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
-	go acceptAll(ln)
 	e := newFakeEdge(quietLog(t))
-	bs := &Backends{Edge: e, Addrs: []string{ln.Addr().String()}, HealthInterval: 20 * time.Millisecond, Logger: quietLog(t)}
-	ctx, cancel := context.WithCancel(context.Background())
-	defer func() { cancel(); bs.Wait() }()
-	if err := bs.Start(ctx); err != nil {
-		t.Fatal(err)
-	}
-	<-bs.Settled()
-	w := e.worker(0)
+	bs := &Backends{Edge: e, Logger: quietLog(t)}
+	bs.defaults()
+	b := &backend{slot: 0, address: "127.0.0.1:1"}
+	w := NewWorker(0, 0, NewBackendChannel("tcp", b.address, nil), 0)
+	e.AddWorker(w)
 	m := e.settings.Metrics
+	var seen answerCounts
 	// A few errors among many answers: no burst.
 	w.Pool().Requests(m, 200).Add(100)
 	w.Pool().Requests(m, 502).Add(5)
-	bs.mu.Lock()
-	b := bs.slots[0]
-	bs.mu.Unlock()
-	var seen answerCounts
 	bs.checkAnswers(b, w, &seen)
 	if !w.TakesNew(time.Now()) {
 		t.Fatal("5 errors in 105 answers made the backend stuck")
 	}
+	// Errors below the burst size: no burst either.
+	w.Pool().Requests(m, 503).Add(burst5xx - 1)
+	bs.checkAnswers(b, w, &seen)
+	if !w.TakesNew(time.Now()) {
+		t.Fatalf("%d errors made the backend stuck", burst5xx-1)
+	}
 	w.Pool().Requests(m, 502).Add(30)
-	eventually(t, "an error burst to take the backend out of new sessions", func() bool { return !w.TakesNew(time.Now()) })
+	w.Pool().Requests(m, 200).Add(10)
+	bs.checkAnswers(b, w, &seen)
+	if w.TakesNew(time.Now()) {
+		t.Fatal("30 errors in 40 answers did not stop new sessions to the backend")
+	}
 	if e.worker(0) != w || w.State() != StateReady {
 		t.Fatalf("an error burst removed the backend (state %v): its sessions would be lost", w.State())
 	}
