@@ -605,6 +605,9 @@ func (b *Balancer) handoff(cc *clientConn, h *upgrade.Head, consumed []byte) {
 		// socket, so the tunnel carries the client's own bytes).
 		_, isTLS := c.(*tls.Conn)
 		if _, dials := r.w.Channel().(workers.Dialer); dials || isTLS || consumed != nil && !r.w.Channel().CanReplay() {
+			if dials && r.key.Kind == sticky.KindNone && !b.isHandshake(h) {
+				countTunnel(r.w)
+			}
 			if err = b.tunnel(cc, r.w, h, consumed); err == nil {
 				return
 			}

@@ -1375,9 +1375,10 @@ func (b *Balancer) tunnel(cc *clientConn, w *workers.Worker, h *upgrade.Head, co
 }
 
 // pipe copies one direction of a tunnel and half-closes the far side at the end. Between
-// two TCP (or unix stream) sockets io.Copy uses splice(2): the bytes never enter user space.
+// two TCP (or unix stream) sockets the bytes go by splice(2), never through user space,
+// and an idle direction holds no pipe (copyWhenReadable).
 func pipe(dst, src net.Conn) {
-	io.Copy(dst, src)
+	copyWhenReadable(dst, src)
 	if cw, ok := dst.(interface{ CloseWrite() error }); ok {
 		cw.CloseWrite()
 	} else {

@@ -3,8 +3,13 @@ package balancer
 import (
 	"bufio"
 	"bytes"
+	"io"
+	"net"
 	"net/netip"
 	"strings"
+	"syscall"
+
+	"golang.org/x/sys/unix"
 )
 
 // writeTunnelHead writes an upgrade request's head for a backend reached by address, which
@@ -71,4 +76,58 @@ func writeTunnelHead(w *bufio.Writer, head []byte, peer netip.Addr, trusted bool
 		w.WriteString("X-Forwarded-Proto: http\r\n")
 	}
 	w.WriteString("\r\n")
+}
+
+// copyWhenReadable copies src to dst until src ends, like io.Copy, but takes a splice pipe
+// only while bytes wait in src. Between two sockets io.Copy splices through a kernel pipe
+// (two descriptors) that it holds for as long as it waits for input: on an idle tunnel,
+// forever — 4 of the 6 descriptors an idle tunnel held. Here the goroutine waits for input
+// with no pipe (a one-byte MSG_PEEK through the netpoller), then splices exactly what is
+// queued (SIOCINQ), and the pipe goes back to the runtime's pool. dst must be a
+// *net.TCPConn (its ReadFrom splices from TCP and unix sources); anything else is io.Copy.
+func copyWhenReadable(dst, src net.Conn) error {
+	tc, ok := dst.(*net.TCPConn)
+	sc, ok2 := src.(syscall.Conn)
+	if !ok || !ok2 {
+		_, err := io.Copy(dst, src)
+		return err
+	}
+	rc, err := sc.SyscallConn()
+	if err != nil {
+		_, err := io.Copy(dst, src)
+		return err
+	}
+	lr := &io.LimitedReader{R: src}
+	for {
+		var queued int
+		var eof bool
+		var rerr error
+		err := rc.Read(func(fd uintptr) bool {
+			var b [1]byte
+			n, _, e := unix.Recvfrom(int(fd), b[:], unix.MSG_PEEK|unix.MSG_DONTWAIT)
+			switch {
+			case e == unix.EAGAIN || e == unix.EINTR:
+				return false // nothing yet: wait for the netpoller
+			case e != nil:
+				rerr = e
+			case n == 0:
+				eof = true
+			default:
+				queued, rerr = unix.IoctlGetInt(int(fd), unix.SIOCINQ)
+			}
+			return true
+		})
+		switch {
+		case err != nil:
+			return err // a deadline (freeze, shutdown) or a closed connection
+		case rerr != nil:
+			return rerr
+		case eof:
+			return nil
+		}
+		lr.N = int64(max(queued, 1))
+		if _, err := tc.ReadFrom(lr); err != nil {
+			return err
+		}
+	}
 }
