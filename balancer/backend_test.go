@@ -109,3 +109,28 @@ func TestTunnelToBackendTrustedProxy(t *testing.T) {
 		t.Errorf("backend got %+v, want the trusted chain then the peer, and https", h)
 	}
 }
+
+// TestIdleTunnelHoldsNoPipe: an idle tunnel costs its two sockets and nothing more — no
+// kernel pipe per direction, which io.Copy's splice keeps while it waits for input (each
+// pipe two descriptors and its ring in unreclaimable kernel memory).
+func TestIdleTunnelHoldsNoPipe(t *testing.T) {
+	addr := backendEdge(t, Config{}, 2)
+	base := openFDs(t)
+	const n = 20
+	for i := range n {
+		c, _ := dialBackendWS(t, addr, nil)
+		defer c.Close()
+		msg := []byte("warm " + strconv.Itoa(i)) // data flowed both ways: the pipes were used
+		c.WriteMessage(websocket.TextMessage, msg)
+		if _, got, err := c.ReadMessage(); err != nil || string(got) != string(msg) {
+			t.Fatalf("echo: %q %v", got, err)
+		}
+	}
+	// Per tunnel in this process: the client's socket, the edge's two, the backend's one.
+	// The runtime may keep a few spare pipes pooled (not per tunnel).
+	want := base + 4*n
+	waitFor(t, "idle tunnels to settle", 5*time.Second, func() bool { return openFDs(t) <= want+8 })
+	if got := openFDs(t); got > want+8 {
+		t.Fatalf("%d idle tunnels hold %d descriptors, want %d (4 each) plus a few pooled pipes", n, got-base, 4*n)
+	}
+}
