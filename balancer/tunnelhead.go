@@ -82,8 +82,8 @@ func writeTunnelHead(w *bufio.Writer, head []byte, peer netip.Addr, trusted bool
 // only while bytes wait in src. Between two sockets io.Copy splices through a kernel pipe
 // (two descriptors) that it holds for as long as it waits for input: on an idle tunnel,
 // forever — 4 of the 6 descriptors an idle tunnel held. Here the goroutine waits for input
-// with no pipe (a one-byte MSG_PEEK through the netpoller), then splices exactly what is
-// queued (SIOCINQ), and the pipe goes back to the runtime's pool. dst must be a
+// with no pipe (through the netpoller), then splices exactly what is queued (SIOCINQ), and
+// the pipe goes back to the runtime's pool. dst must be a
 // *net.TCPConn (its ReadFrom splices from TCP and unix sources); anything else is io.Copy.
 func copyWhenReadable(dst, src net.Conn) error {
 	tc, ok := dst.(*net.TCPConn)
@@ -103,6 +103,11 @@ func copyWhenReadable(dst, src net.Conn) error {
 		var eof bool
 		var rerr error
 		err := rc.Read(func(fd uintptr) bool {
+			// Bytes queued: one ioctl, no more syscalls than io.Copy's own loop.
+			if queued, rerr = unix.IoctlGetInt(int(fd), unix.SIOCINQ); rerr != nil || queued > 0 {
+				return true
+			}
+			// Nothing queued: nothing yet, or the end (a FIN queues no bytes).
 			var b [1]byte
 			n, _, e := unix.Recvfrom(int(fd), b[:], unix.MSG_PEEK|unix.MSG_DONTWAIT)
 			switch {
@@ -113,7 +118,7 @@ func copyWhenReadable(dst, src net.Conn) error {
 			case n == 0:
 				eof = true
 			default:
-				queued, rerr = unix.IoctlGetInt(int(fd), unix.SIOCINQ)
+				queued = n // arrived between the two calls
 			}
 			return true
 		})
