@@ -907,8 +907,10 @@ func writeClientAddr(w *bufio.Writer, client netip.AddrPort) {
 }
 
 // scheme is how the client reached the edge: "https" over TLS.
-func (x *exchange) scheme() string {
-	if _, ok := x.c.(*tls.Conn); ok {
+func (x *exchange) scheme() string { return schemeOf(x.c) }
+
+func schemeOf(c net.Conn) string {
+	if _, ok := c.(*tls.Conn); ok {
 		return "https"
 	}
 	return "http"
@@ -1332,7 +1334,7 @@ func (b *Balancer) tunnel(cc *clientConn, w *workers.Worker, h *upgrade.Head, co
 		n := min(h.Size, len(head))
 		bw := bufio.NewWriterSize(vc, n+256)
 		peer := addrPort(c.RemoteAddr()).Addr()
-		writeTunnelHead(bw, head[:n], peer, b.cfg.Rules.Trusts(peer))
+		writeTunnelHead(bw, head[:n], peer, b.cfg.Rules.Trusts(peer), schemeOf(c))
 		bw.Write(head[n:])
 		if bw.Flush() != nil {
 			return nil

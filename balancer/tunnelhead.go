@@ -7,6 +7,7 @@ import (
 	"net"
 	"net/netip"
 	"strings"
+	"sync"
 	"syscall"
 
 	"golang.org/x/sys/unix"
@@ -18,7 +19,7 @@ import (
 // peer is a trusted proxy, plus X-Forwarded-For (the chain a trusted proxy gave, then the
 // peer) and X-Forwarded-Proto — what the per-request path writes for the same backend.
 // head is the whole head, through its blank line; a head it cannot split is written as is.
-func writeTunnelHead(w *bufio.Writer, head []byte, peer netip.Addr, trusted bool) {
+func writeTunnelHead(w *bufio.Writer, head []byte, peer netip.Addr, trusted bool, proto string) {
 	rest := head
 	for len(rest) > 0 && (rest[0] == '\r' || rest[0] == '\n') {
 		rest = rest[1:] // empty lines before the request line (RFC 9112 §2.2)
@@ -73,9 +74,67 @@ func writeTunnelHead(w *bufio.Writer, head []byte, peer netip.Addr, trusted bool
 	w.Write(peer.AppendTo(w.AvailableBuffer()))
 	w.WriteString("\r\n")
 	if !hasProto {
-		w.WriteString("X-Forwarded-Proto: http\r\n")
+		w.WriteString("X-Forwarded-Proto: ")
+		w.WriteString(proto)
+		w.WriteString("\r\n")
 	}
 	w.WriteString("\r\n")
+}
+
+// tlsTunnelBuf is what a direction of a tunnel from a TLS client holds while it waits.
+const tlsTunnelBuf = 4 << 10
+
+var tunnelBufPool = sync.Pool{New: func() any { b := make([]byte, 16<<10); return &b }}
+
+// copyPooled copies a socket to a destination that cannot splice (a TLS client, a
+// socketpair to a worker): it waits for input holding no buffer, then moves what is there
+// through a pooled one.
+func copyPooled(dst, src net.Conn, sc syscall.Conn) error {
+	rc, err := sc.SyscallConn()
+	if err != nil {
+		_, err := io.Copy(dst, src)
+		return err
+	}
+	for {
+		var rerr error
+		eof := false
+		err := rc.Read(func(fd uintptr) bool {
+			var b [1]byte
+			n, _, e := unix.Recvfrom(int(fd), b[:], unix.MSG_PEEK|unix.MSG_DONTWAIT)
+			switch {
+			case e == unix.EAGAIN || e == unix.EINTR:
+				return false // nothing yet: wait for the netpoller
+			case e != nil:
+				rerr = e
+			case n == 0:
+				eof = true
+			}
+			return true
+		})
+		switch {
+		case err != nil:
+			return err // a deadline (freeze, shutdown) or a closed connection
+		case rerr != nil:
+			return rerr
+		case eof:
+			return nil
+		}
+		bp := tunnelBufPool.Get().(*[]byte)
+		n, rerr2 := src.Read(*bp)
+		if n > 0 {
+			if _, werr := dst.Write((*bp)[:n]); werr != nil {
+				tunnelBufPool.Put(bp)
+				return werr
+			}
+		}
+		tunnelBufPool.Put(bp)
+		if rerr2 == io.EOF {
+			return nil
+		}
+		if rerr2 != nil {
+			return rerr2
+		}
+	}
 }
 
 // copyWhenReadable copies src to dst until src ends, like io.Copy, but takes a splice pipe
@@ -88,9 +147,18 @@ func writeTunnelHead(w *bufio.Writer, head []byte, peer netip.Addr, trusted bool
 func copyWhenReadable(dst, src net.Conn) error {
 	tc, ok := dst.(*net.TCPConn)
 	sc, ok2 := src.(syscall.Conn)
-	if !ok || !ok2 {
-		_, err := io.Copy(dst, src)
+	if pc, isPrefix := src.(*prefixConn); isPrefix && len(pc.pending) > 0 {
+		ok2 = false // bytes of its own in front of the socket: no waiting on the socket
+	}
+	if !ok2 {
+		// TLS: the session may hold decrypted bytes the socket no longer shows, so the
+		// copy cannot wait on the socket; it keeps a small buffer (not io.Copy's 32 KiB).
+		buf := make([]byte, tlsTunnelBuf)
+		_, err := io.CopyBuffer(dst, src, buf)
 		return err
+	}
+	if !ok {
+		return copyPooled(dst, src, sc)
 	}
 	rc, err := sc.SyscallConn()
 	if err != nil {
