@@ -191,7 +191,7 @@ func TestDeployConfigFileIsValid(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if f.metricsAddr != defaultAdmin || f.key != "sid,ip" || f.logFormat != "json" {
+	if f.metricsAddr != defaultAdmin || f.key != "sid" || f.logFormat != "json" {
 		t.Errorf("deploy/stickyd.yaml read as %+v", *f)
 	}
 }
