@@ -6,6 +6,7 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"log/slog"
 	"net"
 	"net/http"
 	"os"
@@ -110,16 +111,31 @@ func applyEnv(fs *flag.FlagSet) error {
 	return errors.Join(errs...)
 }
 
-func runEdge(ctx context.Context, mode string, args []string, stderr io.Writer) error {
+// edgeSettings are the settings of one edge run, parsed and checked: flags, then STICKYD_*
+// variables, then the -config file.
+type edgeSettings struct {
+	mode      string
+	args      []string
+	fs        *flag.FlagSet
+	f         edgeFlags
+	command   []string // the worker command (demo: this binary's demo worker)
+	allowUIDs []int
+	log       *slog.Logger
+	logLevel  *slog.LevelVar
+	cfg       balancer.Config // without Metrics
+}
+
+// parseEdgeSettings reads and checks an edge's settings; an error names the setting and the fix.
+func parseEdgeSettings(mode string, args []string, stderr io.Writer) (*edgeSettings, error) {
 	fs := flag.NewFlagSet(mode, flag.ContinueOnError)
 	fs.SetOutput(stderr)
 	var f edgeFlags
 	f.register(fs, mode)
 	if err := fs.Parse(args); err != nil {
-		return fmt.Errorf("%w: %v", errUsage, err)
+		return nil, fmt.Errorf("%w: %v", errUsage, err)
 	}
 	if err := applySources(fs); err != nil { // STICKYD_* variables, then the -config file
-		return fmt.Errorf("%w: %v", errUsage, err)
+		return nil, fmt.Errorf("%w: %v", errUsage, err)
 	}
 	fixedTTL := false // -session-ttl given (flag, variable or file): the edge does not learn the app's
 	fs.Visit(func(fl *flag.Flag) { fixedTTL = fixedTTL || fl.Name == "session-ttl" })
@@ -127,27 +143,27 @@ func runEdge(ctx context.Context, mode string, args []string, stderr io.Writer) 
 	switch mode {
 	case "demo":
 		if len(command) > 0 {
-			return fmt.Errorf("%w: demo takes no command (use `stickyd run -- CMD`)", errUsage)
+			return nil, fmt.Errorf("%w: demo takes no command (use `stickyd run -- CMD`)", errUsage)
 		}
 		self, err := os.Executable()
 		if err != nil {
-			return fmt.Errorf("find own executable for the demo workers: %w", err)
+			return nil, fmt.Errorf("find own executable for the demo workers: %w", err)
 		}
 		command = []string{self, "demo-worker"}
 	case "run":
 		if len(command) == 0 {
-			return fmt.Errorf("%w: no worker command: stickyd run [flags] -- CMD ARGS... (e.g. -- node server.js)", errUsage)
+			return nil, fmt.Errorf("%w: no worker command: stickyd run [flags] -- CMD ARGS... (e.g. -- node server.js)", errUsage)
 		}
 		if err := workers.CheckWorkerCommand(command); err != nil {
-			return fmt.Errorf("%w: %v", errUsage, err)
+			return nil, fmt.Errorf("%w: %v", errUsage, err)
 		}
 	case "proxy":
 		if len(command) > 0 {
-			return fmt.Errorf("%w: proxy takes no command: its backends listen on their own addresses (-backend ADDR)", errUsage)
+			return nil, fmt.Errorf("%w: proxy takes no command: its backends listen on their own addresses (-backend ADDR)", errUsage)
 		}
 	case "serve":
 		if len(command) > 0 {
-			return fmt.Errorf("%w: serve takes no command: workers connect to -control (use `stickyd run -- CMD` to spawn them)", errUsage)
+			return nil, fmt.Errorf("%w: serve takes no command: workers connect to -control (use `stickyd run -- CMD` to spawn them)", errUsage)
 		}
 	}
 	var allowUIDs []int
@@ -157,52 +173,65 @@ func runEdge(ctx context.Context, mode string, args []string, stderr io.Writer) 
 		}
 		n, err := strconv.Atoi(u)
 		if err != nil || n < 0 {
-			return fmt.Errorf("%w: -allow-uid %q: want numeric uids separated by commas", errUsage, f.allowUIDs)
+			return nil, fmt.Errorf("%w: -allow-uid %q: want numeric uids separated by commas", errUsage, f.allowUIDs)
 		}
 		allowUIDs = append(allowUIDs, n)
 	}
 	log, logLevel, err := newLevelLogger(stderr, f.logFormat, f.logLevel)
 	if err != nil {
-		return fmt.Errorf("%w: %v", errUsage, err)
+		return nil, fmt.Errorf("%w: %v", errUsage, err)
 	}
 	sources, err := sticky.ParseSources(f.key)
 	if err != nil {
-		return fmt.Errorf("-key: %w", err)
+		return nil, fmt.Errorf("-key: %w", err)
 	}
 	trusted, err := sticky.ParsePrefixes(f.trusted)
 	if err != nil {
-		return fmt.Errorf("-trusted-proxies: %w", err)
+		return nil, fmt.Errorf("-trusted-proxies: %w", err)
 	}
 	if err := (&balancer.Config{NodeID: f.nodeID, AffinityCookie: f.affinityCookie, SIDHeader: f.sidHeader}).CheckAffinity(); err != nil {
-		return fmt.Errorf("%w: -node-id/-affinity-cookie/-sid-header: %v", errUsage, err)
+		return nil, fmt.Errorf("%w: -node-id/-affinity-cookie/-sid-header: %v", errUsage, err)
 	}
+	return &edgeSettings{mode: mode, args: args, fs: fs, f: f, command: command, allowUIDs: allowUIDs, log: log, logLevel: logLevel,
+		cfg: balancer.Config{
+			Rules:           sticky.Rules{Sources: sources, TrustedProxies: trusted},
+			Balance:         sticky.Balance{Epsilon: f.epsilon},
+			SessionTTL:      f.sessionTTL,
+			MaxHeadBytes:    f.maxHead,
+			HeadTimeout:     f.headTimeout,
+			IdleTimeout:     f.idleTime,
+			MaxConns:        f.maxConns,
+			MaxConnsPerIP:   f.maxPerIP,
+			MaxBodyBytes:    f.maxBody,
+			ResponseTimeout: f.responseTimeout,
+			FixedSessionTTL: fixedTTL,
+			EngineIOPath:    f.engineIOPath,
+			MaxSessions:     f.maxSessions,
+			MaxAffinity:     f.maxAffinity,
+			NodeID:          f.nodeID,
+			AffinityCookie:  f.affinityCookie,
+			SIDHeader:       f.sidHeader,
+			Logger:          log,
+		}}, nil
+}
 
+// runEdge runs `stickyd demo|run|serve|proxy`: parse the settings, set the edge up (its
+// listeners — new, inherited from a previous image or from systemd —, the workers, the
+// admin API), serve until ctx ends, then shut down (shutdownEdge).
+func runEdge(ctx context.Context, mode string, args []string, stderr io.Writer) error {
+	es, err := parseEdgeSettings(mode, args, stderr)
+	if err != nil {
+		return err
+	}
+	fs, f, command, allowUIDs, log, logLevel := es.fs, &es.f, es.command, es.allowUIDs, es.log, es.logLevel
 	reg := prometheus.NewRegistry()
 	m, err := metrics.New(reg, true)
 	if err != nil {
 		return err
 	}
-	b := balancer.New(balancer.Config{
-		Rules:           sticky.Rules{Sources: sources, TrustedProxies: trusted},
-		Balance:         sticky.Balance{Epsilon: f.epsilon},
-		SessionTTL:      f.sessionTTL,
-		MaxHeadBytes:    f.maxHead,
-		HeadTimeout:     f.headTimeout,
-		IdleTimeout:     f.idleTime,
-		MaxConns:        f.maxConns,
-		MaxConnsPerIP:   f.maxPerIP,
-		MaxBodyBytes:    f.maxBody,
-		ResponseTimeout: f.responseTimeout,
-		FixedSessionTTL: fixedTTL,
-		EngineIOPath:    f.engineIOPath,
-		MaxSessions:     f.maxSessions,
-		MaxAffinity:     f.maxAffinity,
-		NodeID:          f.nodeID,
-		AffinityCookie:  f.affinityCookie,
-		SIDHeader:       f.sidHeader,
-		Metrics:         m,
-		Logger:          log,
-	})
+	cfg := es.cfg
+	cfg.Metrics = m
+	b := balancer.New(cfg)
 	prev, err := handover.Load()
 	if err != nil {
 		return err
@@ -386,14 +415,23 @@ func runEdge(ctx context.Context, mode string, args []string, stderr io.Writer) 
 	notifyReady(supCtx, log, b, lns, generation)
 
 	<-ctx.Done()
-	log.Info("shutting down", "grace", f.shutdownTimeout)
+	shutdownEdge(log, b, sup, &serveWG, supDone, stopWorkers, adminSrv, f.shutdownTimeout)
+	return nil
+}
+
+// shutdownEdge stops the edge gracefully: no new connections, requests in flight finish
+// within grace (their answers close their connections), then the workers stop (SIGTERM to
+// their process groups, SIGKILL after the grace). A second SIGTERM/SIGINT means now.
+func shutdownEdge(log *slog.Logger, b *balancer.Balancer, sup *workers.Supervisor, serveWG *sync.WaitGroup,
+	supDone chan error, stopWorkers func(), adminSrv *http.Server, grace time.Duration) {
+	log.Info("shutting down", "grace", grace)
 	notify(log, "STOPPING=1", "STATUS=shutting down: finishing requests in flight and stopping the workers")
 	// A second signal means now: the workers' process groups get SIGKILL and the edge
 	// exits without waiting for requests in flight.
 	now := make(chan os.Signal, 1)
 	signal.Notify(now, os.Interrupt, syscall.SIGTERM)
 	defer signal.Stop(now)
-	sctx, cancel := context.WithTimeout(context.Background(), f.shutdownTimeout)
+	sctx, cancel := context.WithTimeout(context.Background(), grace)
 	defer cancel()
 	killed := make(chan struct{})
 	go func() {
@@ -429,7 +467,6 @@ func runEdge(ctx context.Context, mode string, args []string, stderr io.Writer) 
 		adminSrv.Close()
 	}
 	log.Info("stopped")
-	return nil
 }
 
 // workerHealth answers /healthz and /readyz with what the supervisor knows about workers
