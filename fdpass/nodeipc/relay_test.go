@@ -207,12 +207,11 @@ func TestRelaySlowWorkerDoesNotBlockOthers(t *testing.T) {
 	stalled := time.Now()
 	big := strings.Repeat("x", 64<<10)
 	const n = 200
-	go func() {
-		for i := range n {
-			a.peer.write(adapterLine(3, "ua", fmt.Sprintf(`"i":%d,"pad":%q`, i, big)))
-		}
-	}()
 	for i := range n {
+		// One message in flight to the reading worker: its own queue never fills (that
+		// would drop for it too, rightly), while the stalled worker's does. A relay that
+		// blocked on the stalled worker would stall this write, then the read below.
+		a.peer.write(adapterLine(3, "ua", fmt.Sprintf(`"i":%d,"pad":%q`, i, big)))
 		line, _, err := b.peer.readLine(10 * time.Second)
 		if err != nil {
 			t.Fatalf("message %d to the reading worker: %v", i, err)
