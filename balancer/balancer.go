@@ -645,6 +645,7 @@ func (b *Balancer) handoff(cc *clientConn, h *upgrade.Head, consumed []byte) {
 
 // handedOff counts a connection a worker took (both paths record it here).
 func (b *Balancer) handedOff(w *workers.Worker, start time.Time) {
+	w.NoteHandoff(start)
 	b.m.HandoffDuration.Observe(time.Since(start).Seconds())
 	b.m.Handoffs.WithLabelValues(w.Label(), metrics.HandoffOK).Inc()
 	b.m.ConnectionsAccepted.WithLabelValues(metrics.AcceptHandedOff).Inc()

@@ -1310,6 +1310,7 @@ func (b *Balancer) tunnel(cc *clientConn, w *workers.Worker, h *upgrade.Head, co
 	if tc, ok := w.Channel().(interface{ TunnelOpened() func() }); ok {
 		defer tc.TunnelOpened()()
 	}
+	w.NoteHandoff(time.Now())
 	b.m.Handoffs.WithLabelValues(w.Label(), metrics.HandoffOK).Inc()
 	b.m.ConnectionsAccepted.WithLabelValues(metrics.AcceptTunneled).Inc()
 	// A tunnel counts as a connection mid-head for Freeze and Shutdown: their wake-up

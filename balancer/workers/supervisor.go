@@ -336,6 +336,9 @@ func (s *Supervisor) drained(p *proc) bool {
 	if s.Edge.Load(p.slot) > 0 {
 		return false
 	}
+	if p.w != nil && p.w.recentHandoff(time.Now()) {
+		return false // a WebSocket just handed over may not be counted yet
+	}
 	return p.ch.WebSockets() == 0
 }
 

@@ -70,6 +70,21 @@ type Worker struct {
 	stuckUntil atomic.Int64 // unix nanos: a handoff timed out; skip the worker until then
 	pool       *Pool        // idle virtual connections for proxied requests
 	label      string
+	handoffAt  atomic.Int64 // unix nanos of the last connection handed over (NoteHandoff)
+}
+
+// statsLag bounds how long a worker's WebSocket count can lag a handoff: Go workers
+// report once a second (fdpass.Listener.ReportWebSocketsFrom), Node's preload every 250 ms.
+const statsLag = 1500 * time.Millisecond
+
+// NoteHandoff records that the worker was just handed a connection: until its WebSocket
+// count can include it, a drain does not take the count's word that it holds none.
+func (w *Worker) NoteHandoff(t time.Time) { w.handoffAt.Store(t.UnixNano()) }
+
+// recentHandoff reports whether a connection handed over lately may be missing from the
+// worker's last WebSocket count.
+func (w *Worker) recentHandoff(now time.Time) bool {
+	return now.UnixNano()-w.handoffAt.Load() < int64(statsLag)
 }
 
 // NewWorker returns a ready worker for the process pid in slot, reached through ch.
