@@ -59,7 +59,7 @@ func runCompare(ctx context.Context, args []string, out io.Writer) error {
 	fs.StringVar(&o.stickyd, "stickyd", "/tmp/stickyd", "stickyd binary (go build -o /tmp/stickyd ./cmd/stickyd)")
 	fs.StringVar(&o.nginx, "nginx", "", "nginx binary (default: from PATH or /usr/sbin; skipped if none)")
 	fs.StringVar(&o.haproxy, "haproxy", "", "haproxy binary (default: from PATH or /usr/sbin; skipped if none)")
-	targets := fs.String("targets", "direct,stickyd,nginx,haproxy", "targets to measure")
+	targets := fs.String("targets", "direct,stickyd,nginx,haproxy", "targets to measure (also stickyd-proxy: `stickyd proxy` in front of the same 2 backends as nginx and HAProxy)")
 	fs.IntVar(&o.reps, "reps", 3, "repetitions (interleaved across targets; medians reported)")
 	fs.IntVar(&o.hsN, "hs-n", 10000, "handshakes per run")
 	fs.IntVar(&o.c, "c", 64, "concurrency of handshake and echo runs")
@@ -111,7 +111,7 @@ func runCompare(ctx context.Context, args []string, out io.Writer) error {
 	for _, name := range strings.Split(*targets, ",") {
 		name = strings.TrimSpace(name)
 		switch name {
-		case "direct", "stickyd":
+		case "direct", "stickyd", "stickyd-proxy":
 		case "nginx", "haproxy":
 			if findBin(map[string]string{"nginx": o.nginx, "haproxy": o.haproxy}[name], name) == "" {
 				fmt.Fprintf(stderr, "stickybench compare: %s not installed, skipped (apt-get install -y nginx-light haproxy)\n", name)
@@ -131,6 +131,8 @@ func runCompare(ctx context.Context, args []string, out io.Writer) error {
 			return startDirect(ctx, &o)
 		case "stickyd":
 			return startStickyd(ctx, &o, dir)
+		case "stickyd-proxy":
+			return startStickydProxy(ctx, &o)
 		case "nginx":
 			return startNginx(ctx, &o, findBin(o.nginx, "nginx"), dir)
 		default:
@@ -353,6 +355,36 @@ func startStickyd(ctx context.Context, o *compareOpts, dir string) (*target, err
 		return t, fmt.Errorf("stickyd: want the edge and 2 workers, have pids %v", t.pids)
 	}
 	return t, nil
+}
+
+// startStickydProxy runs `stickyd proxy` in front of two `stickybench serve` backends, as
+// nginx and HAProxy are run: the edge tunnels each WebSocket.
+func startStickydProxy(ctx context.Context, o *compareOpts) (*target, error) {
+	t := &target{name: "stickyd-proxy"}
+	if !isExec(o.stickyd) {
+		return nil, fmt.Errorf("no stickyd binary at %s: go build -o %s ./cmd/stickyd", o.stickyd, o.stickyd)
+	}
+	backends, err := startBackends(ctx, o, t)
+	if err != nil {
+		return t, err
+	}
+	p, err := freePort()
+	if err != nil {
+		return t, err
+	}
+	addr := net.JoinHostPort("127.0.0.1", strconv.Itoa(p))
+	args := []string{"proxy", "-listen", addr, "-metrics", "", "-log-level", "warn"}
+	if o.tls {
+		args = []string{"proxy", "-listen", "", "-tls-listen", addr, "-tls-cert", o.certFile, "-tls-key", o.keyFile, "-tls-watch", "0", "-metrics", "", "-log-level", "warn"}
+	}
+	for _, b := range backends {
+		args = append(args, "-backend", b)
+	}
+	if err := startProc(t, o.stickyd, args...); err != nil {
+		return t, err
+	}
+	t.url = o.scheme() + addr + "/ws"
+	return t, waitReady(ctx, t.url)
 }
 
 func startBackends(ctx context.Context, o *compareOpts, t *target) ([]string, error) {
