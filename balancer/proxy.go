@@ -19,8 +19,7 @@ import (
 	"syscall"
 	"time"
 
-	"golang.org/x/sys/unix"
-
+	"github.com/stickyd/stickyd/balancer/internal/fdutil"
 	"github.com/stickyd/stickyd/balancer/workers"
 	"github.com/stickyd/stickyd/metrics"
 	"github.com/stickyd/stickyd/sticky"
@@ -98,15 +97,7 @@ func waitReadable(c net.Conn) (ok bool, err error) {
 	if err != nil {
 		return false, nil
 	}
-	err = rc.Read(func(fd uintptr) bool {
-		var b [1]byte
-		for {
-			_, _, e := unix.Recvfrom(int(fd), b[:], unix.MSG_PEEK|unix.MSG_DONTWAIT)
-			if e != unix.EINTR {
-				return e != unix.EAGAIN // false: nothing yet, wait for the poller
-			}
-		}
-	})
+	_, err = fdutil.WaitReadable(rc)
 	return true, err
 }
 
@@ -748,23 +739,12 @@ func (x *exchange) WaitRead() error {
 // failed). A client that only half-closed looks the same; it is treated as gone, as
 // nginx does.
 func clientGone(c net.Conn) bool {
-	sc, ok := rawConn(c).(syscall.Conn) // under TLS: the socket itself (a FIN is a FIN)
-	if !ok {
+	raw := rawConn(c) // under TLS: the socket itself (a FIN is a FIN)
+	if _, ok := raw.(syscall.Conn); !ok {
 		return false
 	}
-	rc, err := sc.SyscallConn()
-	if err != nil {
-		return true
-	}
-	gone := false
-	var b [1]byte
-	if rc.Control(func(fd uintptr) {
-		n, _, err := unix.Recvfrom(int(fd), b[:], unix.MSG_PEEK|unix.MSG_DONTWAIT)
-		gone = (n == 0 && err == nil) || (err != nil && err != unix.EAGAIN && err != unix.EINTR)
-	}) != nil {
-		return true
-	}
-	return gone
+	state, _ := fdutil.PeekConn(raw)
+	return state == fdutil.PeekEOF || state == fdutil.PeekError
 }
 
 // countResponse counts a response status of the exchange's worker.

@@ -11,6 +11,8 @@ import (
 	"syscall"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/stickyd/stickyd/balancer/internal/fdutil"
 )
 
 // writeTunnelHead writes an upgrade request's head for a backend reached by address, which
@@ -96,27 +98,10 @@ func copyPooled(dst, src net.Conn, sc syscall.Conn) error {
 		return err
 	}
 	for {
-		var rerr error
-		eof := false
-		err := rc.Read(func(fd uintptr) bool {
-			var b [1]byte
-			n, _, e := unix.Recvfrom(int(fd), b[:], unix.MSG_PEEK|unix.MSG_DONTWAIT)
-			switch {
-			case e == unix.EAGAIN || e == unix.EINTR:
-				return false // nothing yet: wait for the netpoller
-			case e != nil:
-				rerr = e
-			case n == 0:
-				eof = true
-			}
-			return true
-		})
-		switch {
+		switch state, err := fdutil.WaitReadable(rc); {
 		case err != nil:
-			return err // a deadline (freeze, shutdown) or a closed connection
-		case rerr != nil:
-			return rerr
-		case eof:
+			return err // a deadline (freeze, shutdown), a closed connection, a failed socket
+		case state == fdutil.PeekEOF:
 			return nil
 		}
 		bp := tunnelBufPool.Get().(*[]byte)
@@ -176,17 +161,16 @@ func copyWhenReadable(dst, src net.Conn) error {
 				return true
 			}
 			// Nothing queued: nothing yet, or the end (a FIN queues no bytes).
-			var b [1]byte
-			n, _, e := unix.Recvfrom(int(fd), b[:], unix.MSG_PEEK|unix.MSG_DONTWAIT)
-			switch {
-			case e == unix.EAGAIN || e == unix.EINTR:
+			state, perr := fdutil.Peek(fd)
+			switch state {
+			case fdutil.PeekEmpty:
 				return false // nothing yet: wait for the netpoller
-			case e != nil:
-				rerr = e
-			case n == 0:
+			case fdutil.PeekError:
+				rerr = perr
+			case fdutil.PeekEOF:
 				eof = true
 			default:
-				queued = n // arrived between the two calls
+				queued = 1 // arrived between the two calls
 			}
 			return true
 		})

@@ -10,8 +10,8 @@ import (
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
-	"golang.org/x/sys/unix"
 
+	"github.com/stickyd/stickyd/balancer/internal/fdutil"
 	"github.com/stickyd/stickyd/metrics"
 )
 
@@ -82,26 +82,16 @@ const (
 // the answer to the next request — another client's — and shift every pairing after it.
 // This is net/http's "unsolicited response received on idle HTTP channel".
 func (vc *Conn) Probe() int {
-	sc, ok := vc.C.(syscall.Conn)
-	if !ok {
+	if _, ok := vc.C.(syscall.Conn); !ok {
 		return ProbeIdle
 	}
-	rc, err := sc.SyscallConn()
-	if err != nil {
-		return ProbeClosed
+	switch state, _ := fdutil.PeekConn(vc.C); state {
+	case fdutil.PeekEmpty:
+		return ProbeIdle
+	case fdutil.PeekData:
+		return ProbeUnsolicited
 	}
-	state := ProbeClosed
-	var b [1]byte
-	rc.Control(func(fd uintptr) {
-		n, _, err := unix.Recvfrom(int(fd), b[:], unix.MSG_PEEK|unix.MSG_DONTWAIT)
-		switch {
-		case n > 0:
-			state = ProbeUnsolicited
-		case n < 0 && (err == unix.EAGAIN || err == unix.EWOULDBLOCK):
-			state = ProbeIdle
-		}
-	})
-	return state
+	return ProbeClosed
 }
 
 // Sent is the number of bytes the worker's socket accepted since the connection was

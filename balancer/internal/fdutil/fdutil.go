@@ -51,3 +51,63 @@ func TemporaryAccept(err error) bool {
 		errors.Is(err, syscall.ECONNABORTED) || errors.Is(err, syscall.ECONNRESET) ||
 		errors.Is(err, syscall.EINTR)
 }
+
+// What a socket holds, seen without consuming anything (Peek, WaitReadable).
+const (
+	PeekEmpty = iota // nothing to read yet
+	PeekData         // at least one byte waits
+	PeekEOF          // the peer closed (or shut down) its sending side
+	PeekError        // the socket failed (reset, closed)
+)
+
+// Peek looks at fd with a one-byte MSG_PEEK|MSG_DONTWAIT: never blocks, consumes nothing.
+func Peek(fd uintptr) (int, error) {
+	var b [1]byte
+	for {
+		n, _, err := unix.Recvfrom(int(fd), b[:], unix.MSG_PEEK|unix.MSG_DONTWAIT)
+		switch {
+		case err == unix.EINTR:
+			continue
+		case err == unix.EAGAIN:
+			return PeekEmpty, nil
+		case err != nil:
+			return PeekError, err
+		case n == 0:
+			return PeekEOF, nil
+		}
+		return PeekData, nil
+	}
+}
+
+// PeekConn is Peek on a connection's socket; a connection without one, or whose socket
+// is gone, is PeekError.
+func PeekConn(c any) (int, error) {
+	sc, ok := c.(syscall.Conn)
+	if !ok {
+		return PeekError, ErrNoFD
+	}
+	rc, err := sc.SyscallConn()
+	if err != nil {
+		return PeekError, err
+	}
+	state, perr := PeekError, error(nil)
+	if err := rc.Control(func(fd uintptr) { state, perr = Peek(fd) }); err != nil {
+		return PeekError, err
+	}
+	return state, perr
+}
+
+// WaitReadable parks the goroutine on the runtime poller, holding no buffer, until rc
+// has a byte to read, its peer closed, it failed, or its read deadline passed (then
+// err is the deadline's error). The state is as Peek's, never PeekEmpty unless err.
+func WaitReadable(rc syscall.RawConn) (state int, err error) {
+	var perr error
+	err = rc.Read(func(fd uintptr) bool {
+		state, perr = Peek(fd)
+		return state != PeekEmpty // empty: wait for the poller
+	})
+	if err != nil {
+		return PeekEmpty, err
+	}
+	return state, perr
+}
