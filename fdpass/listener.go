@@ -205,7 +205,7 @@ func (l *Listener) Accept() (net.Conn, error) {
 			return nil, l.closedErr()
 		default:
 		}
-		c, _, err := recvInto(l.uc, l.buf)
+		c, _, err := acceptInto(l.uc, l.buf)
 		if err != nil {
 			if errors.Is(err, ErrTruncated) || errors.Is(err, ErrBadMeta) || errors.Is(err, ErrNoFD) {
 				continue // one lost connection; the channel itself is fine
