@@ -75,6 +75,10 @@ type Config struct {
 	// carrying the sid. "": not sent. NodeID "": the short host name.
 	NodeID, AffinityCookie, SIDHeader string
 
+	// Pools send the requests they match to named pools of workers (pools.go); the first
+	// match wins, the rest go to the default pool.
+	Pools []Pool
+
 	Metrics *metrics.Metrics // nil: unregistered collectors
 	Logger  *slog.Logger     // nil: slog.Default()
 }
@@ -142,6 +146,8 @@ type Balancer struct {
 	pending  chan struct{} // one token per connection in the head phase
 
 	workers atomic.Pointer[[]*workers.Worker] // copy-on-write snapshot, indexed by nothing: search by Slot
+	defPool *pool                             // the workers no Pool names
+	pools   []*pool                           // Config.Pools, in order
 	connID  atomic.Uint64
 
 	mu        sync.Mutex
@@ -188,6 +194,7 @@ func New(cfg Config) *Balancer {
 		done:      make(chan struct{}),
 	}
 	b.workers.Store(&[]*workers.Worker{})
+	b.initPools()
 	go b.sweepSessions()
 	return b
 }
@@ -594,6 +601,9 @@ func (b *Balancer) handoff(cc *clientConn, h *upgrade.Head, consumed []byte) {
 			b.answerUnknownSession(c, h.Method == "HEAD")
 			closeGracefully(c, consumed == nil)
 			return
+		}
+		if r.w == nil && r.pool.Gate != nil && !b.acquire(c, &r, tried, true, consumed == nil) {
+			return // answered 503, or the client left while it waited
 		}
 		if r.w == nil {
 			break

@@ -13,8 +13,7 @@ import (
 // without an identity: the WebSockets it reports (a backend's are the edge's own tunnels,
 // counted exactly), or more while connections routed to it lately are not in that count
 // yet (a worker reports once a second).
-func (b *Balancer) leastConnected(tried uint64, now time.Time) *workers.Worker {
-	ws := *b.workers.Load()
+func (b *Balancer) leastConnected(ws []*workers.Worker, tried uint64, now time.Time) *workers.Worker {
 	var arr [64]sticky.Candidate
 	cands := b.candidates(arr[:0], ws, tried)
 	if len(cands) == 0 {

@@ -329,15 +329,30 @@ func (b *Balancer) proxyRequest(cc *clientConn, br *bufio.Reader, bw *bufio.Writ
 			b.answerUnknownSession(c, info.isHead)
 			return !streaming // an unread streaming body cannot be skipped safely
 		}
-		if r.w == nil {
+		g := r.pool.Gate
+		switch {
+		case r.w == nil && g != nil:
+			if !b.acquire(c, &r, tried, false, streaming) {
+				return false // answered 503, or the client left while it waited
+			}
+		case r.w == nil:
 			b.m.Rejections.WithLabelValues(metrics.RejectNoWorker).Inc()
 			b.reject(c, 503, "no worker is ready; try again", false)
 			return false
+		case g != nil:
+			g.Claim(r.w) // bound to a session or key: its worker, whatever its load
+		default:
+			r.w.BeginRequest()
 		}
 		x := &sc.x
 		*x = exchange{b: b, cc: cc, c: c, br: br, bw: bw, sc: sc, peer: peer, trusted: trusted, info: info,
 			small: small, streaming: streaming, w: r.w, slot: r.w.Slot, label: r.w.Label()}
 		keep, err := x.run(fresh)
+		if g != nil {
+			g.Release(r.w)
+		} else {
+			r.w.EndRequest()
+		}
 		if err == nil {
 			return keep
 		}

@@ -27,7 +27,13 @@ func (b *Balancer) AddWorker(w *workers.Worker) {
 	next = append(next, w)
 	slices.SortFunc(next, func(a, c *workers.Worker) int { return a.Slot - c.Slot })
 	b.workers.Store(&next)
+	b.setPoolWorkers(next)
 	b.publishWorkerGauges(next)
+	if g := b.poolNamed(w.PoolName).Gate; g != nil {
+		g.Join(w)
+	} else {
+		w.SetInFlightGauge(b.m.PoolInFlight.WithLabelValues(metrics.DefaultPool))
+	}
 }
 
 // RemoveWorker takes w out of routing at once and forgets its sessions: their clients
@@ -42,9 +48,13 @@ func (b *Balancer) RemoveWorker(w *workers.Worker) {
 		}
 	}
 	b.workers.Store(&next)
+	b.setPoolWorkers(next)
 	b.publishWorkerGauges(next)
 	b.mu.Unlock()
 	w.SetState(workers.StateGone)
+	if g := b.poolNamed(w.PoolName).Gate; g != nil {
+		g.Leave(w)
+	}
 	recent.Delete(w)
 	if n := b.sessions.ForgetSlot(w.Slot) + b.pins.ForgetSlot(w.Slot); n > 0 {
 		b.m.SessionEvictions.WithLabelValues(metrics.EvictWorkerGone).Add(float64(n))
@@ -77,6 +87,9 @@ func (b *Balancer) Undrain(slot int) bool {
 	b.mu.Lock()
 	b.publishWorkerGauges(*b.workers.Load())
 	b.mu.Unlock()
+	if g := b.poolNamed(w.PoolName).Gate; g != nil {
+		g.Kick()
+	}
 	return true
 }
 
@@ -113,6 +126,7 @@ func (b *Balancer) publishWorkerGauges(ws []*workers.Worker) {
 	}
 	b.m.Workers.WithLabelValues(metrics.WorkerReady).Set(ready)
 	b.m.Workers.WithLabelValues(metrics.WorkerDraining).Set(draining)
+	b.publishPoolGauges()
 }
 
 func (b *Balancer) worker(slot int) *workers.Worker {
@@ -126,7 +140,8 @@ func (b *Balancer) worker(slot int) *workers.Worker {
 
 // route is the routing decision for one request.
 type route struct {
-	w          *workers.Worker
+	w          *workers.Worker // nil in a pool with a Gate: the gate picks (Balancer.acquire)
+	pool       *pool
 	key        sticky.Key
 	tableKey   string // the session-table entry that pins key to w, if any
 	unknownSID bool   // the request names an engine.io session no live worker holds
@@ -147,44 +162,52 @@ func (b *Balancer) route(h *upgrade.Head, peer netip.Addr, tried uint64) route {
 	// as an interface (not a method value, which is a closure), an address key stays a
 	// netip.Addr, and the table key is written into a stack buffer and looked up as
 	// m[string(buf)]. Only a new pin makes its key string, once.
+	p := b.poolOf(h)
+	ws := *p.workers.Load()
 	key := b.cfg.Rules.IdentifyNoAlloc(sticky.Request{Peer: peer, Query: query, Fields: h})
 	var arr [128]byte
 	buf := key.AppendTo(arr[:0])
 	now := time.Now()
 	if key.Kind == sticky.KindSID {
 		if slot, tk, ok := b.sessions.GetBytes(buf, now); ok {
-			if w := b.worker(slot); w != nil && w.State() != workers.StateGone && tried&slotBit(slot) == 0 {
-				return route{w: w, key: key, tableKey: tk}
+			if w := b.worker(slot); w != nil && w.State() != workers.StateGone && tried&slotBit(slot) == 0 && w.PoolName == p.Name {
+				return route{w: w, pool: p, key: key, tableKey: tk}
 			}
 		}
-		return route{key: key, unknownSID: true}
+		return route{pool: p, key: key, unknownSID: true}
 	}
 	if key.Kind == sticky.KindNone && !b.isHandshake(h) {
+		if p.Gate != nil {
+			return route{pool: p} // the pool's gate picks the worker with room
+		}
 		// No identity and no session to open (a plain WebSocket, a request outside
 		// engine.io): it needs no stickiness, only the worker holding the fewest
 		// connections, so many clients behind one address spread.
-		return route{w: b.leastConnected(tried, now)}
+		return route{w: b.leastConnected(ws, tried, now), pool: p}
 	}
 	if key.Kind == sticky.KindNone || (b.isHandshake(h) && (key.Kind == sticky.KindIP || key.Kind == sticky.KindXFF)) {
+		if p.Gate != nil {
+			return route{pool: p}
+		}
 		// A new engine.io session is not tied to an address: many clients share one
 		// behind NAT or a proxy. Its sid, learned from the answer, pins it from then on.
-		return route{w: b.leastLoaded(tried), key: sticky.Key{}}
+		return route{w: b.leastLoaded(ws, tried), pool: p, key: sticky.Key{}}
 	}
 	table := b.tableFor(key.Kind)
 	if slot, tk, ok := table.GetBytes(buf, now); ok {
-		if w := b.worker(slot); w != nil && w.TakesNew(now) && tried&slotBit(slot) == 0 {
-			return route{w: w, key: key, tableKey: tk}
+		if w := b.worker(slot); w != nil && w.TakesNew(now) && tried&slotBit(slot) == 0 && w.PoolName == p.Name {
+			return route{w: w, pool: p, key: key, tableKey: tk}
 		}
 	}
-	w := b.pick(key.Hash(), tried)
+	w := b.pick(ws, key.Hash(), tried)
 	if w == nil {
-		return route{key: key}
+		return route{pool: p, key: key}
 	}
 	tk := string(buf)
 	if n := table.Put(tk, w.Slot, now); n > 0 {
 		b.m.SessionEvictions.WithLabelValues(metrics.EvictCapacity).Add(float64(n))
 	}
-	return route{w: w, key: key, tableKey: tk}
+	return route{w: w, pool: p, key: key, tableKey: tk}
 }
 
 // tableFor returns the table that pins keys of kind: sessions (engine.io sids and
@@ -225,8 +248,7 @@ func (b *Balancer) candidates(buf []sticky.Candidate, ws []*workers.Worker, trie
 	return buf
 }
 
-func (b *Balancer) pick(hash uint64, tried uint64) *workers.Worker {
-	ws := *b.workers.Load()
+func (b *Balancer) pick(ws []*workers.Worker, hash uint64, tried uint64) *workers.Worker {
 	var arr [64]sticky.Candidate
 	cands := b.candidates(arr[:0], ws, tried)
 	i := b.cfg.Balance.Pick(hash, cands)
@@ -236,9 +258,8 @@ func (b *Balancer) pick(hash uint64, tried uint64) *workers.Worker {
 	return b.worker(cands[i].Slot)
 }
 
-func (b *Balancer) leastLoaded(tried uint64) *workers.Worker {
+func (b *Balancer) leastLoaded(ws []*workers.Worker, tried uint64) *workers.Worker {
 	now := time.Now()
-	ws := *b.workers.Load()
 	var arr [64]sticky.Candidate
 	cands := b.candidates(arr[:0], ws, tried)
 	// A session counts once its worker's answer names it; until then the handshakes

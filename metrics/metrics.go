@@ -39,7 +39,16 @@ const (
 	NameWorkerProtocolErrs  = "stickyd_worker_protocol_errors_total"
 	NameClusterMessages     = "stickyd_cluster_messages_total"
 	NameTLSCertExpiry       = "stickyd_tls_cert_expiry_seconds"
+	NamePoolWorkers         = "stickyd_pool_workers"
+	NamePoolInFlight        = "stickyd_pool_requests_in_flight"
+	NamePoolQueueLength     = "stickyd_pool_queue_length"
+	NamePoolQueueWait       = "stickyd_pool_queue_wait_seconds"
+	NamePoolSpawns          = "stickyd_pool_spawns_total"
+	NamePoolRetirements     = "stickyd_pool_retirements_total"
 )
+
+// DefaultPool is the pool label value of the workers no -pool rule names.
+const DefaultPool = "default"
 
 // Values of the result label of stickyd_connections_accepted_total.
 const (
@@ -68,6 +77,8 @@ const (
 	RejectWorkerFailed = "worker_failed"    // 502: the worker failed to answer
 	RejectWorkerSlow   = "response_timeout" // 504: no response head within the response timeout
 	RejectTLSHandshake = "tls_handshake"    // a TLS client that did not finish its handshake in time or sent garbage
+	RejectQueueFull    = "queue_full"       // 503: a pool's queue of waiting requests was full
+	RejectQueueTimeout = "queue_timeout"    // 503: a request waited for a pool's worker longer than its queue timeout
 )
 
 // Values of the reason label of stickyd_worker_protocol_errors_total.
@@ -110,13 +121,23 @@ const (
 // them before the first event.
 var (
 	acceptResults   = []string{AcceptHandedOff, AcceptProxied, AcceptRejected, AcceptTunneled}
-	rejectReasons   = []string{RejectHeadTimeout, RejectHeadTooLarge, RejectBadRequest, RejectSmuggling, RejectTLS, RejectVersion, RejectNoWorker, RejectOverload, RejectClientClosed, RejectMaxConns, RejectPerIP, RejectBodyTooLarge, RejectBodyTimeout, RejectClientGone, RejectWorkerFailed, RejectWorkerSlow, RejectTLSHandshake}
+	rejectReasons   = []string{RejectHeadTimeout, RejectHeadTooLarge, RejectBadRequest, RejectSmuggling, RejectTLS, RejectVersion, RejectNoWorker, RejectOverload, RejectClientClosed, RejectMaxConns, RejectPerIP, RejectBodyTooLarge, RejectBodyTimeout, RejectClientGone, RejectWorkerFailed, RejectWorkerSlow, RejectTLSHandshake, RejectQueueFull, RejectQueueTimeout}
 	protoReasons    = []string{ProtoUnsolicited, ProtoMalformed}
 	handoffResults  = []string{HandoffOK, HandoffError, HandoffRetried, HandoffTimeout}
 	workerStates    = []string{WorkerStarting, WorkerReady, WorkerDraining, WorkerFailed}
 	evictionReasons = []string{EvictExpired, EvictCapacity, EvictWorkerGone}
 	clusterResults  = []string{ClusterRelayed, ClusterDropped}
+	// A pool's workers are starting, ready or draining; a failed slot shows in
+	// stickyd_workers{state="failed"}.
+	poolWorkerStates = []string{WorkerStarting, WorkerReady, WorkerDraining}
 )
+
+// PoolWorkerStates lists the state label values of stickyd_pool_workers.
+func PoolWorkerStates() []string { return slices.Clone(poolWorkerStates) }
+
+// PoolWaitBuckets are the upper bounds of stickyd_pool_queue_wait_seconds: from 1 ms to
+// about 2 minutes (a queue timeout is 30 s by default).
+var PoolWaitBuckets = prometheus.ExponentialBucketsRange(1e-3, 120, 12)
 
 // HandoffBuckets are the upper bounds of stickyd_handoff_duration_seconds:
 // 16 exponential buckets from 10µs to 1s (factor ≈ 2.15).
@@ -124,23 +145,29 @@ var HandoffBuckets = prometheus.ExponentialBucketsRange(10e-6, 1, 16)
 
 // Metrics holds every collector of the edge. All fields are non-nil after New.
 type Metrics struct {
-	ConnectionsAccepted *prometheus.CounterVec  // stickyd_connections_accepted_total{result}
-	Rejections          *prometheus.CounterVec  // stickyd_rejections_total{reason}
-	Handoffs            *prometheus.CounterVec  // stickyd_handoffs_total{worker,result}
-	HandoffDuration     prometheus.Histogram    // stickyd_handoff_duration_seconds
-	RequestsProxied     *prometheus.CounterVec  // stickyd_requests_proxied_total{worker,code}
-	Sessions            *prometheus.GaugeVec    // stickyd_sessions{worker}
-	WebSockets          *prometheus.GaugeVec    // stickyd_websockets{worker}
-	Workers             *prometheus.GaugeVec    // stickyd_workers{state}
-	WorkerRestarts      *prometheus.CounterVec  // stickyd_worker_restarts_total{worker}
-	SessionTableSize    prometheus.Gauge        // stickyd_session_table_entries
-	SessionEvictions    *prometheus.CounterVec  // stickyd_session_evictions_total{reason}
-	UnknownSessions     prometheus.Counter      // stickyd_unknown_sessions_total
-	WorkerProtocolErrs  *prometheus.CounterVec  // stickyd_worker_protocol_errors_total{worker,reason}
-	ClusterMessages     *prometheus.CounterVec  // stickyd_cluster_messages_total{result}
-	TLSCertExpiry       *prometheus.GaugeVec    // stickyd_tls_cert_expiry_seconds{name}
-	collectors          []prometheus.Collector  // in registration order
-	perWorker           []*prometheus.MetricVec // vecs with a worker label, for DeleteWorker
+	ConnectionsAccepted *prometheus.CounterVec   // stickyd_connections_accepted_total{result}
+	Rejections          *prometheus.CounterVec   // stickyd_rejections_total{reason}
+	Handoffs            *prometheus.CounterVec   // stickyd_handoffs_total{worker,result}
+	HandoffDuration     prometheus.Histogram     // stickyd_handoff_duration_seconds
+	RequestsProxied     *prometheus.CounterVec   // stickyd_requests_proxied_total{worker,code}
+	Sessions            *prometheus.GaugeVec     // stickyd_sessions{worker}
+	WebSockets          *prometheus.GaugeVec     // stickyd_websockets{worker}
+	Workers             *prometheus.GaugeVec     // stickyd_workers{state}
+	WorkerRestarts      *prometheus.CounterVec   // stickyd_worker_restarts_total{worker}
+	SessionTableSize    prometheus.Gauge         // stickyd_session_table_entries
+	SessionEvictions    *prometheus.CounterVec   // stickyd_session_evictions_total{reason}
+	UnknownSessions     prometheus.Counter       // stickyd_unknown_sessions_total
+	WorkerProtocolErrs  *prometheus.CounterVec   // stickyd_worker_protocol_errors_total{worker,reason}
+	ClusterMessages     *prometheus.CounterVec   // stickyd_cluster_messages_total{result}
+	TLSCertExpiry       *prometheus.GaugeVec     // stickyd_tls_cert_expiry_seconds{name}
+	PoolWorkers         *prometheus.GaugeVec     // stickyd_pool_workers{pool,state}
+	PoolInFlight        *prometheus.GaugeVec     // stickyd_pool_requests_in_flight{pool}
+	PoolQueueLength     *prometheus.GaugeVec     // stickyd_pool_queue_length{pool}
+	PoolQueueWait       *prometheus.HistogramVec // stickyd_pool_queue_wait_seconds{pool}
+	PoolSpawns          *prometheus.CounterVec   // stickyd_pool_spawns_total{pool}
+	PoolRetirements     *prometheus.CounterVec   // stickyd_pool_retirements_total{pool}
+	collectors          []prometheus.Collector   // in registration order
+	perWorker           []*prometheus.MetricVec  // vecs with a worker label, for DeleteWorker
 }
 
 // New creates all collectors and registers them on reg. With reg nil the
@@ -213,6 +240,31 @@ func New(reg prometheus.Registerer, withRuntime bool) (*Metrics, error) {
 			Name: NameTLSCertExpiry,
 			Help: "When each TLS certificate the edge serves expires, as a Unix time in seconds, by name (its first DNS name, or its file); refreshed on every reload.",
 		}, []string{"name"}),
+		PoolWorkers: prometheus.NewGaugeVec(prometheus.GaugeOpts{
+			Name: NamePoolWorkers,
+			Help: "Workers of each pool (-pool; the rest are pool=\"default\") by state (starting, ready, draining).",
+		}, []string{"pool", "state"}),
+		PoolInFlight: prometheus.NewGaugeVec(prometheus.GaugeOpts{
+			Name: NamePoolInFlight,
+			Help: "Proxied requests in flight to each pool's workers (WebSockets are sessions, not requests in flight).",
+		}, []string{"pool"}),
+		PoolQueueLength: prometheus.NewGaugeVec(prometheus.GaugeOpts{
+			Name: NamePoolQueueLength,
+			Help: "Requests waiting for a worker of each pool: every worker is at the pool's concurrency, or the pool has no worker yet.",
+		}, []string{"pool"}),
+		PoolQueueWait: prometheus.NewHistogramVec(prometheus.HistogramOpts{
+			Name:    NamePoolQueueWait,
+			Help:    "Time requests waited in a pool's queue before a worker took them, in seconds.",
+			Buckets: PoolWaitBuckets,
+		}, []string{"pool"}),
+		PoolSpawns: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: NamePoolSpawns,
+			Help: "Workers a pool started on demand (its queue had waiting requests).",
+		}, []string{"pool"}),
+		PoolRetirements: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: NamePoolRetirements,
+			Help: "Workers a pool stopped after they were idle for the pool's idle time.",
+		}, []string{"pool"}),
 	}
 	for _, v := range acceptResults {
 		m.ConnectionsAccepted.WithLabelValues(v)
@@ -234,6 +286,7 @@ func New(reg prometheus.Registerer, withRuntime bool) (*Metrics, error) {
 		m.RequestsProxied, m.Sessions, m.WebSockets, m.Workers,
 		m.WorkerRestarts, m.SessionTableSize, m.SessionEvictions, m.UnknownSessions,
 		m.WorkerProtocolErrs, m.ClusterMessages, m.TLSCertExpiry,
+		m.PoolWorkers, m.PoolInFlight, m.PoolQueueLength, m.PoolQueueWait, m.PoolSpawns, m.PoolRetirements,
 	}
 	m.perWorker = []*prometheus.MetricVec{
 		m.Handoffs.MetricVec, m.RequestsProxied.MetricVec, m.Sessions.MetricVec,
@@ -284,6 +337,12 @@ func Names() []string {
 		NameConnectionsAccepted,
 		NameHandoffDuration,
 		NameHandoffs,
+		NamePoolQueueLength,
+		NamePoolQueueWait,
+		NamePoolInFlight,
+		NamePoolRetirements,
+		NamePoolSpawns,
+		NamePoolWorkers,
 		NameRejections,
 		NameRequestsProxied,
 		NameSessionEvictions,
@@ -320,6 +379,12 @@ func Labels() map[string]map[string][]string {
 		NameWorkerProtocolErrs:  {"worker": worker, "reason": slices.Clone(protoReasons)},
 		NameClusterMessages:     {"result": slices.Clone(clusterResults)},
 		NameTLSCertExpiry:       {"name": nil},
+		NamePoolWorkers:         {"pool": nil, "state": slices.Clone(poolWorkerStates)},
+		NamePoolInFlight:        {"pool": nil},
+		NamePoolQueueLength:     {"pool": nil},
+		NamePoolQueueWait:       {"pool": nil},
+		NamePoolSpawns:          {"pool": nil},
+		NamePoolRetirements:     {"pool": nil},
 	}
 }
 

@@ -147,8 +147,8 @@ func TestScrapeExactValues(t *testing.T) {
 		wantRej["reason="+r] = 0
 	}
 	wantRej["reason=smuggling"] = 2
-	if len(wantRej) != 17 {
-		t.Fatalf("rejection reasons: %d, want 17", len(wantRej))
+	if len(wantRej) != 19 {
+		t.Fatalf("rejection reasons: %d, want 19", len(wantRej))
 	}
 	assertSeries(t, NameRejections, values(t, mfs, NameRejections, C), wantRej)
 	assertSeries(t, NameHandoffs, values(t, mfs, NameHandoffs, C), map[string]float64{
@@ -332,6 +332,12 @@ func touchAll(m *Metrics) {
 	m.WorkerRestarts.WithLabelValues(WorkerLabel(0)).Inc()
 	m.WorkerProtocolErrs.WithLabelValues(WorkerLabel(0), ProtoUnsolicited).Inc()
 	m.TLSCertExpiry.WithLabelValues("example.com").Set(1)
+	m.PoolWorkers.WithLabelValues("reports", WorkerReady).Set(1)
+	m.PoolInFlight.WithLabelValues("reports").Set(1)
+	m.PoolQueueLength.WithLabelValues("reports").Set(1)
+	m.PoolQueueWait.WithLabelValues("reports").Observe(1)
+	m.PoolSpawns.WithLabelValues("reports").Inc()
+	m.PoolRetirements.WithLabelValues("reports").Inc()
 }
 
 func TestNamesMatchGather(t *testing.T) {

@@ -20,6 +20,10 @@ type nodeCluster struct {
 // stickyd_websockets{worker}.
 func (s *Supervisor) joinNodeCluster(slot int, p *nodeipc.Primary) {
 	c := &s.cluster
+	if s.parent != nil {
+		// The pools of one app are one socket.io cluster: broadcasts reach every pool.
+		c = &s.parent.cluster
+	}
 	c.once.Do(func() {
 		cm := s.Edge.WorkerSettings().Metrics.ClusterMessages
 		relayed := cm.WithLabelValues(metrics.ClusterRelayed)

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"maps"
 	"net"
 	"os"
 	"os/exec"
@@ -60,6 +61,21 @@ type Supervisor struct {
 	// (-log-format json: the edge's output stays one JSON record per line).
 	OutputLog *slog.Logger
 	Logger    *slog.Logger // nil: the Edge's
+
+	// Pool settings (pools.go). Name is the -pool this supervisor runs ("" for the default
+	// pool) and FirstSlot its first worker slot: the pools of an edge share one slot space.
+	Name      string
+	FirstSlot int
+	// Max > 0 sizes the pool by demand, from Min to Max workers (Workers is then unused):
+	// a worker starts when requests wait in Gate, one idle for Idle stops.
+	Min, Max int
+	Idle     time.Duration // 0: 30 s
+	Gate     *Gate         // the pool's queue; required with Max
+	// Pools are the named pools, run, restarted, handed over and stopped with this one.
+	Pools []*Supervisor
+
+	parent    *Supervisor // the default pool's supervisor, for a named pool
+	ownShared bool        // s.shared was made here (not the parent's)
 
 	mu       sync.Mutex
 	procs    map[int]*proc
@@ -122,7 +138,9 @@ func (s *Supervisor) init() error {
 	if len(s.Command) == 0 {
 		return errors.New("balancer: no worker command: give one after --, e.g. `stickyd run -- node server.js`")
 	}
-	if s.Workers <= 0 {
+	if s.Max > 0 {
+		s.Workers = s.Min
+	} else if s.Workers <= 0 {
 		s.Workers = runtime.NumCPU()
 	}
 	if s.SpawnTimeout <= 0 {
@@ -149,6 +167,13 @@ func (s *Supervisor) init() error {
 	if s.Logger == nil {
 		s.Logger = s.Edge.WorkerSettings().Logger
 	}
+	if s.Max > 0 {
+		if s.Gate == nil {
+			return fmt.Errorf("balancer: pool %q has no gate", s.Name)
+		}
+		s.Min = min(s.Min, s.Max)
+		s.Logger = s.Logger.With("pool", s.Name)
+	}
 	if err := CheckWorkerCommand(s.Command); err != nil {
 		return err
 	}
@@ -174,7 +199,13 @@ func (s *Supervisor) init() error {
 				return err
 			}
 		}
+		if s.parent != nil && s.parent.shared != nil {
+			// One Node app's other servers are bound once for every pool running it.
+			s.shared = s.parent.shared
+			return nil
+		}
 		s.shared = &nodeipc.SharedListeners{}
+		s.ownShared = true
 		if len(s.adoptShared) > 0 {
 			if err := s.shared.Adopt(s.adoptShared); err != nil {
 				s.Logger.Warn("could not adopt the shared listeners of the previous edge image", "err", err)
@@ -243,6 +274,9 @@ func (s *Supervisor) Health() (ok bool, reason string) {
 // Kill ends every worker now: SIGKILL to each worker's process group, output no longer
 // awaited, no restarts. For a second SIGTERM/SIGINT; Run still returns as usual.
 func (s *Supervisor) Kill() {
+	for _, pool := range s.Pools {
+		pool.Kill()
+	}
 	s.killing.Store(true)
 	s.mu.Lock()
 	live := make([]*proc, 0, len(s.live))
@@ -267,29 +301,49 @@ func (s *Supervisor) Run(ctx context.Context) error {
 		return err
 	}
 	defer func() {
-		if s.preload != "" {
+		if s.preload != "" && (s.parent == nil || s.preload != s.parent.preload) {
 			os.RemoveAll(filepath.Dir(s.preload))
 		}
-		if s.shared != nil {
+		if s.shared != nil && s.ownShared {
 			s.shared.Close()
 		}
 	}()
 	var wg sync.WaitGroup
-	for slot := range s.Workers {
+	errs := make(chan error, len(s.Pools))
+	for _, pool := range s.Pools {
+		pool.parent = s
+		if s.Node && pool.preload == "" {
+			pool.preload = s.preload
+		}
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			s.runSlot(ctx, slot)
+			if err := pool.Run(ctx); err != nil {
+				errs <- fmt.Errorf("pool %s: %w", pool.Name, err)
+			}
 		}()
 	}
+	if s.Max > 0 {
+		s.runOnDemand(ctx)
+	} else {
+		for i := range s.Workers {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				s.runSlot(ctx, s.FirstSlot+i)
+			}()
+		}
+	}
 	wg.Wait()
-	return nil
+	close(errs)
+	return <-errs
 }
 
 // Restart drains the worker in slot — it gets no new sessions, and the sessions and
 // WebSockets it holds get up to DrainGrace to end — then stops it and waits until its
 // slot runs a fresh, ready worker.
 func (s *Supervisor) Restart(ctx context.Context, slot int) error {
+	s = s.owner(slot)
 	s.mu.Lock()
 	p := s.procs[slot]
 	s.mu.Unlock()
@@ -348,7 +402,7 @@ func (s *Supervisor) RollingRestart(ctx context.Context) error {
 		return errors.New("balancer: a rolling restart is already running")
 	}
 	defer s.rolling.Unlock()
-	for slot := range s.Workers {
+	for _, slot := range s.runningSlots() {
 		if err := s.Restart(ctx, slot); err != nil {
 			return fmt.Errorf("rolling restart, worker %d: %w", slot, err)
 		}
@@ -372,6 +426,9 @@ func (s *Supervisor) Pids() map[int]int {
 	for slot, p := range s.procs {
 		out[slot] = p.process.Pid
 	}
+	for _, pool := range s.Pools {
+		maps.Copy(out, pool.Pids())
+	}
 	return out
 }
 
@@ -386,6 +443,7 @@ func (s *Supervisor) runSlot(ctx context.Context, slot int) {
 		}
 		p, err := s.adoptOrSpawn(ctx, slot)
 		if err == nil {
+			p.w.PoolName = s.Name
 			s.Edge.AddWorker(p.w)
 			s.mu.Lock()
 			s.procs[slot] = p
@@ -525,6 +583,8 @@ type Handover struct {
 	Workers []HandoverWorker
 	Shared  []nodeipc.SharedFD `json:",omitempty"` // a Node app's other servers
 	Preload string             `json:",omitempty"` // the Node preload file, reused
+	// Pools are the named pools' workers, by pool name.
+	Pools map[string]Handover `json:",omitempty"`
 }
 
 // Adopt gives the supervisor the workers a previous edge image ran; call it before Run.
@@ -537,6 +597,11 @@ func (s *Supervisor) Adopt(h Handover) {
 	}
 	s.adoptShared = h.Shared
 	s.preload = h.Preload
+	for _, pool := range s.Pools {
+		if ph, ok := h.Pools[pool.Name]; ok {
+			pool.Adopt(ph)
+		}
+	}
 }
 
 func (s *Supervisor) adoptOrSpawn(ctx context.Context, slot int) (*proc, error) {
@@ -649,12 +714,22 @@ func (s *Supervisor) Freeze() (Handover, error) {
 		}
 		out.Workers = append(out.Workers, hw)
 	}
-	if s.shared != nil {
+	if s.shared != nil && s.ownShared {
 		fds, err := s.shared.Detach()
 		if err != nil {
 			return out, err
 		}
 		s.detShared, out.Shared = fds, fds
+	}
+	for _, pool := range s.Pools {
+		ph, err := pool.Freeze()
+		if err != nil {
+			return out, fmt.Errorf("pool %s: %w", pool.Name, err)
+		}
+		if out.Pools == nil {
+			out.Pools = map[string]Handover{}
+		}
+		out.Pools[pool.Name] = ph
 	}
 	return out, nil
 }
@@ -672,6 +747,9 @@ func detachPrimary(p *nodeipc.Primary) (nodeipc.PrimaryState, error) {
 
 // Thaw resumes supervision after a failed edge upgrade.
 func (s *Supervisor) Thaw() {
+	for _, pool := range s.Pools {
+		pool.Thaw()
+	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if !s.frozen {

@@ -14,6 +14,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/prometheus/client_golang/prometheus"
 	"github.com/stickyd/stickyd/fdpass"
 )
 
@@ -64,13 +65,53 @@ func (s WorkerState) String() string {
 type Worker struct {
 	Slot int
 	PID  int
+	// PoolName is the -pool the worker belongs to; "" for the default pool.
+	PoolName string
 
 	ch         Channel
 	state      atomic.Int32
 	stuckUntil atomic.Int64 // unix nanos: a handoff timed out; skip the worker until then
 	pool       *Pool        // idle virtual connections for proxied requests
 	label      string
-	handoffAt  atomic.Int64 // unix nanos of the last connection handed over (NoteHandoff)
+	handoffAt  atomic.Int64                     // unix nanos of the last connection handed over (NoteHandoff)
+	inflight   atomic.Int32                     // proxied requests sent and not yet answered
+	idleSince  atomic.Int64                     // unix nanos: in flight last fell to zero (or the worker joined)
+	gauge      atomic.Pointer[prometheus.Gauge] // the pool's in-flight gauge, if the edge keeps one
+}
+
+// InFlight is the number of proxied requests the worker has not answered yet.
+func (w *Worker) InFlight() int { return int(w.inflight.Load()) }
+
+// IdleSince is when the worker last had no request in flight (its start, if never busy);
+// the zero time while requests are in flight.
+func (w *Worker) IdleSince() time.Time {
+	if w.inflight.Load() > 0 {
+		return time.Time{}
+	}
+	return time.Unix(0, w.idleSince.Load())
+}
+
+// SetInFlightGauge makes BeginRequest and EndRequest keep g (the pool's
+// stickyd_pool_requests_in_flight) in step.
+func (w *Worker) SetInFlightGauge(g prometheus.Gauge) { w.gauge.Store(&g) }
+
+// BeginRequest counts a proxied request sent to the worker. A pool's Gate calls it for
+// the requests it admits; the edge calls it for the others.
+func (w *Worker) BeginRequest() {
+	w.inflight.Add(1)
+	if g := w.gauge.Load(); g != nil {
+		(*g).Inc()
+	}
+}
+
+// EndRequest counts the end of a request BeginRequest counted.
+func (w *Worker) EndRequest() {
+	if w.inflight.Add(-1) == 0 {
+		w.idleSince.Store(time.Now().UnixNano())
+	}
+	if g := w.gauge.Load(); g != nil {
+		(*g).Dec()
+	}
 }
 
 // statsLag bounds how long a worker's WebSocket count can lag a handoff: Go workers
@@ -113,6 +154,7 @@ func (w *Worker) CompareAndSwapState(old, new WorkerState) bool {
 func newWorker(slot, pid int, ch Channel, idle time.Duration) *Worker {
 	w := &Worker{Slot: slot, PID: pid, ch: ch, label: fmt.Sprint(slot)}
 	w.state.Store(int32(StateReady))
+	w.idleSince.Store(time.Now().UnixNano())
 	// Idle virtual connections are retired after idle, shorter than Node's default
 	// keepAliveTimeout (5 s), so the edge does not reuse one the worker is closing.
 	w.pool = newPool(w, idle)

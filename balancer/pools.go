@@ -1,0 +1,198 @@
+package balancer
+
+import (
+	"context"
+	"errors"
+	"net"
+	"net/http"
+	"strconv"
+	"strings"
+	"sync/atomic"
+	"time"
+
+	"github.com/stickyd/stickyd/balancer/workers"
+	"github.com/stickyd/stickyd/metrics"
+	"github.com/stickyd/stickyd/upgrade"
+)
+
+// Pool sends the requests it matches to the workers of a named pool instead of the
+// default pool's: the first pool whose every set condition holds wins. A pool never takes
+// another pool's traffic, and sessions stay inside the pool that opened them.
+type Pool struct {
+	Name string
+	// Conditions; the empty ones are not checked.
+	PathPrefix  string // the request path starts with it
+	Host        string // the Host, without port, equals it (case-insensitive)
+	Header      string // a field of this name ...
+	HeaderValue string // ... with this value (any value if empty)
+	// Gate admits the pool's requests (concurrency per worker, queue); required.
+	Gate *workers.Gate
+}
+
+// matches reports whether h belongs to the pool.
+func (p *Pool) matches(h *upgrade.Head) bool {
+	if p.PathPrefix != "" && !strings.HasPrefix(h.Path, p.PathPrefix) {
+		return false
+	}
+	if p.Host != "" {
+		host := h.Host
+		if i := strings.LastIndexByte(host, ':'); i >= 0 && !strings.HasSuffix(host, "]") {
+			host = host[:i]
+		}
+		host = strings.TrimSuffix(strings.TrimPrefix(host, "["), "]")
+		if !strings.EqualFold(host, p.Host) {
+			return false
+		}
+	}
+	if p.Header != "" {
+		v, ok := headerValue(h, p.Header)
+		if !ok || p.HeaderValue != "" && v != p.HeaderValue {
+			return false
+		}
+	}
+	return true
+}
+
+func headerValue(h *upgrade.Head, name string) (string, bool) {
+	for i := range h.Fields {
+		if strings.EqualFold(h.Fields[i].Name, name) {
+			return strings.TrimSpace(h.Fields[i].Value), true
+		}
+	}
+	return "", false
+}
+
+// pool is a Pool with the workers in its routing.
+type pool struct {
+	Pool
+	workers atomic.Pointer[[]*workers.Worker]
+}
+
+func (b *Balancer) initPools() {
+	b.defPool = &pool{}
+	b.defPool.workers.Store(&[]*workers.Worker{})
+	for _, p := range b.cfg.Pools {
+		np := &pool{Pool: p}
+		np.workers.Store(&[]*workers.Worker{})
+		b.pools = append(b.pools, np)
+	}
+}
+
+// poolOf returns the pool a request head belongs to.
+func (b *Balancer) poolOf(h *upgrade.Head) *pool {
+	for _, p := range b.pools {
+		if p.matches(h) {
+			return p
+		}
+	}
+	return b.defPool
+}
+
+// poolNamed returns the pool of the workers named name (the default pool for "" or a
+// name no -pool gives).
+func (b *Balancer) poolNamed(name string) *pool {
+	if name != "" {
+		for _, p := range b.pools {
+			if p.Name == name {
+				return p
+			}
+		}
+	}
+	return b.defPool
+}
+
+// setPoolWorkers keeps the pools' own worker lists in step with all (b.mu held).
+func (b *Balancer) setPoolWorkers(all []*workers.Worker) {
+	for _, p := range append([]*pool{b.defPool}, b.pools...) {
+		ws := make([]*workers.Worker, 0, len(all))
+		for _, w := range all {
+			if b.poolNamed(w.PoolName) == p {
+				ws = append(ws, w)
+			}
+		}
+		p.workers.Store(&ws)
+	}
+}
+
+// publishPoolGauges sets stickyd_pool_workers for every pool (b.mu held).
+func (b *Balancer) publishPoolGauges() {
+	for _, p := range append([]*pool{b.defPool}, b.pools...) {
+		var ready, draining float64
+		for _, w := range *p.workers.Load() {
+			switch w.State() {
+			case workers.StateReady:
+				ready++
+			case workers.StateDraining:
+				draining++
+			}
+		}
+		label := metrics.DefaultPool
+		if p.Gate != nil {
+			label = p.Gate.Label()
+		}
+		b.m.PoolWorkers.WithLabelValues(label, metrics.WorkerReady).Set(ready)
+		b.m.PoolWorkers.WithLabelValues(label, metrics.WorkerDraining).Set(draining)
+	}
+}
+
+// retryAfter is what a client turned away by a full or slow pool queue is told to wait,
+// in seconds.
+const retryAfter = "5"
+
+// acquire waits in r's pool gate for a worker with room for a request (or, for a
+// WebSocket, for any worker), while the client stays. On failure it has answered 503 with
+// Retry-After.
+func (b *Balancer) acquire(c net.Conn, r *route, tried uint64, anyWorker bool, drain bool) bool {
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	go watchClient(ctx, c, cancel)
+	skip := func(w *workers.Worker) bool { return tried&slotBit(w.Slot) != 0 }
+	var err error
+	if anyWorker {
+		r.w, err = r.pool.Gate.AcquireAny(ctx, skip)
+	} else {
+		r.w, err = r.pool.Gate.Acquire(ctx, skip)
+	}
+	switch {
+	case err == nil:
+		return true
+	case errors.Is(err, workers.ErrQueueFull):
+		b.m.Rejections.WithLabelValues(metrics.RejectQueueFull).Inc()
+		b.warnf("pool queue full: requests answered 503; raise the pool's max= or queue=", "pool", r.pool.Name)
+		b.rejectRetry(c, "the "+r.pool.Name+" pool is busy and its queue is full; try again", drain)
+	case errors.Is(err, workers.ErrQueueTimeout):
+		b.m.Rejections.WithLabelValues(metrics.RejectQueueTimeout).Inc()
+		b.warnf("pool queue wait timed out: requests answered 503; raise the pool's max= or queue-timeout=", "pool", r.pool.Name)
+		b.rejectRetry(c, "no "+r.pool.Name+" worker was free in time; try again", drain)
+	default:
+		b.m.Rejections.WithLabelValues(metrics.RejectClientGone).Inc()
+	}
+	return false
+}
+
+// rejectRetry answers 503 with Retry-After and closes.
+func (b *Balancer) rejectRetry(c net.Conn, msg string, drain bool) {
+	body := msg + "\n"
+	c.SetWriteDeadline(time.Now().Add(time.Second))
+	c.Write([]byte("HTTP/1.1 503 " + http.StatusText(503) + "\r\nConnection: close\r\nRetry-After: " + retryAfter +
+		"\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: " + strconv.Itoa(len(body)) + "\r\n\r\n" + body))
+	closeGracefully(c, drain)
+}
+
+// watchClient cancels when the client closes its connection or it fails, checked once a
+// second while a request waits in a pool's queue.
+func watchClient(ctx context.Context, c net.Conn, cancel context.CancelFunc) {
+	t := time.NewTicker(time.Second)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+			if clientGone(c) {
+				cancel()
+				return
+			}
+		}
+	}
+}
