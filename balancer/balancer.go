@@ -1,3 +1,5 @@
+//go:build unix
+
 // Package balancer is the stickyd edge: it accepts client connections, peeks at the
 // request head, picks the worker that owns the client's session, and either hands the
 // connection's descriptor to that worker (WebSocket upgrades: the edge then leaves the

@@ -1,3 +1,5 @@
+//go:build unix
+
 package balancer
 
 import (
@@ -195,4 +197,35 @@ func watchClient(ctx context.Context, c net.Conn, cancel context.CancelFunc) {
 			}
 		}
 	}
+}
+
+// PoolStat is a pool's state at a glance (admin views).
+type PoolStat struct {
+	Name        string `json:"name"` // metrics.DefaultPool for the default pool
+	Workers     int    `json:"workers"`
+	Ready       int    `json:"ready"`
+	InFlight    int    `json:"in_flight"`
+	Waiting     int    `json:"waiting"`     // requests in the pool's queue
+	Concurrency int    `json:"concurrency"` // per worker; 0: no limit
+}
+
+// PoolStats returns the default pool's state, then every named pool's, in -pool order.
+func (b *Balancer) PoolStats() []PoolStat {
+	var out []PoolStat
+	for _, p := range append([]*pool{b.defPool}, b.pools...) {
+		st := PoolStat{Name: metrics.DefaultPool}
+		if p.Gate != nil {
+			st.Name, st.Concurrency = p.Gate.Label(), p.Gate.Concurrency
+			st.Waiting, _ = p.Gate.Waiting()
+		}
+		for _, w := range *p.workers.Load() {
+			st.Workers++
+			if w.State() == workers.StateReady {
+				st.Ready++
+			}
+			st.InFlight += w.InFlight()
+		}
+		out = append(out, st)
+	}
+	return out
 }

@@ -1,3 +1,5 @@
+//go:build unix
+
 package main
 
 import (
@@ -85,17 +87,19 @@ func newAdminHandler(o adminOptions) http.Handler {
 	admin.HandleFunc("GET /admin/workers", func(w http.ResponseWriter, r *http.Request) {
 		type info struct {
 			Slot       int    `json:"slot"`
+			Pool       string `json:"pool"`
 			PID        int    `json:"pid"`
 			State      string `json:"state"`
 			Sessions   int    `json:"sessions"`
 			WebSockets int64  `json:"websockets"`
+			InFlight   int    `json:"in_flight"`
 		}
 		out := []info{}
 		for _, wk := range b.Workers() {
-			out = append(out, info{wk.Slot, wk.PID, wk.State().String(), b.Sessions().Count(wk.Slot), wk.WebSockets()})
+			out = append(out, info{wk.Slot, poolLabel(wk.PoolName), wk.PID, wk.State().String(), b.Sessions().Count(wk.Slot), wk.WebSockets(), wk.InFlight()})
 		}
 		w.Header().Set("Content-Type", "application/json")
-		json.NewEncoder(w).Encode(map[string]any{"stickyd": true, "workers": out, "sessions": b.Sessions().Len(), "ready": b.Ready(),
+		json.NewEncoder(w).Encode(map[string]any{"stickyd": true, "workers": out, "pools": poolStats(b, sup), "sessions": b.Sessions().Len(), "ready": b.Ready(),
 			"generation": generation, "version": buildVersion().Version, "pid": os.Getpid()})
 	})
 	admin.HandleFunc("POST /admin/upgrade", func(w http.ResponseWriter, r *http.Request) {

@@ -1,3 +1,5 @@
+//go:build unix
+
 package main
 
 import (
@@ -45,6 +47,7 @@ type edgeFlags struct {
 	maxSessions, maxAffinity           int
 	epsilon                            float64
 	nodeID, affinityCookie, sidHeader  string     // affinity hints for a balancer in front of several hosts
+	pools                              poolList   // -pool (pools.go)
 	proxy                              proxyFlags // stickyd proxy only (proxymode.go)
 	tls                                tlsFlags   // TLS at the edge (tlsedge.go)
 }
@@ -78,6 +81,9 @@ func (f *edgeFlags) register(fs *flag.FlagSet, mode string) {
 	fs.IntVar(&f.appPort, "app-port", 0, "Node apps with several servers: the port whose server gets the edge's traffic (0: the first to listen)")
 	if mode == "proxy" {
 		f.proxy.register(fs)
+	} else if mode != "serve" {
+		fs.Var(&f.pools, "pool", "a named pool: NAME:path=/prefix/ (or host=NAME, header=Name[:value]; first match wins), sized min=0,max=N,idle=30s, "+
+			"with concurrency=N requests per worker and a queue=1000,queue-timeout=30s (then 503 + Retry-After); cmd=… runs another command; repeatable")
 	}
 	f.tls.register(fs)
 	if mode == "serve" {
@@ -231,6 +237,8 @@ func runEdge(ctx context.Context, mode string, args []string, stderr io.Writer) 
 	}
 	cfg := es.cfg
 	cfg.Metrics = m
+	poolRules, poolSups := buildPools(f.pools, f.workers, m)
+	cfg.Pools = poolRules
 	b := balancer.New(cfg)
 	prev, err := handover.Load()
 	if err != nil {
@@ -332,6 +340,14 @@ func runEdge(ctx context.Context, mode string, args []string, stderr io.Writer) 
 			Logger:       log,
 			OutputLog:    workerOutputLog(log, f.logFormat),
 		}
+		for _, ps := range poolSups {
+			if ps.Command == nil {
+				ps.Command, ps.Node = command, f.node
+			}
+			ps.Edge, ps.AppPort, ps.SpawnTimeout, ps.GracePeriod, ps.DrainGrace = b, f.appPort, f.spawnTimeout, f.shutdownTimeout, f.shutdownTimeout
+			ps.Logger, ps.OutputLog = log, sup.OutputLog
+		}
+		sup.Pools = poolSups
 		if prev != nil {
 			sup.Adopt(prev.Supervisor)
 		}

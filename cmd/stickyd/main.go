@@ -1,3 +1,5 @@
+//go:build unix
+
 // Command stickyd is a sticky-session WebSocket load balancer for one host.
 //
 //	stickyd demo                         edge on :8080 with 4 built-in Go echo workers
@@ -466,9 +468,11 @@ type edgeStatus struct {
 	Sessions   int
 	Workers    []struct {
 		Slot, PID, Sessions int
-		State               string
+		Pool, State         string
 		WebSockets          int64
+		InFlight            int `json:"in_flight"`
 	}
+	Pools []adminPool
 }
 
 func (c *adminClient) edgeStatus(ctx context.Context) (edgeStatus, error) {
@@ -494,9 +498,26 @@ func (c *adminClient) status(ctx context.Context) error {
 	}
 	fmt.Fprintf(c.stdout, "stickyd %s at %s: pid %d, generation %d, %d sessions, %s\n", st.Version, c.base, st.PID, st.Generation, st.Sessions, ready)
 	tw := tabwriter.NewWriter(c.stdout, 0, 0, 2, ' ', 0)
-	fmt.Fprintln(tw, "SLOT\tPID\tSTATE\tSESSIONS\tWEBSOCKETS")
+	if len(st.Pools) < 2 {
+		// One pool: no pool column.
+		fmt.Fprintln(tw, "SLOT\tPID\tSTATE\tSESSIONS\tWEBSOCKETS")
+		for _, w := range st.Workers {
+			fmt.Fprintf(tw, "%d\t%d\t%s\t%d\t%d\n", w.Slot, w.PID, w.State, w.Sessions, w.WebSockets)
+		}
+		return tw.Flush()
+	}
+	fmt.Fprintln(tw, "POOL\tSLOT\tPID\tSTATE\tSESSIONS\tWEBSOCKETS\tIN FLIGHT")
 	for _, w := range st.Workers {
-		fmt.Fprintf(tw, "%d\t%d\t%s\t%d\t%d\n", w.Slot, w.PID, w.State, w.Sessions, w.WebSockets)
+		fmt.Fprintf(tw, "%s\t%d\t%d\t%s\t%d\t%d\t%d\n", w.Pool, w.Slot, w.PID, w.State, w.Sessions, w.WebSockets, w.InFlight)
+	}
+	if err := tw.Flush(); err != nil {
+		return err
+	}
+	fmt.Fprintln(c.stdout)
+	tw = tabwriter.NewWriter(c.stdout, 0, 0, 2, ' ', 0)
+	fmt.Fprintln(tw, "POOL\tWORKERS\tMIN\tMAX\tCONCURRENCY\tIN FLIGHT\tWAITING")
+	for _, p := range st.Pools {
+		fmt.Fprintf(tw, "%s\t%d\t%d\t%d\t%d\t%d\t%d\n", p.Name, p.Workers, p.Min, p.Max, p.Concurrency, p.InFlight, p.Waiting)
 	}
 	return tw.Flush()
 }
