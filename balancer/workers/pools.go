@@ -154,8 +154,10 @@ func (s *Supervisor) runOnDemand(ctx context.Context) {
 			spawns.Inc()
 		}
 		if all == 0 {
-			for _, slot := range s.idleWorkers(len(running) - s.Min) {
-				s.Logger.Info("pool shrinking: worker idle", "worker", slot, "idle", s.idle(), "workers", len(running)-1, "min", s.Min)
+			left := len(running)
+			for _, slot := range s.idleWorkers(left - s.Min) {
+				left--
+				s.Logger.Info("pool shrinking: worker idle", "worker", slot, "idle", s.idle(), "workers", left, "min", s.Min)
 				running[slot].cancel()
 				retirements.Inc()
 			}
