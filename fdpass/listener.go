@@ -1,3 +1,5 @@
+//go:build unix
+
 package fdpass
 
 import (
@@ -11,6 +13,8 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/stickyd/stickyd/internal/platform"
 )
 
 // Environment variables through which the edge tells a worker where its channel is.
@@ -160,7 +164,7 @@ func (l *Listener) watchHangup() {
 		return
 	}
 	for {
-		fds := []unix.PollFd{{Events: unix.POLLRDHUP}}
+		fds := []unix.PollFd{{Events: platform.PollRDHUP}}
 		var n int
 		var perr error
 		cerr := raw.Control(func(fd uintptr) {
@@ -175,7 +179,7 @@ func (l *Listener) watchHangup() {
 		if cerr != nil {
 			return
 		}
-		if perr == nil && n > 0 && fds[0].Revents&(unix.POLLRDHUP|unix.POLLHUP|unix.POLLERR) != 0 {
+		if perr == nil && n > 0 && fds[0].Revents&(platform.PollRDHUP|unix.POLLHUP|unix.POLLERR) != 0 {
 			l.stop(os.ErrClosed)
 			return
 		}

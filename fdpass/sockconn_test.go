@@ -17,6 +17,8 @@ import (
 
 	"github.com/gorilla/websocket"
 	"golang.org/x/sys/unix"
+
+	"github.com/stickyd/stickyd/internal/platform"
 )
 
 // testEdge is a minimal edge: it accepts TCP connections on loopback and hands each one
@@ -252,7 +254,7 @@ func TestAcceptedConnCloseWrite(t *testing.T) {
 // deadlines must work.
 func TestAcceptedConnFromBlockingDescriptor(t *testing.T) {
 	checkNoLeak(t)
-	fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
+	fds, err := platform.Socketpair(unix.SOCK_STREAM) // blocking, as a sender not written in Go may pass it
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -1,3 +1,5 @@
+//go:build unix
+
 // Package nodeipc speaks Node.js's IPC channel protocol (JSON serialization mode) from the
 // parent side, so that a Go process can spawn unmodified Node apps and hand them client
 // connections the way Node's own cluster primary or @socket.io/sticky's primary would.
@@ -128,10 +130,15 @@ type Channel struct {
 
 	mu       sync.Mutex
 	inflight bool // a handle is waiting for ACK/NACK
-	queue    []Message
-	head     int
-	notify   chan struct{} // capacity 1: queue grew or channel closed
-	err      error         // why the channel closed
+	// A newconn handle whose ACK the reader waits for on its own (SendHandle has
+	// returned; the turn stays taken until the ACK): see sendNewconn.
+	piped   pipedHandle
+	ackDue  time.Time   // (mu) when the piped handle's ACK is overdue
+	ackFire *time.Timer // closes the channel when the piped handle's ACK is overdue
+	queue   []Message
+	head    int
+	notify  chan struct{} // capacity 1: queue grew or channel closed
+	err     error         // why the channel closed
 
 	// Stopping the reader without closing the socket (Primary.Detach).
 	stopping   atomic.Bool   // set while the reader is being stopped
@@ -339,6 +346,14 @@ func (c *Channel) sendRaw(lines []byte) error {
 	return c.writeLineWithin(lines, nil, max(relayWriteTimeout, c.cfg.AckTimeout))
 }
 
+// pipedHandle is the newconn handle in flight whose ACK the reader handles.
+type pipedHandle struct {
+	active   bool
+	conn     syscall.Conn // the caller's: Primary.Deliver keeps it open until the reply
+	seq      int
+	attempts int
+}
+
 type handleEnvelope struct {
 	Cmd  string `json:"cmd"`
 	Type string `json:"type"`
@@ -357,6 +372,9 @@ type handleEnvelope struct {
 func (c *Channel) SendHandle(ctx context.Context, typ string, msg any, conn syscall.Conn) error {
 	if conn == nil {
 		return fmt.Errorf("nodeipc: SendHandle: nil conn")
+	}
+	if m, ok := msg.(newconnMsg); ok && !waitNewconnACK {
+		return c.sendNewconn(ctx, typ, m, conn)
 	}
 	// The messages Primary sends every handoff are written from precomputed bytes under the
 	// turn (into a buffer the turn owns); anything else is encoded before waiting for it.
@@ -418,6 +436,122 @@ func (c *Channel) SendHandle(ctx context.Context, typ string, msg any, conn sysc
 			return c.sendErr()
 		}
 	}
+}
+
+// waitNewconnACK makes newconn handles wait for their ACK in SendHandle as every other
+// handle does: the previous behaviour, kept for the benchmark's baseline.
+var waitNewconnACK = false
+
+// sendNewconn sends a newconn handle without waiting for its ACK: the worker's newconn
+// reply, which Primary.Deliver waits for anyway, always comes after it (Node answers a
+// NODE_HANDLE with the ACK before it passes the message on). The caller's goroutine is
+// then woken once per handoff (by the reply) instead of twice, which is most of the
+// edge's CPU per handoff: a park and a wake-up cost more than the write.
+//
+// Node's rule holds: the turn stays taken until the ACK, so nothing else is written to
+// the worker while the handle is in flight; the reader releases the turn. On a NACK the
+// reader resends the line with the same conn — Deliver holds it open until the reply —
+// and after Config.MaxResends it answers the newconn itself, as not accepted, so that
+// Deliver fails with ErrRejected at once and the caller keeps the connection. An ACK that
+// does not come within Config.AckTimeout closes the channel with ErrAckTimeout, which
+// Deliver's wait sees at once.
+func (c *Channel) sendNewconn(ctx context.Context, typ string, m newconnMsg, conn syscall.Conn) error {
+	if err := c.acquire(ctx); err != nil {
+		return err
+	}
+	var err error
+	if c.hbuf, err = c.hcache.appendLine(c.hbuf[:0], typ, m); err != nil {
+		c.release()
+		return err
+	}
+	c.mu.Lock()
+	c.inflight = true
+	c.piped = pipedHandle{active: true, conn: conn, seq: m.Seq}
+	c.armAckLocked()
+	c.mu.Unlock()
+	if err := c.writeLine(c.hbuf, conn); err != nil {
+		c.mu.Lock()
+		c.inflight, c.piped = false, pipedHandle{}
+		c.mu.Unlock()
+		c.release()
+		return err
+	}
+	// From here on the reader owns the turn and c.hbuf: nothing more to touch.
+	return nil
+}
+
+// armAckLocked starts the piped handle's ACK timeout (c.mu held).
+func (c *Channel) armAckLocked() {
+	c.ackDue = time.Now().Add(c.cfg.AckTimeout)
+	if c.ackFire == nil {
+		c.ackFire = time.AfterFunc(c.cfg.AckTimeout, c.ackOverdue)
+		return
+	}
+	c.ackFire.Reset(c.cfg.AckTimeout)
+}
+
+// ackOverdue runs when the piped handle's timer fires. A timer that fired just as the ACK
+// came (and the next handle went out) finds a later ackDue and does nothing.
+func (c *Channel) ackOverdue() {
+	c.mu.Lock()
+	overdue := c.piped.active && !time.Now().Before(c.ackDue)
+	c.mu.Unlock()
+	if overdue {
+		c.closeWith(fmt.Errorf("nodeipc: net.Native handle not acknowledged within %v: %w", c.cfg.AckTimeout, ErrAckTimeout))
+	}
+}
+
+// pipedAck is handleAck for a piped handle (c.mu held; it unlocks).
+func (c *Channel) pipedAck(ok bool) {
+	if ok {
+		c.inflight, c.piped = false, pipedHandle{}
+		c.mu.Unlock()
+		c.ackFire.Stop()
+		c.release()
+		return
+	}
+	c.piped.attempts++
+	ph := c.piped
+	if ph.attempts > c.cfg.MaxResends {
+		c.inflight, c.piped = false, pipedHandle{}
+		c.mu.Unlock()
+		c.ackFire.Stop()
+		c.release()
+		c.log.Warn("nodeipc: child NACKed a handle on every attempt", "type", "net.Native", "attempts", ph.attempts)
+		c.rejectNewconn(ph.seq)
+		return
+	}
+	c.armAckLocked()
+	c.mu.Unlock()
+	c.log.Warn("nodeipc: child NACKed a handle, resending", "type", "net.Native", "attempt", ph.attempts)
+	// Not from the reader itself: a write may wait (up to the ACK timeout) for room in
+	// the socket, and the reader must keep reading meanwhile.
+	go func() {
+		if err := c.writeLine(c.hbuf, ph.conn); err != nil {
+			c.mu.Lock()
+			if !c.piped.active || c.piped.seq != ph.seq {
+				c.mu.Unlock()
+				return
+			}
+			c.inflight, c.piped = false, pipedHandle{}
+			c.mu.Unlock()
+			c.ackFire.Stop()
+			c.release()
+			c.rejectNewconn(ph.seq)
+		}
+	}()
+}
+
+// rejectNewconn answers newconn seq on the worker's behalf, as not accepted (the handle
+// never reached it): Primary passes the answer to the Deliver waiting for it.
+func (c *Channel) rejectNewconn(seq int) {
+	line := strconv.AppendInt([]byte(`{"cmd":"NODE_CLUSTER","ack":`), int64(seq), 10)
+	line = append(line, `,"accepted":false}`...)
+	m, err := parseMessage(line)
+	if err != nil {
+		return
+	}
+	c.enqueue(m)
 }
 
 // handleCache holds the bytes of the NODE_HANDLE lines Primary sends for every handoff
@@ -611,6 +745,12 @@ func readLoop(c *Channel, done chan struct{}, pending []byte) {
 	if c.inflight {
 		c.inflight = false
 	}
+	// A piped handle's Deliver sees the channel closed; its turn is never given back
+	// (every later send fails on Done).
+	c.piped = pipedHandle{}
+	if c.ackFire != nil {
+		c.ackFire.Stop()
+	}
 	c.mu.Unlock()
 	select {
 	case c.notify <- struct{}{}:
@@ -682,6 +822,10 @@ var (
 // handleAck passes an ACK or NACK to the handle in flight.
 func (c *Channel) handleAck(cmd string) {
 	c.mu.Lock()
+	if c.piped.active {
+		c.pipedAck(cmd == "NODE_HANDLE_ACK")
+		return
+	}
 	inflight := c.inflight
 	c.inflight = false
 	c.mu.Unlock()
