@@ -1,3 +1,5 @@
+//go:build unix
+
 package main
 
 import (
@@ -166,10 +168,9 @@ func byLabel(mf *dto.MetricFamily, label string, match map[string]string) map[st
 	return out
 }
 
-// statusWorker is one row of the page's worker table. Requests in flight are not in it:
-// the edge does not count them per worker today.
+// statusWorker is one row of the page's worker table.
 type statusWorker struct {
-	Pool       string   `json:"pool"` // "" until pools exist
+	Pool       string   `json:"pool"` // "default" unless a -pool names it
 	Slot       int      `json:"slot"`
 	PID        int      `json:"pid"`
 	State      string   `json:"state"`
@@ -178,6 +179,7 @@ type statusWorker struct {
 	Handoffs   float64  `json:"handoffs"`
 	Requests   float64  `json:"requests"`
 	Restarts   float64  `json:"restarts"`
+	InFlight   int      `json:"in_flight"` // proxied requests not answered yet
 	Uptime     *float64 `json:"uptime_seconds"` // null when the process is not visible (another pid namespace)
 }
 
@@ -237,9 +239,9 @@ func (s *statusBoard) doc(now time.Time) statusDoc {
 	for _, w := range s.b.Workers() {
 		l := metrics.WorkerLabel(w.Slot)
 		d.Workers = append(d.Workers, statusWorker{
-			Slot: w.Slot, PID: w.PID, State: w.State().String(),
+			Pool: poolLabel(w.PoolName), Slot: w.Slot, PID: w.PID, State: w.State().String(),
 			Sessions: s.b.Sessions().Count(w.Slot), WebSockets: w.WebSockets(),
-			Handoffs: handoffs[l], Requests: requests[l], Restarts: restarts[l], Uptime: procUptime(w.PID),
+			Handoffs: handoffs[l], Requests: requests[l], Restarts: restarts[l], InFlight: w.InFlight(), Uptime: procUptime(w.PID),
 		})
 	}
 	sort.Slice(d.Workers, func(i, j int) bool { return d.Workers[i].Slot < d.Workers[j].Slot })

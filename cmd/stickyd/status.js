@@ -89,7 +89,7 @@
         tr = document.createElement("tr");
         tr.dataset.key = key;
         tr.dataset.slot = w.slot;
-        for (const k of ["pool", "slot", "pid", "state", "sessions", "websockets", "handoffs", "requests", "restarts", "uptime"]) {
+        for (const k of ["pool", "slot", "pid", "state", "sessions", "websockets", "handoffs", "requests", "in_flight", "restarts", "uptime"]) {
           const td = document.createElement("td");
           td.dataset.k = k;
           tr.appendChild(td);
@@ -108,6 +108,7 @@
       put("websockets", fmt(w.websockets));
       put("handoffs", fmt(w.handoffs));
       put("requests", fmt(w.requests));
+      put("in_flight", fmt(w.in_flight));
       put("restarts", fmt(w.restarts));
       put("uptime", dur(w.uptime_seconds));
     }
