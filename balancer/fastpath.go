@@ -1,3 +1,5 @@
+//go:build unix
+
 package balancer
 
 import (
@@ -13,6 +15,7 @@ import (
 	"github.com/stickyd/stickyd/balancer/internal/fdutil"
 	"github.com/stickyd/stickyd/balancer/workers"
 	"github.com/stickyd/stickyd/fdpass"
+	"github.com/stickyd/stickyd/internal/platform"
 	"github.com/stickyd/stickyd/metrics"
 	"github.com/stickyd/stickyd/upgrade"
 )
@@ -71,7 +74,7 @@ func (b *Balancer) serveTCP(ln *net.TCPListener) error {
 		var sa unix.Sockaddr
 		var aerr error
 		err := rc.Read(func(fd uintptr) bool {
-			nfd, sa, aerr = unix.Accept4(int(fd), unix.SOCK_CLOEXEC|unix.SOCK_NONBLOCK)
+			nfd, sa, aerr = platform.Accept(int(fd))
 			return !errors.Is(aerr, unix.EAGAIN) // EAGAIN: park until the next client
 		})
 		if err != nil {

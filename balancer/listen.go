@@ -1,3 +1,5 @@
+//go:build unix
+
 package balancer
 
 import (
@@ -12,12 +14,15 @@ import (
 	"syscall"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/stickyd/stickyd/internal/platform"
 )
 
 // ListenConfig is how the edge binds its client-facing sockets.
 type ListenConfig struct {
 	// DeferAccept sets TCP_DEFER_ACCEPT so accept returns only once the request head has
-	// started to arrive; the peek that follows then rarely has to park.
+	// started to arrive; the peek that follows then rarely has to park. Linux only: off
+	// Linux it does nothing (platform.SetDeferAccept).
 	DeferAccept bool
 }
 
@@ -78,7 +83,7 @@ func (lc ListenConfig) Listen(ctx context.Context, addr string) ([]net.Listener,
 					serr = unix.SetsockoptInt(int(fd), unix.IPPROTO_IPV6, unix.IPV6_V6ONLY, 1)
 				}
 				if serr == nil && lc.DeferAccept {
-					serr = unix.SetsockoptInt(int(fd), unix.IPPROTO_TCP, unix.TCP_DEFER_ACCEPT, 1)
+					serr = platform.SetDeferAccept(int(fd))
 				}
 				// Accepted sockets inherit these from the listener, so neither the edge
 				// nor a worker spends system calls on them per connection (Go's defaults
@@ -86,7 +91,7 @@ func (lc ListenConfig) Listen(ctx context.Context, addr string) ([]net.Listener,
 				for _, o := range [][3]int{
 					{unix.IPPROTO_TCP, unix.TCP_NODELAY, 1},
 					{unix.SOL_SOCKET, unix.SO_KEEPALIVE, 1},
-					{unix.IPPROTO_TCP, unix.TCP_KEEPIDLE, 15},
+					{unix.IPPROTO_TCP, platform.TCPKeepIdle, 15},
 					{unix.IPPROTO_TCP, unix.TCP_KEEPINTVL, 15},
 				} {
 					if serr == nil {

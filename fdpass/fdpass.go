@@ -1,3 +1,5 @@
+//go:build unix
+
 // Package fdpass moves client connections from the stickyd edge to worker processes.
 //
 // Every message travels over a SOCK_SEQPACKET Unix socket, so message boundaries are kept
@@ -23,6 +25,8 @@ import (
 	"unsafe"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/stickyd/stickyd/internal/platform"
 )
 
 // Kind says what a message carries.
@@ -375,7 +379,7 @@ func fileConn(fd int) (net.Conn, error) {
 // connections). The second one is returned as an *os.File, ready for exec.Cmd.ExtraFiles
 // or for Send through [FileSyscallConn].
 func SocketPair(typ int) (*net.UnixConn, *os.File, error) {
-	fds, err := unix.Socketpair(unix.AF_UNIX, typ|unix.SOCK_CLOEXEC, 0)
+	fds, err := platform.Socketpair(typ)
 	if err != nil {
 		return nil, nil, fmt.Errorf("fdpass: socketpair: %w", err)
 	}

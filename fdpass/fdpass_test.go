@@ -1,3 +1,5 @@
+//go:build unix
+
 package fdpass
 
 import (
@@ -7,6 +9,7 @@ import (
 	"net"
 	"net/netip"
 	"os"
+	"syscall"
 	"testing"
 	"time"
 
@@ -174,7 +177,14 @@ func pipeFDs(t *testing.T, n int) []int {
 	var fds []int
 	for range n {
 		var p [2]int
-		if err := unix.Pipe2(p[:], unix.O_CLOEXEC); err != nil {
+		syscall.ForkLock.RLock() // pipe2(O_CLOEXEC) is not on macOS
+		err := unix.Pipe(p[:])
+		if err == nil {
+			unix.CloseOnExec(p[0])
+			unix.CloseOnExec(p[1])
+		}
+		syscall.ForkLock.RUnlock()
+		if err != nil {
 			t.Fatal(err)
 		}
 		fds = append(fds, p[0], p[1])

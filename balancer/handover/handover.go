@@ -1,3 +1,5 @@
+//go:build unix
+
 // Package handover replaces the edge's program image in place (execve): the pid stays,
 // so the workers stay its children and systemd, Docker (pid 1) and terminals see one
 // process throughout. "Upgrade" is kept for HTTP; this is the handover.
@@ -14,11 +16,12 @@
 //     Node worker's IPC state can be detached only with no handoff in flight;
 //  4. the metrics/admin listener.
 //
-// The state goes to the next image as JSON in a memfd named by EnvState; every
-// descriptor in it is marked to survive the exec. Format versions it: fields are only
-// ever added, a new image reads every older format, and an edge refuses to hand over to
-// a binary that reads an older format than it writes (the preflight runs `BINARY
-// version` first, which also catches a binary that cannot start at all).
+// The state goes to the next image as JSON in a memfd (off Linux an unlinked temporary
+// file) named by EnvState; every descriptor in it is marked to survive the exec. Format
+// versions it: fields are only ever added, a new image reads every older format, and an
+// edge refuses to hand over to a binary that reads an older format than it writes (the
+// preflight runs `BINARY version` first, which also catches a binary that cannot start
+// at all).
 package handover
 
 import (
@@ -35,10 +38,9 @@ import (
 	"syscall"
 	"time"
 
-	"golang.org/x/sys/unix"
-
 	"github.com/stickyd/stickyd/balancer"
 	"github.com/stickyd/stickyd/balancer/workers"
+	"github.com/stickyd/stickyd/internal/platform"
 	"github.com/stickyd/stickyd/sticky"
 )
 
@@ -225,7 +227,7 @@ func (u *Upgrader) Upgrade() error {
 			return fail(p.name, err)
 		}
 	}
-	mfd, err := unix.MemfdCreate("stickyd-handover", 0)
+	mfd, err := platform.AnonFile("stickyd-handover")
 	if err != nil {
 		return fail("state", err)
 	}

@@ -1,3 +1,5 @@
+//go:build unix
+
 package workers
 
 import (
@@ -15,6 +17,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/stickyd/stickyd/balancer/internal/fdutil"
+	"github.com/stickyd/stickyd/internal/platform"
 )
 
 // ControlServer accepts Go workers started elsewhere (sidecar mode: another container
@@ -216,10 +219,9 @@ func peerCred(c *net.UnixConn) (uid, pid int, err error) {
 	if err != nil {
 		return 0, 0, err
 	}
-	var cred *unix.Ucred
 	var cerr error
 	err = raw.Control(func(fd uintptr) {
-		cred, cerr = unix.GetsockoptUcred(int(fd), unix.SOL_SOCKET, unix.SO_PEERCRED)
+		uid, pid, cerr = platform.PeerCred(int(fd))
 	})
 	if err == nil {
 		err = cerr
@@ -227,5 +229,5 @@ func peerCred(c *net.UnixConn) (uid, pid int, err error) {
 	if err != nil {
 		return 0, 0, err
 	}
-	return int(cred.Uid), int(cred.Pid), nil
+	return uid, pid, nil
 }

@@ -1,3 +1,5 @@
+//go:build unix
+
 package main
 
 import (
@@ -314,7 +316,7 @@ func freePort() (int, error) {
 func startProc(t *target, name string, args ...string) error {
 	cmd := exec.Command(name, args...)
 	cmd.Stdout, cmd.Stderr = os.Stderr, os.Stderr
-	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGTERM}
+	cmd.SysProcAttr = childAttr()
 	if err := cmd.Start(); err != nil {
 		return err
 	}

@@ -1,3 +1,5 @@
+//go:build unix
+
 package main
 
 import (
@@ -14,7 +16,6 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
-	"syscall"
 	"time"
 )
 
@@ -201,7 +202,7 @@ func (o *pollOpts) startNode(t *target, port int, id string) error {
 	cmd.Dir = o.appDir
 	cmd.Env = append(os.Environ(), "PORT="+strconv.Itoa(port), "STICKYD_WORKER_ID="+id)
 	cmd.Stderr = io.Discard
-	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGTERM}
+	cmd.SysProcAttr = childAttr()
 	if err := cmd.Start(); err != nil {
 		return err
 	}
@@ -253,7 +254,7 @@ func (o *pollOpts) start(ctx context.Context, name, dir string) (*target, error)
 			"--", o.node, "server-listen.js")
 		cmd.Dir = o.appDir
 		cmd.Stdout, cmd.Stderr = io.Discard, os.Stderr
-		cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGTERM}
+		cmd.SysProcAttr = childAttr()
 		if err := cmd.Start(); err != nil {
 			return t, err
 		}
@@ -264,7 +265,7 @@ func (o *pollOpts) start(ctx context.Context, name, dir string) (*target, error)
 		cmd.Dir = o.appDir
 		cmd.Env = append(os.Environ(), "PORT="+strconv.Itoa(p), "WORKERS="+strconv.Itoa(o.workers))
 		cmd.Stdout, cmd.Stderr = io.Discard, io.Discard
-		cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGTERM}
+		cmd.SysProcAttr = childAttr()
 		if err := cmd.Start(); err != nil {
 			return t, err
 		}
@@ -310,7 +311,7 @@ func (o *pollOpts) start(ctx context.Context, name, dir string) (*target, error)
 		}
 		cmd := exec.Command(bin, args...)
 		cmd.Stdout, cmd.Stderr = os.Stderr, os.Stderr
-		cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGTERM}
+		cmd.SysProcAttr = childAttr()
 		if err := cmd.Start(); err != nil {
 			return t, err
 		}

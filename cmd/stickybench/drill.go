@@ -1,3 +1,5 @@
+//go:build unix
+
 package main
 
 // Shared pieces of soak and upgrade-drill: the edge's admin API, a fleet of held
@@ -22,7 +24,6 @@ import (
 	"strconv"
 	"sync"
 	"sync/atomic"
-	"syscall"
 	"time"
 
 	"github.com/gorilla/websocket"
@@ -170,7 +171,7 @@ func (e *edgeFlags) start(ctx context.Context, mode string) (wsURL, admin string
 		"-metrics", net.JoinHostPort("127.0.0.1", strconv.Itoa(mp)), "-log-level", "warn", "-shutdown-timeout", "5s",
 		"--", self, "serve-worker")
 	cmd.Stdout, cmd.Stderr = os.Stderr, os.Stderr
-	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGTERM}
+	cmd.SysProcAttr = childAttr()
 	if err := cmd.Start(); err != nil {
 		return "", "", nil, err
 	}

@@ -1,3 +1,5 @@
+//go:build unix
+
 // Command stickybench is a bounded, loopback-only load generator for stickyd and the
 // proxies it is compared with: WebSocket handshakes, echo round trips, idle connections
 // (with the server's RSS and fd cost per connection), and engine.io long-polling.
@@ -264,5 +266,5 @@ func nofile() (soft, hard uint64) {
 	if err := syscall.Getrlimit(syscall.RLIMIT_NOFILE, &rl); err != nil {
 		return 0, 0
 	}
-	return rl.Cur, rl.Max
+	return uint64(rl.Cur), uint64(rl.Max) // int64 on FreeBSD
 }

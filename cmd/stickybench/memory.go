@@ -1,3 +1,5 @@
+//go:build unix
+
 package main
 
 import (
@@ -80,7 +82,7 @@ func runMemory(ctx context.Context, args []string, out io.Writer) error {
 	admin := "http://" + net.JoinHostPort("127.0.0.1", strconv.Itoa(mp))
 	cmd := exec.Command(*bin, "demo", "-listen", addr, "-metrics", net.JoinHostPort("127.0.0.1", strconv.Itoa(mp)), "-log-level", "warn")
 	cmd.Stdout, cmd.Stderr = stderr, stderr
-	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGTERM}
+	cmd.SysProcAttr = childAttr()
 	if err := cmd.Start(); err != nil {
 		return err
 	}

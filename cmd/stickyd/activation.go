@@ -1,3 +1,5 @@
+//go:build unix
+
 package main
 
 import (
@@ -13,6 +15,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/stickyd/stickyd/balancer"
+	"github.com/stickyd/stickyd/internal/platform"
 )
 
 // errAddrInUse marks a listen failure because another process holds the address.
@@ -96,11 +99,11 @@ func tuneClientListener(ln net.Listener) {
 		return
 	}
 	rc.Control(func(fd uintptr) {
+		platform.SetDeferAccept(int(fd))
 		for _, o := range [][3]int{
-			{unix.IPPROTO_TCP, unix.TCP_DEFER_ACCEPT, 1},
 			{unix.IPPROTO_TCP, unix.TCP_NODELAY, 1},
 			{unix.SOL_SOCKET, unix.SO_KEEPALIVE, 1},
-			{unix.IPPROTO_TCP, unix.TCP_KEEPIDLE, 15},
+			{unix.IPPROTO_TCP, platform.TCPKeepIdle, 15},
 			{unix.IPPROTO_TCP, unix.TCP_KEEPINTVL, 15},
 		} {
 			unix.SetsockoptInt(int(fd), o[0], o[1], o[2])

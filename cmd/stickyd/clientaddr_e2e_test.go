@@ -1,3 +1,5 @@
+//go:build unix
+
 package main
 
 // End-to-end test of the client's address in Node apps (issue 13, item 2): whatever way a

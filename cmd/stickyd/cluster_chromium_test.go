@@ -1,3 +1,5 @@
+//go:build unix
+
 package main
 
 // The cluster-adapter relay seen from a real browser: tabs of one headless Chromium open a

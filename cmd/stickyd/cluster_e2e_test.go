@@ -1,3 +1,5 @@
+//go:build unix
+
 package main
 
 // End-to-end tests of what stickyd does for Node workers as their cluster primary besides

@@ -1,3 +1,5 @@
+//go:build unix
+
 package main
 
 // The multi-host end-to-end test (issue 19): three stickyd hosts, each a network namespace

@@ -1,3 +1,5 @@
+//go:build unix
+
 package main
 
 // Helpers for the end-to-end tests that drive real Node socket.io workers and

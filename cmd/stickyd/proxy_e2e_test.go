@@ -1,3 +1,5 @@
+//go:build unix
+
 package main
 
 // End-to-end tests of `stickyd proxy` (issue 14): unmodified servers that listen on their

@@ -1,3 +1,5 @@
+//go:build unix
+
 package main
 
 // End-to-end tests of `stickyd run` with real Node socket.io workers and real

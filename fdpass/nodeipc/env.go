@@ -1,3 +1,5 @@
+//go:build unix
+
 package nodeipc
 
 import (
@@ -9,6 +11,8 @@ import (
 	"strings"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/stickyd/stickyd/internal/platform"
 )
 
 // Env returns the environment entries for a Node child whose channel is at childFD:
@@ -75,7 +79,7 @@ func quoteNodeOption(s string) string {
 // NewChannel; child goes into exec.Cmd.ExtraFiles and must be closed by the caller once the
 // child has started (or failed to).
 func NewPair() (parent *net.UnixConn, child *os.File, err error) {
-	fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
+	fds, err := platform.Socketpair(unix.SOCK_STREAM)
 	if err != nil {
 		return nil, nil, fmt.Errorf("nodeipc: socketpair: %w", os.NewSyscallError("socketpair", err))
 	}

@@ -1,3 +1,5 @@
+//go:build unix
+
 package nodeipc
 
 import (
@@ -116,7 +118,8 @@ func ackingPeer(tb testing.TB) (*Channel, func()) {
 			var n, oobn int
 			var err error
 			rerr := rc.Read(func(fd uintptr) bool {
-				n, oobn, _, _, err = unix.Recvmsg(int(fd), buf, oob, unix.MSG_CMSG_CLOEXEC)
+				// No MSG_CMSG_CLOEXEC (Linux only): the rights are closed right below.
+				n, oobn, _, _, err = unix.Recvmsg(int(fd), buf, oob, 0)
 				return err != unix.EAGAIN
 			})
 			if rerr != nil || err != nil || n == 0 {

@@ -1,3 +1,5 @@
+//go:build unix
+
 package nodeipc
 
 import (
@@ -14,6 +16,8 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/stickyd/stickyd/internal/platform"
 )
 
 var (
@@ -234,7 +238,7 @@ func tcpPair(t testing.TB) (client, server *net.TCPConn) {
 // unixPair returns a connected AF_UNIX SOCK_STREAM pair as conns.
 func unixPair(t testing.TB) (a, b *net.UnixConn) {
 	t.Helper()
-	fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
+	fds, err := platform.Socketpair(unix.SOCK_STREAM)
 	if err != nil {
 		t.Fatal(err)
 	}

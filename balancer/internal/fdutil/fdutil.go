@@ -1,3 +1,5 @@
+//go:build unix
+
 // Package fdutil marks the descriptors of an edge image for or against the execve of
 // the next one (the in-place edge upgrade). The edge and its worker supervisor share it.
 package fdutil
