@@ -135,6 +135,10 @@ type Channel struct {
 	piped   pipedHandle
 	ackDue  time.Time   // (mu) when the piped handle's ACK is overdue
 	ackFire *time.Timer // closes the channel when the piped handle's ACK is overdue
+	// replyTo, when set (by the Primary), takes the worker's newconn answers straight from
+	// the reader: the Deliver waiting for one is woken by the reader itself, not through
+	// the queue and Run (one wake-up less per handoff). It reports whether it knew seq.
+	replyTo atomic.Pointer[func(seq int, accepted bool) bool]
 	queue   []Message
 	head    int
 	notify  chan struct{} // capacity 1: queue grew or channel closed
@@ -542,9 +546,15 @@ func (c *Channel) pipedAck(ok bool) {
 	}()
 }
 
+// onNewconnReply makes f take the worker's newconn answers (see replyTo).
+func (c *Channel) onNewconnReply(f func(seq int, accepted bool) bool) { c.replyTo.Store(&f) }
+
 // rejectNewconn answers newconn seq on the worker's behalf, as not accepted (the handle
 // never reached it): Primary passes the answer to the Deliver waiting for it.
 func (c *Channel) rejectNewconn(seq int) {
+	if f := c.replyTo.Load(); f != nil && (*f)(seq, false) {
+		return
+	}
 	line := strconv.AppendInt([]byte(`{"cmd":"NODE_CLUSTER","ack":`), int64(seq), 10)
 	line = append(line, `,"accepted":false}`...)
 	m, err := parseMessage(line)
@@ -792,6 +802,11 @@ func (c *Channel) handleLine(line []byte) error {
 		c.handleAck("NODE_HANDLE_NACK")
 		return nil
 	}
+	if f := c.replyTo.Load(); f != nil {
+		if seq, accepted, ok := parseNewconnReply(line); ok && (*f)(seq, accepted) {
+			return nil
+		}
+	}
 	m, err := parseMessage(line)
 	if err != nil {
 		return err
@@ -812,6 +827,49 @@ func (c *Channel) handleLine(line []byte) error {
 	}
 	c.enqueue(m)
 	return nil
+}
+
+// parseNewconnReply recognises a worker's answer to newconn exactly as Node's cluster
+// child writes it — {"cmd":"NODE_CLUSTER","ack":<seq>,"accepted":<bool>,"seq":<n>} — and
+// nothing else (any other spelling takes the general path).
+func parseNewconnReply(line []byte) (seq int, accepted bool, ok bool) {
+	const pre = `{"cmd":"NODE_CLUSTER","ack":`
+	if !bytes.HasPrefix(line, []byte(pre)) {
+		return 0, false, false
+	}
+	p := line[len(pre):]
+	i := 0
+	for i < len(p) && i < 15 && p[i] >= '0' && p[i] <= '9' {
+		seq = seq*10 + int(p[i]-'0')
+		i++
+	}
+	if i == 0 || (i > 1 && p[0] == '0') {
+		return 0, false, false
+	}
+	p = p[i:]
+	switch {
+	case bytes.HasPrefix(p, []byte(`,"accepted":true`)):
+		accepted, p = true, p[len(`,"accepted":true`):]
+	case bytes.HasPrefix(p, []byte(`,"accepted":false`)):
+		p = p[len(`,"accepted":false`):]
+	default:
+		return 0, false, false
+	}
+	if bytes.HasPrefix(p, []byte(`,"seq":`)) {
+		p = p[len(`,"seq":`):]
+		j := 0
+		for j < len(p) && j < 15 && p[j] >= '0' && p[j] <= '9' {
+			j++
+		}
+		if j == 0 {
+			return 0, false, false
+		}
+		p = p[j:]
+	}
+	if len(p) != 1 || p[0] != '}' {
+		return 0, false, false
+	}
+	return seq, accepted, true
 }
 
 var (

@@ -216,3 +216,88 @@ func TestNodeWorkerDiesWithHandlesInFlight(t *testing.T) {
 		c.b.Close()
 	}
 }
+
+func TestParseNewconnReply(t *testing.T) {
+	for _, tc := range []struct {
+		line     string
+		seq      int
+		accepted bool
+		ok       bool
+	}{
+		{`{"cmd":"NODE_CLUSTER","ack":5,"accepted":true,"seq":9}`, 5, true, true},
+		{`{"cmd":"NODE_CLUSTER","ack":12,"accepted":false,"seq":13}`, 12, false, true},
+		{`{"cmd":"NODE_CLUSTER","ack":0,"accepted":true}`, 0, true, true},
+		{`{"cmd":"NODE_CLUSTER","ack":5,"accepted":true,"seq":9,"x":1}`, 0, false, false},
+		{`{"cmd":"NODE_CLUSTER","ack":05,"accepted":true}`, 0, false, false},
+		{`{"cmd":"NODE_CLUSTER","ack":5.5,"accepted":true}`, 0, false, false},
+		{`{"cmd":"NODE_CLUSTER","ack":5,"accepted":"yes"}`, 0, false, false},
+		{`{"cmd":"NODE_CLUSTER","ack":1234567890123456,"accepted":true}`, 0, false, false},
+		{`{"cmd":"NODE_CLUSTER","act":"listening","ack":5}`, 0, false, false},
+		{`{"cmd":"NODE_CLUSTER","ack":5,"accepted":true,"seq":}`, 0, false, false},
+		{` {"cmd":"NODE_CLUSTER","ack":5,"accepted":true}`, 0, false, false},
+	} {
+		seq, acc, ok := parseNewconnReply([]byte(tc.line))
+		if ok != tc.ok || ok && (seq != tc.seq || acc != tc.accepted) {
+			t.Errorf("%s: %d %v %v, want %d %v %v", tc.line, seq, acc, ok, tc.seq, tc.accepted, tc.ok)
+		}
+		if !ok {
+			continue
+		}
+		// Whatever it takes, the general decoder reads the same.
+		m, err := parseMessageSlow([]byte(tc.line))
+		if err != nil || m.Ack == nil || *m.Ack != seq || strings.Contains(tc.line, `"accepted":true`) != acc {
+			t.Errorf("%s: general decoder disagrees: %+v %v", tc.line, m, err)
+		}
+	}
+}
+
+// With a reply taker set (Primary sets one), the reader hands it the newconn answers it
+// knows — they never reach the queue — and queues the rest.
+func TestNewconnReplyTakenByReader(t *testing.T) {
+	checkFDs(t)
+	ch, peer := newFakeChannel(t, Config{MaxResends: -1})
+	got := make(chan [2]int, 4)
+	ch.onNewconnReply(func(seq int, accepted bool) bool {
+		if seq != 5 {
+			return false
+		}
+		a := 0
+		if accepted {
+			a = 1
+		}
+		got <- [2]int{seq, a}
+		return true
+	})
+	peer.write(`{"cmd":"NODE_CLUSTER","ack":5,"accepted":true,"seq":2}` + "\n" + `{"cmd":"NODE_CLUSTER","ack":6,"accepted":true,"seq":3}` + "\n")
+	select {
+	case g := <-got:
+		if g != [2]int{5, 1} {
+			t.Fatalf("taker got %v", g)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("reply not taken")
+	}
+	m, err := ch.Recv()
+	if err != nil || m.Ack == nil || *m.Ack != 6 {
+		t.Fatalf("Recv: %+v, %v; want the reply the taker did not know", m, err)
+	}
+	// The made-up rejection after the last NACK goes the same way.
+	a, b := unixPair(t)
+	defer a.Close()
+	defer b.Close()
+	if err := ch.SendHandle(context.Background(), "net.Native", newconnFor(5), b); err != nil {
+		t.Fatal(err)
+	}
+	if _, _, err := peer.readLine(5 * time.Second); err != nil {
+		t.Fatal(err)
+	}
+	peer.write(`{"cmd":"NODE_HANDLE_NACK"}` + "\n")
+	select {
+	case g := <-got:
+		if g != [2]int{5, 0} {
+			t.Fatalf("taker got %v after the NACK, want 5 not accepted", g)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("rejection not taken")
+	}
+}
