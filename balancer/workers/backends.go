@@ -48,6 +48,10 @@ type Backends struct {
 	// Lookup resolves a dns: backend's name; nil: net.DefaultResolver.
 	Lookup func(ctx context.Context, host string) ([]netip.Addr, error)
 	Logger *slog.Logger
+	// Pool names the -pool these backends serve ("" for the default pool), and FirstSlot
+	// their first worker slot (the pools of an edge share one slot space).
+	Pool      string
+	FirstSlot int
 
 	mu       sync.Mutex
 	ctx      context.Context
@@ -129,6 +133,9 @@ func (bs *Backends) defaults() {
 		bs.Logger = slog.Default()
 	}
 	bs.log = bs.Logger
+	if bs.Pool != "" {
+		bs.log = bs.log.With("pool", bs.Pool)
+	}
 	bs.dnsErr = map[string]string{}
 	bs.settled = make(chan struct{})
 }
@@ -250,7 +257,7 @@ func (bs *Backends) takeOut(b *backend, why string) {
 	bs.Edge.RemoveWorker(w)
 	b.ch.Close()
 	bs.log.Warn("backend out of routing: its sessions are forgotten and their clients reconnect to the others",
-		"backend", b.address, "slot", b.slot, "why", why)
+		"backend", b.address, "slot", w.Slot, "why", why)
 }
 
 // putIn puts b into routing with a fresh worker. bs.mu held.
@@ -265,10 +272,11 @@ func (bs *Backends) putIn(b *backend) {
 		idle = bs.Edge.WorkerSettings().WorkerIdle
 	}
 	b.ch = ch
-	b.w = NewWorker(b.slot, 0, ch, idle)
+	b.w = NewWorker(bs.FirstSlot+b.slot, 0, ch, idle)
+	b.w.PoolName = bs.Pool
 	bs.routable++
 	bs.Edge.AddWorker(b.w)
-	bs.log.Info("backend in routing", "backend", b.address, "slot", b.slot)
+	bs.log.Info("backend in routing", "backend", b.address, "slot", b.w.Slot)
 }
 
 // dialFailed is passive health: a connection the edge could not open. A refusal or an
@@ -336,7 +344,7 @@ func (bs *Backends) watch(ctx context.Context, b *backend) {
 			if in && fails >= bs.Fall {
 				bs.takeOut(b, why)
 			} else if !in && (first || fails == 1) {
-				bs.log.Warn("backend not reachable; probing it", "backend", b.address, "slot", b.slot, "why", why)
+				bs.log.Warn("backend not reachable; probing it", "backend", b.address, "slot", bs.FirstSlot+b.slot, "why", why)
 			}
 		}
 		if first {

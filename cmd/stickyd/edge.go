@@ -81,6 +81,8 @@ func (f *edgeFlags) register(fs *flag.FlagSet, mode string) {
 	fs.IntVar(&f.appPort, "app-port", 0, "Node apps with several servers: the port whose server gets the edge's traffic (0: the first to listen)")
 	if mode == "proxy" {
 		f.proxy.register(fs)
+		fs.Var(&f.pools, "pool", "a named pool of backends: NAME:path=/prefix/ (or host=NAME, header=Name[:value]; first match wins),backend=HOST:PORT (repeat), "+
+			"with concurrency=N requests per backend and a queue=1000,queue-timeout=30s (then 503 + Retry-After); repeatable")
 	} else if mode != "serve" {
 		fs.Var(&f.pools, "pool", "a named pool: NAME:path=/prefix/ (or host=NAME, header=Name[:value]; first match wins), sized min=0,max=N,idle=30s, "+
 			"with concurrency=N requests per worker and a queue=1000,queue-timeout=30s (then 503 + Retry-After); cmd=… runs another command; repeatable")
@@ -171,6 +173,9 @@ func parseEdgeSettings(mode string, args []string, stderr io.Writer) (*edgeSetti
 		if len(command) > 0 {
 			return nil, fmt.Errorf("%w: serve takes no command: workers connect to -control (use `stickyd run -- CMD` to spawn them)", errUsage)
 		}
+	}
+	if err := checkPools(mode, f.pools); err != nil {
+		return nil, fmt.Errorf("%w: %v", errUsage, err)
 	}
 	var allowUIDs []int
 	for _, u := range strings.Split(f.allowUIDs, ",") {
@@ -321,12 +326,18 @@ func runEdge(ctx context.Context, mode string, args []string, stderr io.Writer) 
 		go func() { <-supCtx.Done(); ctl.Close(); supDone <- nil }()
 		log.Info("control socket listening", "path", f.control)
 	} else if mode == "proxy" {
-		bs, err := startProxy(supCtx, b, &f.proxy, f.spawnTimeout, log)
+		bs, err := startProxy(supCtx, b, &f.proxy, f.pools, f.spawnTimeout, log)
 		if err != nil {
 			closeAll(lns)
 			return err
 		}
-		go func() { <-supCtx.Done(); bs.Wait(); supDone <- nil }()
+		go func() {
+			<-supCtx.Done()
+			for _, s := range bs {
+				s.Wait()
+			}
+			supDone <- nil
+		}()
 	} else {
 		sup = &workers.Supervisor{
 			Edge:         b,

@@ -22,6 +22,7 @@ type poolSpec struct {
 	min, max, concurrency, queue  int
 	idle, queueTimeout            time.Duration
 	command                       []string // nil: the default pool's command
+	backends                      backendList // stickyd proxy: the pool's own backends
 }
 
 // poolList is the repeatable -pool flag. In a config file or STICKYD_POOL several pools
@@ -74,7 +75,7 @@ func (l *poolList) Set(v string) error {
 	return flush()
 }
 
-const poolKeys = "path, host, header, min, max, concurrency, idle, queue, queue-timeout, cmd"
+const poolKeys = "path, host, header, min, max, concurrency, idle, queue, queue-timeout, cmd; in proxy mode backend (repeatable) instead of min, max, idle, cmd"
 
 var poolNameRE = regexp.MustCompile(`^[a-z0-9][a-z0-9_-]{0,31}$`)
 
@@ -90,7 +91,7 @@ func (p *poolSpec) parse(items []string) error {
 		if !ok || v == "" {
 			return fmt.Errorf("pool %s: %q: want key=value (keys: %s)", p.name, it, poolKeys)
 		}
-		if seen[k] {
+		if seen[k] && k != "backend" {
 			return fmt.Errorf("pool %s: %s is given twice", p.name, k)
 		}
 		seen[k] = true
@@ -122,6 +123,8 @@ func (p *poolSpec) parse(items []string) error {
 			p.queueTimeout, err = poolDuration(v)
 		case "cmd":
 			p.command = strings.Fields(v)
+		case "backend":
+			err = p.backends.Set(v)
 		default:
 			return fmt.Errorf("pool %s: unknown key %q (keys: %s)", p.name, k, poolKeys)
 		}
@@ -173,7 +176,35 @@ func (p poolSpec) String() string {
 	kv = append(kv, "min="+strconv.Itoa(p.min), "max="+strconv.Itoa(p.max), "concurrency="+strconv.Itoa(p.concurrency),
 		"idle="+p.idle.String(), "queue="+strconv.Itoa(p.queue), "queue-timeout="+p.queueTimeout.String())
 	add("cmd", strings.Join(p.command, " "))
+	for _, b := range p.backends {
+		add("backend", b)
+	}
 	return s + strings.Join(kv, ",")
+}
+
+// checkPools checks what a mode allows: `stickyd proxy` pools name their backends and
+// spawn nothing; the others spawn their workers and have no backends.
+func checkPools(mode string, specs []poolSpec) error {
+	for _, p := range specs {
+		if mode == "proxy" {
+			if len(p.backends) == 0 {
+				return fmt.Errorf("-pool %s: in proxy mode a pool names its backends: backend=HOST:PORT (repeat for each)", p.name)
+			}
+			if p.command != nil || p.min != 0 {
+				return fmt.Errorf("-pool %s: in proxy mode a pool's backends run on their own: no cmd= or min=", p.name)
+			}
+			continue
+		}
+		if len(p.backends) > 0 {
+			return fmt.Errorf("-pool %s: backend= is for stickyd proxy; here the pool runs the edge's command (or cmd=…)", p.name)
+		}
+		if p.command != nil {
+			if err := workers.CheckWorkerCommand(p.command); err != nil {
+				return fmt.Errorf("-pool %s: cmd=: %w", p.name, err)
+			}
+		}
+	}
+	return nil
 }
 
 // buildPools makes the balancer's pool rules and the supervisors of the named pools. Their

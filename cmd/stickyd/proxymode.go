@@ -60,32 +60,54 @@ func (l *backendList) Set(v string) error {
 // startProxy starts probing the backends and routes to each one as soon as it passes;
 // it returns when every backend was probed once, or after wait. The backends' work
 // ends with ctx; Wait on the result waits for it.
-func startProxy(ctx context.Context, b *balancer.Balancer, p *proxyFlags, wait time.Duration, log *slog.Logger) (*workers.Backends, error) {
+// Each -pool's backends are a set of their own, from slot 64×(its place) on.
+func startProxy(ctx context.Context, b *balancer.Balancer, p *proxyFlags, pools []poolSpec, wait time.Duration, log *slog.Logger) ([]*workers.Backends, error) {
 	if len(p.backends) == 0 {
 		return nil, fmt.Errorf("%w: stickyd proxy needs -backend ADDR (host:port, unix:/path or dns:NAME:PORT), once per backend", errUsage)
 	}
-	bs := &workers.Backends{
-		Edge:            b,
-		Addrs:           p.backends,
-		HealthPath:      p.healthPath,
-		HealthInterval:  p.healthInterval,
-		HealthTimeout:   p.healthTimeout,
-		Rise:            p.rise,
-		Fall:            p.fall,
-		Idle:            p.backendIdle,
-		ResolveInterval: p.resolveInterval,
-		Logger:          log,
+	set := func(addrs []string, pool string, first int) *workers.Backends {
+		return &workers.Backends{
+			Edge:            b,
+			Addrs:           addrs,
+			HealthPath:      p.healthPath,
+			HealthInterval:  p.healthInterval,
+			HealthTimeout:   p.healthTimeout,
+			Rise:            p.rise,
+			Fall:            p.fall,
+			Idle:            p.backendIdle,
+			ResolveInterval: p.resolveInterval,
+			Logger:          log,
+			Pool:            pool,
+			FirstSlot:       first,
+		}
 	}
-	if err := bs.Start(ctx); err != nil {
-		return nil, fmt.Errorf("-backend: %w", err)
+	sets := []*workers.Backends{set(p.backends, "", 0)}
+	for i, ps := range pools {
+		sets = append(sets, set(ps.backends, ps.name, (i+1)*workers.MaxBackends))
 	}
-	select {
-	case <-bs.Settled():
-	case <-ctx.Done():
-	case <-time.After(wait):
+	for _, bs := range sets {
+		if err := bs.Start(ctx); err != nil {
+			// The sets started so far end with ctx, which the caller cancels.
+			if bs.Pool != "" {
+				return nil, fmt.Errorf("-pool %s: backend=: %w", bs.Pool, err)
+			}
+			return nil, fmt.Errorf("-backend: %w", err)
+		}
 	}
-	if bs.Routable() == 0 {
-		log.Error("no backend is reachable yet; clients get 503 until one is (the edge keeps probing)", "backends", p.backends.String())
+	timeout := time.After(wait)
+	for _, bs := range sets {
+		select {
+		case <-bs.Settled():
+		case <-ctx.Done():
+		case <-timeout:
+		}
+		if bs.Routable() == 0 {
+			where := "-backend " + strings.Join(bs.Addrs, ",")
+			if bs.Pool != "" {
+				where = "pool " + bs.Pool + ": " + strings.Join(bs.Addrs, ",")
+			}
+			log.Error("no backend is reachable yet; clients get 503 until one is (the edge keeps probing)", "backends", where)
+		}
 	}
-	return bs, nil
+	return sets, nil
 }
