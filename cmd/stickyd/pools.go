@@ -21,7 +21,7 @@ type poolSpec struct {
 	path, host, header, headerVal string
 	min, max, concurrency, queue  int
 	idle, queueTimeout            time.Duration
-	command                       []string // nil: the default pool's command
+	command                       []string    // nil: the default pool's command
 	backends                      backendList // stickyd proxy: the pool's own backends
 }
 

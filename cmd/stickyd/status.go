@@ -179,7 +179,7 @@ type statusWorker struct {
 	Handoffs   float64  `json:"handoffs"`
 	Requests   float64  `json:"requests"`
 	Restarts   float64  `json:"restarts"`
-	InFlight   int      `json:"in_flight"` // proxied requests not answered yet
+	InFlight   int      `json:"in_flight"`      // proxied requests not answered yet
 	Uptime     *float64 `json:"uptime_seconds"` // null when the process is not visible (another pid namespace)
 }
 
