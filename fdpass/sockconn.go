@@ -123,6 +123,36 @@ func (c *sockConn) SetWriteDeadline(t time.Time) error {
 	return nil
 }
 
+// SetNoDelay is *net.TCPConn's, for code that asserted that type on an accepted conn
+// before (the edge's socket already has TCP_NODELAY, as Go sets it on accept).
+func (c *sockConn) SetNoDelay(noDelay bool) error {
+	return c.setsockopt(unix.IPPROTO_TCP, unix.TCP_NODELAY, noDelay)
+}
+
+// SetKeepAlive is *net.TCPConn's (the edge's socket already has Go's default keep-alive).
+func (c *sockConn) SetKeepAlive(keepalive bool) error {
+	return c.setsockopt(unix.SOL_SOCKET, unix.SO_KEEPALIVE, keepalive)
+}
+
+func (c *sockConn) setsockopt(level, opt int, on bool) error {
+	v := 0
+	if on {
+		v = 1
+	}
+	rc, err := c.f.SyscallConn()
+	if err != nil {
+		return c.opErr("set", err)
+	}
+	var serr error
+	if err := rc.Control(func(fd uintptr) { serr = unix.SetsockoptInt(int(fd), level, opt, v) }); err != nil {
+		return c.opErr("set", err)
+	}
+	if serr != nil {
+		return c.opErr("set", os.NewSyscallError("setsockopt", serr))
+	}
+	return nil
+}
+
 // SyscallConn gives raw access to the socket, as *net.TCPConn's does.
 func (c *sockConn) SyscallConn() (syscall.RawConn, error) { return c.f.SyscallConn() }
 

@@ -117,6 +117,29 @@ func TestAcceptedConnIsNotFileConn(t *testing.T) {
 	if fl&unix.O_NONBLOCK == 0 {
 		t.Error("received descriptor is blocking")
 	}
+	// What code that used to assert *net.TCPConn calls.
+	type tcpOpts interface {
+		SetNoDelay(bool) error
+		SetKeepAlive(bool) error
+	}
+	o, ok := c.(*Conn).NetConn().(tcpOpts)
+	if !ok {
+		t.Fatal("no SetNoDelay/SetKeepAlive")
+	}
+	if err := o.SetNoDelay(false); err != nil {
+		t.Error(err)
+	}
+	if err := o.SetKeepAlive(false); err != nil {
+		t.Error(err)
+	}
+	var nodelay, keepalive int
+	rc.Control(func(fd uintptr) {
+		nodelay, _ = unix.GetsockoptInt(int(fd), unix.IPPROTO_TCP, unix.TCP_NODELAY)
+		keepalive, _ = unix.GetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_KEEPALIVE)
+	})
+	if nodelay != 0 || keepalive != 0 {
+		t.Errorf("after SetNoDelay(false), SetKeepAlive(false): TCP_NODELAY %d, SO_KEEPALIVE %d", nodelay, keepalive)
+	}
 	_ = client
 }
 

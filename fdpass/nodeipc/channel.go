@@ -373,6 +373,10 @@ type handleEnvelope struct {
 // elsewhere). ctx bounds only the wait for the channel (one handle in flight); once the line
 // is written the wait for the ACK is bounded by Config.AckTimeout, because abandoning it would
 // let a late ACK be matched to the next handle.
+//
+// Primary's newconn handles are the exception: they return once written, and the caller
+// must keep conn open until the worker's newconn answer (Primary.Deliver does) — see
+// sendNewconn.
 func (c *Channel) SendHandle(ctx context.Context, typ string, msg any, conn syscall.Conn) error {
 	if conn == nil {
 		return fmt.Errorf("nodeipc: SendHandle: nil conn")
