@@ -15,7 +15,7 @@ import (
 	"github.com/stickyd/stickyd/balancer/internal/fdutil"
 	"github.com/stickyd/stickyd/balancer/workers"
 	"github.com/stickyd/stickyd/fdpass"
-	"github.com/stickyd/stickyd/internal/platform"
+	"github.com/stickyd/stickyd/fdpass/platform"
 	"github.com/stickyd/stickyd/metrics"
 	"github.com/stickyd/stickyd/upgrade"
 )

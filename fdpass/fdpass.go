@@ -26,7 +26,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
-	"github.com/stickyd/stickyd/internal/platform"
+	"github.com/stickyd/stickyd/fdpass/platform"
 )
 
 // Kind says what a message carries.

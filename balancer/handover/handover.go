@@ -40,7 +40,7 @@ import (
 
 	"github.com/stickyd/stickyd/balancer"
 	"github.com/stickyd/stickyd/balancer/workers"
-	"github.com/stickyd/stickyd/internal/platform"
+	"github.com/stickyd/stickyd/fdpass/platform"
 	"github.com/stickyd/stickyd/sticky"
 )
 

@@ -17,7 +17,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/stickyd/stickyd/balancer/internal/fdutil"
-	"github.com/stickyd/stickyd/internal/platform"
+	"github.com/stickyd/stickyd/fdpass/platform"
 )
 
 // ControlServer accepts Go workers started elsewhere (sidecar mode: another container

@@ -15,7 +15,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/stickyd/stickyd/balancer"
-	"github.com/stickyd/stickyd/internal/platform"
+	"github.com/stickyd/stickyd/fdpass/platform"
 )
 
 // errAddrInUse marks a listen failure because another process holds the address.
