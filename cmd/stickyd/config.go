@@ -75,6 +75,8 @@ func readConfig(path string, fs *flag.FlagSet) (map[string]configEntry, error) {
 	all.SetOutput(discard{})
 	var scratch edgeFlags
 	scratch.register(all, "serve")
+	scratch.proxy.register(all)
+	all.Var(&scratch.pools, "pool", "")
 	out := map[string]configEntry{}
 	var errs []error
 	bad := func(line int, format string, args ...any) {
@@ -89,7 +91,7 @@ func readConfig(path string, fs *flag.FlagSet) (map[string]configEntry, error) {
 		}
 		fl := fs.Lookup(name)
 		if fl == nil && all.Lookup(name) != nil {
-			bad(k.Line, "%q is a setting of stickyd serve only, not of stickyd %s: remove it", name, fs.Name())
+			bad(k.Line, "%q is not a setting of stickyd %s (another mode's: %s): remove it", name, fs.Name(), modesOf(name))
 			continue
 		}
 		if fl == nil {
@@ -393,4 +395,18 @@ func preflightSettings() error {
 	msg := strings.TrimSpace(strings.TrimPrefix(strings.TrimSpace(string(out)), "stickyd:"))
 	msg = strings.TrimPrefix(msg, errUsage.Error()+": ")
 	return fmt.Errorf("the new image would not start with these settings, so the edge stays as it is: %s", msg)
+}
+
+// modesOf names the modes that have the flag name.
+func modesOf(name string) string {
+	var modes []string
+	for _, mode := range []string{"demo", "run", "serve", "proxy"} {
+		fs := flag.NewFlagSet(mode, flag.ContinueOnError)
+		var f edgeFlags
+		f.register(fs, mode)
+		if fs.Lookup(name) != nil {
+			modes = append(modes, mode)
+		}
+	}
+	return strings.Join(modes, ", ")
 }

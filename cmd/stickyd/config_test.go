@@ -75,6 +75,31 @@ log-level: debug
 	}
 }
 
+// TestConfigFileProxyAndPools: proxy-only settings and pools (a list of pools, each
+// with commas of its own) come from a file too.
+func TestConfigFileProxyAndPools(t *testing.T) {
+	cfg := writeFile(t, "proxy.yaml", `backend: [127.0.0.1:3001, "unix:/run/app.sock"]
+health-path: /healthz
+pool:
+  - "reports:path=/reports/,backend=127.0.0.1:3002,concurrency=1"
+  - "live:header=X-Pool:live,backend=127.0.0.1:3003"
+`)
+	f, err := parseEdge(t, "proxy", "-config", cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if f.proxy.backends.String() != "127.0.0.1:3001,unix:/run/app.sock" || f.proxy.healthPath != "/healthz" {
+		t.Errorf("proxy settings from the file: %+v", f.proxy)
+	}
+	if len(f.pools) != 2 || f.pools[0].name != "reports" || f.pools[0].concurrency != 1 || f.pools[1].headerVal != "live" ||
+		f.pools[1].backends.String() != "127.0.0.1:3003" {
+		t.Errorf("pools from the file: %+v", f.pools)
+	}
+	if _, err := parseEdge(t, "run", "-config", cfg); err == nil || !strings.Contains(err.Error(), `"backend" is not a setting of stickyd run (another mode's: proxy)`) {
+		t.Errorf("a proxy setting in run's file: %v", err)
+	}
+}
+
 // TestConfigFileErrors: every problem of a file is reported at once, with its line, and a
 // misspelt key names the nearest valid one.
 func TestConfigFileErrors(t *testing.T) {
@@ -97,7 +122,7 @@ admin-remote: yes
 		cfg + `:3: workers: "many"`,
 		cfg + `:5: "key" is set twice (also on line 4)`,
 		cfg + `:6: unknown key "max_body_bytes": did you mean "max-body-bytes"?`,
-		cfg + `:7: "control" is a setting of stickyd serve only`,
+		cfg + `:7: "control" is not a setting of stickyd run (another mode's: serve)`,
 		cfg + `:8: unknown key "frobnicate": see stickyd run -h`,
 		cfg + `:9: admin-remote: "yes"`,
 	} {
