@@ -22,6 +22,7 @@ import (
 	"net/http"
 	"net/url"
 	"os"
+	"runtime"
 	"runtime/debug"
 	"strconv"
 	"strings"
@@ -83,6 +84,9 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	case "demo", "run", "serve", "proxy":
 		if edgeHelp(args[0], args[1:], stdout) {
 			return nil
+		}
+		if err := modeSupported(args[0], runtime.GOOS); err != nil {
+			return err
 		}
 		return runEdge(ctx, args[0], args[1:], stderr)
 	case "check-settings": // hidden: an upgrading edge's preflight (preflightSettings)
