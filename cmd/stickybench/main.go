@@ -45,6 +45,8 @@ const usage = `stickybench: bounded loopback load generator for stickyd
                         hold WebSockets + keep-alive HTTP, upgrade the edge, check nothing dropped
   stickybench memory    [-stickyd /tmp/stickyd] [-ws 10000] [-keepalive 1000]
                         edge heap, stacks and RSS per handed-off WebSocket and per idle keep-alive connection
+  stickybench pools     [-stickyd /tmp/stickyd] [-pool 'reports:path=/reports/,min=0,max=8,concurrency=1,idle=5s']
+                        100 socket.io clients echo, then 20 slow /reports/ requests: the pool's timeline
 
 Targets must be loopback (127.0.0.0/8, ::1, localhost). Results: one JSON line per run on stdout.
 Run "stickybench MODE -h" for a mode's flags.
@@ -86,6 +88,8 @@ func main() {
 		err = runUpgradeDrill(ctx, args, os.Stdout)
 	case "memory":
 		err = runMemory(ctx, args, os.Stdout)
+	case "pools":
+		err = runPools(ctx, args, os.Stdout)
 	case "-h", "-help", "--help", "help":
 		fmt.Fprint(os.Stdout, usage)
 		return

@@ -1,0 +1,476 @@
+//go:build unix
+
+package main
+
+// pools: the seed's scenario of issue 15 against a real edge it starts — 2 socket.io
+// workers in the default pool, 100 socket.io clients echoing, then 20 simultaneous
+// 5-second /reports/ requests that a reports pool (min=0, max=8, concurrency=1) takes on
+// workers it starts for them and stops when they are idle — and the growth and shrink
+// timeline of the pool, every 250 ms.
+
+import (
+	"bufio"
+	"context"
+	"encoding/json"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+)
+
+// poolsAdmin is /admin/workers with the pools list.
+type poolsAdmin struct {
+	Workers []struct {
+		Slot     int    `json:"slot"`
+		Pool     string `json:"pool"`
+		PID      int    `json:"pid"`
+		State    string `json:"state"`
+		Sessions int    `json:"sessions"`
+	} `json:"workers"`
+	Pools []struct {
+		Name     string `json:"name"`
+		Workers  int    `json:"workers"`
+		Ready    int    `json:"ready"`
+		InFlight int    `json:"in_flight"`
+		Waiting  int    `json:"waiting"`
+		Min      int    `json:"min"`
+		Max      int    `json:"max"`
+	} `json:"pools"`
+}
+
+func getPoolsAdmin(ctx context.Context, base string) (*poolsAdmin, error) {
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, base+"/admin/workers", nil)
+	if err != nil {
+		return nil, err
+	}
+	resp, err := adminClient.Do(req)
+	if err != nil {
+		return nil, err
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		return nil, fmt.Errorf("GET /admin/workers: %s", resp.Status)
+	}
+	var a poolsAdmin
+	return &a, json.NewDecoder(io.LimitReader(resp.Body, 4<<20)).Decode(&a)
+}
+
+// poolStarting reads stickyd_pool_workers{pool=name,state="starting"} from /metrics: the
+// admin view lists only workers in routing.
+func poolStarting(ctx context.Context, base, name string) (int, error) {
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, base+"/metrics", nil)
+	if err != nil {
+		return 0, err
+	}
+	resp, err := adminClient.Do(req)
+	if err != nil {
+		return 0, err
+	}
+	defer resp.Body.Close()
+	sc := bufio.NewScanner(io.LimitReader(resp.Body, 16<<20))
+	sc.Buffer(make([]byte, 64<<10), 1<<20)
+	for sc.Scan() {
+		line := sc.Text()
+		if strings.HasPrefix(line, "stickyd_pool_workers{") && strings.Contains(line, `pool="`+name+`"`) &&
+			strings.Contains(line, `state="starting"`) {
+			f := strings.Fields(line)
+			v, err := strconv.ParseFloat(f[len(f)-1], 64)
+			return int(v), err
+		}
+	}
+	return 0, sc.Err()
+}
+
+// poolsSample is one timeline row.
+type poolsSample struct {
+	T        float64 `json:"t"`
+	Phase    string  `json:"phase"`
+	Starting int     `json:"starting"`
+	Ready    int     `json:"ready"`
+	InFlight int     `json:"in_flight"`
+	Queue    int     `json:"queue"`
+	Done     int64   `json:"done"`
+}
+
+// poolsEcho is a phase of pools-clients.js.
+type poolsEcho struct {
+	Phase       string         `json:"phase"`
+	Echoes      int            `json:"echoes"`
+	Failed      int            `json:"failed"`
+	P50         float64        `json:"p50"`
+	P99         float64        `json:"p99"`
+	Max         float64        `json:"max"`
+	Disconnects int            `json:"disconnects"`
+	Errors      map[string]int `json:"errors"`
+}
+
+type poolsResult struct {
+	Mode            string        `json:"mode"`
+	Pool            string        `json:"pool"`
+	Workers         int           `json:"workers"`
+	Clients         int           `json:"clients"`
+	Reports         int           `json:"reports"`
+	ReportMs        int           `json:"report_ms"`
+	ReportsOK       int           `json:"reports_ok"`
+	ReportsOverlap  int           `json:"reports_overlapping"` // answers whose worker had another report in progress
+	ReportPIDs      int           `json:"report_pids"`
+	AllDoneS        float64       `json:"all_done_s"`
+	FirstReadyS     float64       `json:"first_ready_s"`
+	FourthReadyS    float64       `json:"fourth_ready_s"`
+	PeakReadyS      float64       `json:"peak_ready_s"`
+	Peak            int           `json:"peak"`
+	Max             int           `json:"max"`
+	BackToZeroS     float64       `json:"back_to_zero_s"` // back to min (0 by default); -1: not within the wait
+	EchoA           poolsEcho     `json:"echo_a"`
+	EchoB           poolsEcho     `json:"echo_b"`
+	P99Ratio        float64       `json:"p99_ratio"`
+	SessionsKept    bool          `json:"sessions_kept"`
+	Timeline        []poolsSample `json:"timeline"`
+	WithinIssueGoal bool          `json:"within_issue_goal"` // all done ≤ 15 s and p99 ratio ≤ 2
+	Pass            bool          `json:"pass"`
+}
+
+// poolsClients drives pools-clients.js: one command line in, one JSON line out.
+type poolsClients struct {
+	cmd   *exec.Cmd
+	in    io.WriteCloser
+	lines chan string
+}
+
+func (p *poolsClients) read(what string, timeout time.Duration) (map[string]json.RawMessage, []byte, error) {
+	select {
+	case line, ok := <-p.lines:
+		if !ok {
+			return nil, nil, fmt.Errorf("pools-clients.js ended before answering %s", what)
+		}
+		var m map[string]json.RawMessage
+		if err := json.Unmarshal([]byte(line), &m); err != nil {
+			return nil, nil, fmt.Errorf("pools-clients.js %s: %q: %v", what, line, err)
+		}
+		if string(m["event"]) == `"error"` {
+			return nil, nil, fmt.Errorf("pools-clients.js %s: %s", what, m["error"])
+		}
+		return m, []byte(line), nil
+	case <-time.After(timeout):
+		return nil, nil, fmt.Errorf("pools-clients.js did not answer %s within %s", what, timeout)
+	}
+}
+
+func (p *poolsClients) do(cmd string, timeout time.Duration, v any) error {
+	if _, err := io.WriteString(p.in, cmd+"\n"); err != nil {
+		return fmt.Errorf("pools-clients.js %s: %w", cmd, err)
+	}
+	_, line, err := p.read(cmd, timeout)
+	if err != nil || v == nil {
+		return err
+	}
+	return json.Unmarshal(line, v)
+}
+
+func (p *poolsClients) stop() {
+	p.in.Close() // the clients disconnect and the script exits
+	done := make(chan struct{})
+	go func() { p.cmd.Wait(); close(done) }()
+	select {
+	case <-done:
+	case <-time.After(10 * time.Second):
+		p.cmd.Process.Kill()
+		<-done
+	}
+}
+
+func runPools(ctx context.Context, args []string, out io.Writer) error {
+	fs := flag.NewFlagSet("pools", flag.ContinueOnError)
+	stickyd := fs.String("stickyd", "/tmp/stickyd", "stickyd binary (go build -o /tmp/stickyd ./cmd/stickyd)")
+	node := fs.String("node", "node", "node binary")
+	appDir := fs.String("app-dir", "cmd/stickyd/testdata/socketio", "the socket.io fixtures (pools-app.js, pools-clients.js, node_modules installed)")
+	workers := fs.Int("workers", 2, "socket.io workers in the default pool")
+	spec := fs.String("pool", "reports:path=/reports/,min=0,max=8,concurrency=1,idle=5s", "the -pool given to stickyd; the reports go to its path")
+	clients := fs.Int("clients", 100, "socket.io clients echoing (one echo in flight each, then -interval)")
+	interval := fs.Duration("interval", 100*time.Millisecond, "pause between two echoes of a client")
+	reports := fs.Int("reports", 20, "simultaneous slow requests")
+	reportMs := fs.Int("report-ms", 5000, "how long the app takes to answer a report, in ms (REPORT_MS)")
+	phase := fs.Duration("phase", 8*time.Second, "phase A: echo without the reports load for this long")
+	every := fs.Duration("every", 250*time.Millisecond, "timeline interval")
+	wait := fs.Duration("shrink-wait", 2*time.Minute, "after the reports: wait at most this long for the pool to be back at min")
+	quiet := fs.Bool("q", false, "no timeline on stderr as it happens (it is printed on stdout at the end either way)")
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	if *workers < 1 || *workers > 64 || *clients < 1 || *clients > 5000 || *reports < 1 || *reports > 1000 ||
+		*reportMs < 0 || *reportMs > 600000 || *phase <= 0 || *phase > 10*time.Minute || *every < 10*time.Millisecond ||
+		*interval < 0 || *wait <= 0 || *wait > 30*time.Minute {
+		return errors.New("bounded runs only: -workers 1..64, -clients 1..5000, -reports 1..1000, -report-ms 0..600000, -phase up to 10m, -every ≥ 10ms, -shrink-wait up to 30m")
+	}
+	poolName, rest, ok := strings.Cut(*spec, ":")
+	path := ""
+	for item := range strings.SplitSeq(rest, ",") {
+		if v, ok := strings.CutPrefix(strings.TrimSpace(item), "path="); ok {
+			path = v
+		}
+	}
+	if !ok || poolName == "" || !strings.HasPrefix(path, "/") {
+		return fmt.Errorf("-pool %q: want NAME:path=/prefix/,… (the reports are sent to the path)", *spec)
+	}
+	if !isExec(*stickyd) {
+		return fmt.Errorf("no stickyd binary at %s: go build -o %s ./cmd/stickyd", *stickyd, *stickyd)
+	}
+	dir, err := filepath.Abs(*appDir)
+	if err != nil {
+		return err
+	}
+	for _, f := range []string{"pools-app.js", "pools-clients.js", "node_modules/socket.io-client"} {
+		if _, err := os.Stat(filepath.Join(dir, f)); err != nil {
+			return fmt.Errorf("-app-dir %s: no %s (run npm ci there): %v", dir, f, err)
+		}
+	}
+
+	// The edge.
+	p, err := freeListenPort()
+	if err != nil {
+		return err
+	}
+	mp, err := freeListenPort()
+	if err != nil {
+		return err
+	}
+	addr := net.JoinHostPort("127.0.0.1", strconv.Itoa(p))
+	admin := "http://" + net.JoinHostPort("127.0.0.1", strconv.Itoa(mp))
+	edge := exec.Command(*stickyd, "run", "-listen", addr, "-workers", strconv.Itoa(*workers),
+		"-metrics", net.JoinHostPort("127.0.0.1", strconv.Itoa(mp)), "-log-level", "warn", "-shutdown-timeout", "5s",
+		"-pool", *spec, "--", *node, "pools-app.js")
+	edge.Dir = dir
+	edge.Env = append(os.Environ(), "REPORT_MS="+strconv.Itoa(*reportMs))
+	edge.Stdout, edge.Stderr = os.Stderr, os.Stderr
+	edge.SysProcAttr = childAttr()
+	if err := edge.Start(); err != nil {
+		return err
+	}
+	t := &target{name: "stickyd", procs: []*exec.Cmd{edge}}
+	defer t.stop()
+	if _, err := waitAdmin(ctx, admin, time.Minute, func(s *adminState) bool { return s.allReady(*workers) }); err != nil {
+		return err
+	}
+	fmt.Fprintf(stderr, "stickybench pools: started %s run -listen %s -workers %d -pool '%s' -- node pools-app.js (edge pid %d)\n",
+		*stickyd, addr, *workers, *spec, edge.Process.Pid)
+
+	// The socket.io clients.
+	pc := &poolsClients{lines: make(chan string, 16)}
+	pc.cmd = exec.Command(*node, "pools-clients.js", "--url", "http://"+addr, "--clients", strconv.Itoa(*clients),
+		"--interval-ms", strconv.FormatInt(interval.Milliseconds(), 10))
+	pc.cmd.Dir = dir
+	pc.cmd.Stderr = os.Stderr
+	pc.cmd.SysProcAttr = childAttr()
+	if pc.in, err = pc.cmd.StdinPipe(); err != nil {
+		return err
+	}
+	so, err := pc.cmd.StdoutPipe()
+	if err != nil {
+		return err
+	}
+	if err := pc.cmd.Start(); err != nil {
+		return err
+	}
+	defer pc.stop()
+	go func() {
+		defer close(pc.lines)
+		sc := bufio.NewScanner(so)
+		sc.Buffer(make([]byte, 64<<10), 1<<20)
+		for sc.Scan() {
+			pc.lines <- sc.Text()
+		}
+	}()
+	_, line, err := pc.read("connect", 3*time.Minute)
+	if err != nil {
+		return err
+	}
+	var conn struct{ Connected, Upgraded int }
+	json.Unmarshal(line, &conn)
+	fmt.Fprintf(stderr, "stickybench pools: %s\n", line)
+	if conn.Connected != *clients {
+		return fmt.Errorf("only %d of %d socket.io clients connected: %s", conn.Connected, *clients, line)
+	}
+
+	res := &poolsResult{Mode: "pools", Pool: *spec, Workers: *workers, Clients: *clients, Reports: *reports, ReportMs: *reportMs, BackToZeroS: -1}
+
+	// Phase A: echoes alone, a fixed measurement window.
+	if err := pc.do("start A", 30*time.Second, nil); err != nil {
+		return err
+	}
+	sleepCtx(ctx, *phase)
+	if err := pc.do("stop", time.Minute, &res.EchoA); err != nil {
+		return err
+	}
+	if err := ctx.Err(); err != nil {
+		return err
+	}
+	fmt.Fprintf(out, "phase A (%d clients echoing, no reports): echo p50 %.1f ms, p99 %.1f ms, max %.1f ms, %d echoes, %d failed, %d disconnects\n",
+		*clients, res.EchoA.P50, res.EchoA.P99, res.EchoA.Max, res.EchoA.Echoes, res.EchoA.Failed, res.EchoA.Disconnects)
+
+	// Phase B: the same echoes while the reports run; the timeline from the moment they are sent.
+	if err := pc.do("start B", 30*time.Second, nil); err != nil {
+		return err
+	}
+	var (
+		done     atomic.Int64
+		phaseB   atomic.Bool
+		mu       sync.Mutex
+		answers  []struct{ status, concurrent, pid int }
+		allDone  time.Duration
+		sampling = make(chan struct{})
+		sampled  = make(chan struct{})
+		zeroAt   = make(chan time.Duration, 1)
+	)
+	phaseB.Store(true)
+	start := time.Now()
+	header := fmt.Sprintf("%7s  %-5s  %8s  %5s  %9s  %5s  %4s", "t(s)", "phase", "starting", "ready", "in_flight", "queue", "done")
+	if !*quiet {
+		fmt.Fprintln(stderr, header)
+	}
+	go func() {
+		defer close(sampled)
+		tick := time.NewTicker(*every)
+		defer tick.Stop()
+		grew, poolMin := false, 0
+		for {
+			s := poolsSample{T: time.Since(start).Seconds(), Phase: "B", Done: done.Load()}
+			if !phaseB.Load() {
+				s.Phase = "after"
+			}
+			a, aerr := getPoolsAdmin(ctx, admin)
+			st, serr := poolStarting(ctx, admin, poolName)
+			if aerr == nil && serr == nil {
+				for _, pl := range a.Pools {
+					if pl.Name == poolName {
+						s.Ready, s.InFlight, s.Queue = pl.Ready, pl.InFlight, pl.Waiting
+						res.Max, poolMin = pl.Max, pl.Min
+					}
+				}
+				s.Starting = st
+				mu.Lock()
+				res.Timeline = append(res.Timeline, s)
+				if s.Ready > res.Peak {
+					res.Peak, res.PeakReadyS = s.Ready, s.T
+				}
+				if s.Ready >= 1 && res.FirstReadyS == 0 {
+					res.FirstReadyS = s.T
+				}
+				if s.Ready >= 4 && res.FourthReadyS == 0 {
+					res.FourthReadyS = s.T
+				}
+				mu.Unlock()
+				if !*quiet {
+					fmt.Fprintf(stderr, "%7.2f  %-5s  %8d  %5d  %9d  %5d  %4d\n", s.T, s.Phase, s.Starting, s.Ready, s.InFlight, s.Queue, s.Done)
+				}
+				grew = grew || s.Ready > poolMin || s.Starting > 0
+				if grew && s.Ready <= poolMin && s.Starting == 0 && s.Done == int64(*reports) {
+					zeroAt <- time.Since(start)
+					return
+				}
+			}
+			select {
+			case <-sampling:
+				return
+			case <-ctx.Done():
+				return
+			case <-tick.C:
+			}
+		}
+	}()
+	hc := &http.Client{Timeout: 5 * time.Minute, Transport: &http.Transport{DisableKeepAlives: true}}
+	var wg sync.WaitGroup
+	for i := range *reports {
+		wg.Go(func() {
+			var a struct{ status, concurrent, pid int }
+			req, _ := http.NewRequestWithContext(ctx, http.MethodGet, "http://"+addr+path+"bench-"+strconv.Itoa(i), nil)
+			resp, err := hc.Do(req)
+			if err == nil {
+				var body struct {
+					PID        int `json:"pid"`
+					Concurrent int `json:"concurrent"`
+				}
+				a.status = resp.StatusCode
+				if json.NewDecoder(io.LimitReader(resp.Body, 64<<10)).Decode(&body) == nil {
+					a.pid, a.concurrent = body.PID, body.Concurrent
+				}
+				resp.Body.Close()
+			}
+			done.Add(1)
+			mu.Lock()
+			answers = append(answers, a)
+			mu.Unlock()
+		})
+	}
+	wg.Wait()
+	allDone = time.Since(start)
+	phaseB.Store(false)
+	if err := pc.do("stop", time.Minute, &res.EchoB); err != nil {
+		return err
+	}
+	res.AllDoneS = allDone.Seconds()
+	select {
+	case d := <-zeroAt:
+		res.BackToZeroS = d.Seconds()
+	case <-time.After(*wait):
+	case <-ctx.Done():
+	}
+	close(sampling)
+	<-sampled
+
+	var check struct {
+		Connected, WorkerChanged, Disconnects int
+		PerWorker                             map[string]int
+	}
+	if err := pc.do("check", 2*time.Minute, &check); err != nil {
+		return err
+	}
+	res.SessionsKept = check.Connected == *clients && check.WorkerChanged == 0 && check.Disconnects == 0
+	for k := range check.PerWorker {
+		if n, err := strconv.Atoi(k); err != nil || n >= *workers {
+			res.SessionsKept = false // a session outside the default pool
+		}
+	}
+	pids := map[int]bool{}
+	for _, a := range answers {
+		if a.status == http.StatusOK {
+			res.ReportsOK++
+			pids[a.pid] = true
+		}
+		if a.concurrent != 0 {
+			res.ReportsOverlap++
+		}
+	}
+	res.ReportPIDs = len(pids)
+	if res.EchoA.P99 > 0 {
+		res.P99Ratio = res.EchoB.P99 / res.EchoA.P99
+	}
+	res.WithinIssueGoal = res.AllDoneS <= 15 && res.P99Ratio <= 2
+	res.Pass = res.ReportsOK == *reports && res.ReportsOverlap == 0 && res.Peak == res.Max && res.BackToZeroS >= 0 &&
+		res.SessionsKept && res.EchoA.Failed == 0 && res.EchoB.Failed == 0 && res.EchoA.Disconnects == 0 && res.EchoB.Disconnects == 0
+
+	fmt.Fprintf(out, "phase B (%d clients echoing, %d reports of %d ms): echo p50 %.1f ms, p99 %.1f ms, max %.1f ms, %d echoes, %d failed, %d disconnects\n",
+		*clients, *reports, *reportMs, res.EchoB.P50, res.EchoB.P99, res.EchoB.Max, res.EchoB.Echoes, res.EchoB.Failed, res.EchoB.Disconnects)
+	fmt.Fprintf(out, "timeline of pool %s (t from the moment the %d reports were sent):\n%s\n", poolName, *reports, header)
+	for _, s := range res.Timeline {
+		fmt.Fprintf(out, "%7.2f  %-5s  %8d  %5d  %9d  %5d  %4d\n", s.T, s.Phase, s.Starting, s.Ready, s.InFlight, s.Queue, s.Done)
+	}
+	back := "not within " + wait.String()
+	if res.BackToZeroS >= 0 {
+		back = fmt.Sprintf("t=%.1f s", res.BackToZeroS)
+	}
+	fmt.Fprintf(out, "summary: all %d done in %.1f s (%d answered 200, from %d pids, %d overlapping on a worker); pool peak %d of max %d "+
+		"(first ready %.1f s, 4th %.1f s, peak %.1f s); back to 0 at %s; echo p99 A %.1f ms, B %.1f ms, ratio %.2f; sessions kept %v; pass %v\n",
+		*reports, res.AllDoneS, res.ReportsOK, res.ReportPIDs, res.ReportsOverlap, res.Peak, res.Max,
+		res.FirstReadyS, res.FourthReadyS, res.PeakReadyS, back, res.EchoA.P99, res.EchoB.P99, res.P99Ratio, res.SessionsKept, res.Pass)
+	return emit(out, res)
+}
