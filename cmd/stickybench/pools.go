@@ -129,8 +129,9 @@ type poolsResult struct {
 	FourthReadyS    float64       `json:"fourth_ready_s"`
 	PeakReadyS      float64       `json:"peak_ready_s"`
 	Peak            int           `json:"peak"`
+	Min             int           `json:"min"`
 	Max             int           `json:"max"`
-	BackToZeroS     float64       `json:"back_to_zero_s"` // back to min (0 by default); -1: not within the wait
+	BackToMinS      float64       `json:"back_to_min_s"` // back to the pool's min (0 by default) workers; -1: not within the wait
 	EchoA           poolsEcho     `json:"echo_a"`
 	EchoB           poolsEcho     `json:"echo_b"`
 	P99Ratio        float64       `json:"p99_ratio"`
@@ -301,7 +302,7 @@ func runPools(ctx context.Context, args []string, out io.Writer) error {
 		return fmt.Errorf("only %d of %d socket.io clients connected: %s", conn.Connected, *clients, line)
 	}
 
-	res := &poolsResult{Mode: "pools", Pool: *spec, Workers: *workers, Clients: *clients, Reports: *reports, ReportMs: *reportMs, BackToZeroS: -1}
+	res := &poolsResult{Mode: "pools", Pool: *spec, Workers: *workers, Clients: *clients, Reports: *reports, ReportMs: *reportMs, BackToMinS: -1}
 
 	// Phase A: echoes alone, a fixed measurement window.
 	if err := pc.do("start A", 30*time.Second, nil); err != nil {
@@ -353,7 +354,7 @@ func runPools(ctx context.Context, args []string, out io.Writer) error {
 				for _, pl := range a.Pools {
 					if pl.Name == poolName {
 						s.Ready, s.InFlight, s.Queue = pl.Ready, pl.InFlight, pl.Waiting
-						res.Max, poolMin = pl.Max, pl.Min
+						res.Min, res.Max, poolMin = pl.Min, pl.Max, pl.Min
 					}
 				}
 				s.Starting = st
@@ -420,7 +421,7 @@ func runPools(ctx context.Context, args []string, out io.Writer) error {
 	res.AllDoneS = allDone.Seconds()
 	select {
 	case d := <-zeroAt:
-		res.BackToZeroS = d.Seconds()
+		res.BackToMinS = d.Seconds()
 	case <-time.After(*wait):
 	case <-ctx.Done():
 	}
@@ -455,7 +456,7 @@ func runPools(ctx context.Context, args []string, out io.Writer) error {
 		res.P99Ratio = res.EchoB.P99 / res.EchoA.P99
 	}
 	res.WithinIssueGoal = res.AllDoneS <= 15 && res.P99Ratio <= 2
-	res.Pass = res.ReportsOK == *reports && res.ReportsOverlap == 0 && res.Peak == res.Max && res.BackToZeroS >= 0 &&
+	res.Pass = res.ReportsOK == *reports && res.ReportsOverlap == 0 && res.Peak == res.Max && res.BackToMinS >= 0 &&
 		res.SessionsKept && res.EchoA.Failed == 0 && res.EchoB.Failed == 0 && res.EchoA.Disconnects == 0 && res.EchoB.Disconnects == 0
 
 	fmt.Fprintf(out, "phase B (%d clients echoing, %d reports of %d ms): echo p50 %.1f ms, p99 %.1f ms, max %.1f ms, %d echoes, %d failed, %d disconnects\n",
@@ -465,12 +466,12 @@ func runPools(ctx context.Context, args []string, out io.Writer) error {
 		fmt.Fprintf(out, "%7.2f  %-5s  %8d  %5d  %9d  %5d  %4d\n", s.T, s.Phase, s.Starting, s.Ready, s.InFlight, s.Queue, s.Done)
 	}
 	back := "not within " + wait.String()
-	if res.BackToZeroS >= 0 {
-		back = fmt.Sprintf("t=%.1f s", res.BackToZeroS)
+	if res.BackToMinS >= 0 {
+		back = fmt.Sprintf("t=%.1f s", res.BackToMinS)
 	}
 	fmt.Fprintf(out, "summary: all %d done in %.1f s (%d answered 200, from %d pids, %d overlapping on a worker); pool peak %d of max %d "+
-		"(first ready %.1f s, 4th %.1f s, peak %.1f s); back to 0 at %s; echo p99 A %.1f ms, B %.1f ms, ratio %.2f; sessions kept %v; pass %v\n",
+		"(first ready %.1f s, 4th %.1f s, peak %.1f s); back to min=%d at %s; echo p99 A %.1f ms, B %.1f ms, ratio %.2f; sessions kept %v; pass %v\n",
 		*reports, res.AllDoneS, res.ReportsOK, res.ReportPIDs, res.ReportsOverlap, res.Peak, res.Max,
-		res.FirstReadyS, res.FourthReadyS, res.PeakReadyS, back, res.EchoA.P99, res.EchoB.P99, res.P99Ratio, res.SessionsKept, res.Pass)
+		res.FirstReadyS, res.FourthReadyS, res.PeakReadyS, res.Min, back, res.EchoA.P99, res.EchoB.P99, res.P99Ratio, res.SessionsKept, res.Pass)
 	return emit(out, res)
 }
