@@ -112,6 +112,13 @@ type poolsEcho struct {
 	Max         float64        `json:"max"`
 	Disconnects int            `json:"disconnects"`
 	Errors      map[string]int `json:"errors"`
+	// Windows are the echoes sent in each second of the phase.
+	Windows []struct {
+		S      int     `json:"s"`
+		Echoes int     `json:"echoes"`
+		P50    float64 `json:"p50"`
+		P99    float64 `json:"p99"`
+	} `json:"windows"`
 }
 
 type poolsResult struct {
@@ -315,8 +322,8 @@ func runPools(ctx context.Context, args []string, out io.Writer) error {
 	if err := ctx.Err(); err != nil {
 		return err
 	}
-	fmt.Fprintf(out, "phase A (%d clients echoing, no reports): echo p50 %.1f ms, p99 %.1f ms, max %.1f ms, %d echoes, %d failed, %d disconnects\n",
-		*clients, res.EchoA.P50, res.EchoA.P99, res.EchoA.Max, res.EchoA.Echoes, res.EchoA.Failed, res.EchoA.Disconnects)
+	fmt.Fprintf(out, "phase A (%d clients echoing, no reports): echo p50 %.1f ms, p99 %.1f ms, max %.1f ms, %d echoes, %d failed, %d disconnects; p99 per second %s\n",
+		*clients, res.EchoA.P50, res.EchoA.P99, res.EchoA.Max, res.EchoA.Echoes, res.EchoA.Failed, res.EchoA.Disconnects, res.EchoA.perSecondP99())
 
 	// Phase B: the same echoes while the reports run; the timeline from the moment they are sent.
 	if err := pc.do("start B", 30*time.Second, nil); err != nil {
@@ -335,6 +342,7 @@ func runPools(ctx context.Context, args []string, out io.Writer) error {
 	phaseB.Store(true)
 	start := time.Now()
 	header := fmt.Sprintf("%7s  %-5s  %8s  %5s  %9s  %5s  %4s", "t(s)", "phase", "starting", "ready", "in_flight", "queue", "done")
+	const echoCol = "  echo p50/p99 ms (that second)"
 	if !*quiet {
 		fmt.Fprintln(stderr, header)
 	}
@@ -461,9 +469,17 @@ func runPools(ctx context.Context, args []string, out io.Writer) error {
 
 	fmt.Fprintf(out, "phase B (%d clients echoing, %d reports of %d ms): echo p50 %.1f ms, p99 %.1f ms, max %.1f ms, %d echoes, %d failed, %d disconnects\n",
 		*clients, *reports, *reportMs, res.EchoB.P50, res.EchoB.P99, res.EchoB.Max, res.EchoB.Echoes, res.EchoB.Failed, res.EchoB.Disconnects)
-	fmt.Fprintf(out, "timeline of pool %s (t from the moment the %d reports were sent):\n%s\n", poolName, *reports, header)
+	fmt.Fprintf(out, "timeline of pool %s (t from the moment the %d reports were sent):\n%s%s\n", poolName, *reports, header, echoCol)
+	lastSec := -1
 	for _, s := range res.Timeline {
-		fmt.Fprintf(out, "%7.2f  %-5s  %8d  %5d  %9d  %5d  %4d\n", s.T, s.Phase, s.Starting, s.Ready, s.InFlight, s.Queue, s.Done)
+		echo := ""
+		// The echo figures of second k of phase B, on the first row of that second.
+		if sec := int(s.T); s.Phase == "B" && sec != lastSec && sec < len(res.EchoB.Windows) {
+			lastSec = sec
+			w := res.EchoB.Windows[sec]
+			echo = fmt.Sprintf("  %5.1f / %5.1f  (%d echoes)", w.P50, w.P99, w.Echoes)
+		}
+		fmt.Fprintf(out, "%7.2f  %-5s  %8d  %5d  %9d  %5d  %4d%s\n", s.T, s.Phase, s.Starting, s.Ready, s.InFlight, s.Queue, s.Done, echo)
 	}
 	back := "not within " + wait.String()
 	if res.BackToMinS >= 0 {
@@ -474,4 +490,16 @@ func runPools(ctx context.Context, args []string, out io.Writer) error {
 		*reports, res.AllDoneS, res.ReportsOK, res.ReportPIDs, res.ReportsOverlap, res.Peak, res.Max,
 		res.FirstReadyS, res.FourthReadyS, res.PeakReadyS, res.Min, back, res.EchoA.P99, res.EchoB.P99, res.P99Ratio, res.SessionsKept, res.Pass)
 	return emit(out, res)
+}
+
+// perSecondP99 lists the p99 of every second of the phase, in ms.
+func (e *poolsEcho) perSecondP99() string {
+	var b strings.Builder
+	for i, w := range e.Windows {
+		if i > 0 {
+			b.WriteByte(' ')
+		}
+		fmt.Fprintf(&b, "%.0f", w.P99)
+	}
+	return "[" + b.String() + "]"
 }

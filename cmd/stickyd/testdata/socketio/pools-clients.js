@@ -13,7 +13,8 @@
 //               pause (the first pause is random, so clients do not echo in lock step)
 //               → {"event":"started", phase}
 //   stop        ends the loop, waits for the echoes in flight
-//               → {"event":"phase", phase, echoes, failed, p50, p99, max (ms), disconnects, errors}
+//               → {"event":"phase", phase, echoes, failed, p50, p99, max (ms), disconnects, errors,
+//                  windows: [{s, echoes, p50, p99}]} — windows: the echoes sent in second s of the phase
 //   check       whoami on every client: still connected, same worker and pid as its hello
 //               → {"event":"check", clients, connected, workerChanged, disconnects, perWorker, pids, errors}
 //   quit        (or end of stdin) disconnects everyone and exits 0.
@@ -146,6 +147,8 @@ async function echoLoop(c, ph) {
         count(ph.errors, "echo: mismatch");
       } else {
         ph.rtts.push(ms);
+        const sec = Math.floor(Number(t0 - ph.hr0) / 1e9);
+        (ph.perSecond[sec] = ph.perSecond[sec] || []).push(ms);
       }
     } catch (err) {
       ph.failed++;
@@ -166,7 +169,7 @@ async function command(line) {
   switch (cmd) {
     case "start": {
       if (phase) return out({ event: "error", error: `phase ${phase.name} is running: stop it first` });
-      phase = { name: arg || "?", running: true, rtts: [], failed: 0, errors: {}, disconnectsAtStart: disconnects, t0: Date.now() };
+      phase = { name: arg || "?", running: true, rtts: [], failed: 0, errors: {}, disconnectsAtStart: disconnects, t0: Date.now(), hr0: process.hrtime.bigint(), perSecond: [] };
       phase.loops = clients.filter((c) => c.hello).map((c) => echoLoop(c, phase));
       return out({ event: "started", phase: phase.name });
     }
@@ -188,6 +191,10 @@ async function command(line) {
         max: quantile(s, 1),
         disconnects: disconnects - ph.disconnectsAtStart,
         errors: ph.errors,
+        windows: Array.from(ph.perSecond, (w, sec) => {
+          const ws = (w || []).sort((a, b) => a - b);
+          return { s: sec, echoes: ws.length, p50: quantile(ws, 0.5), p99: quantile(ws, 0.99) };
+        }),
       });
     }
     case "check": {
