@@ -382,7 +382,7 @@ func (c *Channel) SendHandle(ctx context.Context, typ string, msg any, conn sysc
 		return fmt.Errorf("nodeipc: SendHandle: nil conn")
 	}
 	if m, ok := msg.(newconnMsg); ok && !waitNewconnACK {
-		return c.sendNewconn(ctx, typ, m, conn)
+		return c.sendNewconn(ctx, typ, msg, m.Seq, conn)
 	}
 	// The messages Primary sends every handoff are written from precomputed bytes under the
 	// turn (into a buffer the turn owns); anything else is encoded before waiting for it.
@@ -463,18 +463,19 @@ var waitNewconnACK = false
 // Deliver fails with ErrRejected at once and the caller keeps the connection. An ACK that
 // does not come within Config.AckTimeout closes the channel with ErrAckTimeout, which
 // Deliver's wait sees at once.
-func (c *Channel) sendNewconn(ctx context.Context, typ string, m newconnMsg, conn syscall.Conn) error {
+func (c *Channel) sendNewconn(ctx context.Context, typ string, msg any, seq int, conn syscall.Conn) error {
 	if err := c.acquire(ctx); err != nil {
 		return err
 	}
 	var err error
-	if c.hbuf, err = c.hcache.appendLine(c.hbuf[:0], typ, m); err != nil {
+	// msg stays the caller's interface value: converting the newconnMsg again would allocate.
+	if c.hbuf, err = c.hcache.appendLine(c.hbuf[:0], typ, msg); err != nil {
 		c.release()
 		return err
 	}
 	c.mu.Lock()
 	c.inflight = true
-	c.piped = pipedHandle{active: true, conn: conn, seq: m.Seq}
+	c.piped = pipedHandle{active: true, conn: conn, seq: seq}
 	c.armAckLocked()
 	c.mu.Unlock()
 	if err := c.writeLine(c.hbuf, conn); err != nil {
