@@ -14,7 +14,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
-	"github.com/stickyd/stickyd/internal/platform"
+	"github.com/stickyd/stickyd/fdpass/platform"
 )
 
 // Environment variables through which the edge tells a worker where its channel is.

@@ -18,7 +18,7 @@ import (
 	"github.com/gorilla/websocket"
 	"golang.org/x/sys/unix"
 
-	"github.com/stickyd/stickyd/internal/platform"
+	"github.com/stickyd/stickyd/fdpass/platform"
 )
 
 // testEdge is a minimal edge: it accepts TCP connections on loopback and hands each one
