@@ -17,7 +17,9 @@ import (
 // worker's own: a virtual connection to a worker that cannot take bytes the edge already
 // read with a descriptor (Node), or a dialed connection to a backend reached by address
 // (stickyd proxy), where Go's io.Copy between two sockets splices in the kernel. The edge
-// stays in the data path for this one connection. It returns an error, with the client
+// stays in the data path for this one connection: between two plain sockets in an event
+// loop (tunnelloop_linux.go: no goroutine per tunnel), otherwise (a TLS client, a Node
+// worker's socketpair, not Linux) in two goroutines. It returns an error, with the client
 // untouched, only when the worker could not be reached: the caller may pick another.
 // Tunnels do not go over in an edge upgrade: a freeze (or a shutdown) closes them, and
 // their clients reconnect to the next image.
@@ -31,9 +33,16 @@ func (b *Balancer) tunnel(cc *clientConn, w *workers.Worker, h *upgrade.Head, co
 	}
 	defer c.Close()
 	defer vc.Close()
+	closed := func() {}
 	if tc, ok := w.Channel().(interface{ TunnelOpened() func() }); ok {
-		defer tc.TunnelOpened()()
+		closed = tc.TunnelOpened()
 	}
+	inLoop := false
+	defer func() {
+		if !inLoop {
+			closed()
+		}
+	}()
 	w.NoteHandoff(time.Now())
 	b.m.Handoffs.WithLabelValues(w.Label(), metrics.HandoffOK).Inc()
 	b.m.ConnectionsAccepted.WithLabelValues(metrics.AcceptTunneled).Inc()
@@ -79,6 +88,12 @@ func (b *Balancer) tunnel(cc *clientConn, w *workers.Worker, h *upgrade.Head, co
 		} else if _, err := vc.Write(consumed); err != nil {
 			return nil
 		}
+	}
+	// Between two plain sockets the tunnel goes to an event loop (tunnelloop_linux.go):
+	// no goroutine, buffer or pipe per idle tunnel, and this goroutine ends now.
+	if dials && b.tunnelInLoop(cc, c, vc, closed) {
+		inLoop = true
+		return nil
 	}
 	// One direction in a goroutine, the other in this one (a goroutine's stack is most
 	// of what an idle tunnel costs). Whichever ends first during a freeze or a shutdown

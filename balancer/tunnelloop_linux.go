@@ -1,0 +1,603 @@
+//go:build linux
+
+package balancer
+
+import (
+	"encoding/binary"
+	"net"
+	"os"
+	"runtime"
+	"strconv"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+// The tunnel event loop. A tunnel between two plain sockets (the client's TCP or unix
+// socket, a backend's dialed one) costs, in the goroutine design, two goroutines parked on
+// the netpoller: their stacks were most of the 19.5 KiB an idle tunnel held in the edge.
+// Here both descriptors of every such tunnel sit in one epoll instance per loop, and a
+// loop goroutine moves bytes when one is ready: an idle tunnel is a small struct and two
+// epoll registrations, nothing else.
+//
+// How the bytes move: read(2) into the loop's one buffer, write(2) to the other side.
+// splice(2) through pooled pipes was the alternative; WebSocket traffic is small messages,
+// where splice costs the same two system calls plus page references, and a pipe that
+// could not be emptied into a full destination is a kernel ring held by that direction.
+// A direction whose destination is full keeps what it could not write (at most one read,
+// loopChunk) and stops reading its source until the destination is writable again: a
+// backend that never reads holds the edge to one chunk per direction, and the client's
+// own send buffer fills.
+//
+// Edge-triggered registrations (EPOLLIN|EPOLLOUT|EPOLLRDHUP|EPOLLET, as Go's own netpoller
+// does): no epoll_ctl ever after the two ADDs, a hang-up is reported once instead of on
+// every wait, and pausing a direction is a flag, not a syscall. The price is that a
+// direction must read until the socket is drained; a read shorter than the buffer is
+// taken as drained (any byte that arrives later is a new edge), so a busy tunnel makes
+// one read and one write per message.
+//
+// The loop goroutines do not block in epoll_wait on threads of their own: each epoll
+// descriptor is itself registered with Go's netpoller (os.NewFile of a non-blocking
+// descriptor), the loop waits for it like any socket and then collects the ready
+// tunnels with epoll_wait(0). An idle loop is a parked goroutine.
+
+const (
+	loopChunk  = 64 << 10 // one read; what a blocked direction holds at most
+	loopEvents = 256      // events per epoll_wait
+	loopBurst  = 16       // reads per direction before the other ready tunnels get a turn
+)
+
+// loopHeld is the number of bytes blocked directions hold (a destination that does not
+// read): tests check it stays bounded.
+var loopHeld atomic.Int64
+
+var loopChunks = sync.Pool{New: func() any { b := make([]byte, loopChunk); return &b }}
+
+var tunnelLoops struct {
+	mu    sync.Mutex
+	loops []*tunnelLoop
+	next  atomic.Uint32
+}
+
+// loopCount is how many loops run: one per GOMAXPROCS, so that the tunnels' copying can
+// use every core the edge has (one loop measured 0.9× the rates of two on 2 cores).
+// STICKYD_TUNNEL_LOOPS overrides it (measurement only).
+func loopCount() int {
+	if v, err := strconv.Atoi(os.Getenv("STICKYD_TUNNEL_LOOPS")); err == nil && v > 0 && v <= 256 {
+		return v
+	}
+	return runtime.GOMAXPROCS(0)
+}
+
+// pickLoop returns a loop for a new tunnel, round robin, starting the loops on first use
+// (and again after a failure to create one, e.g. out of descriptors).
+func pickLoop() (*tunnelLoop, error) {
+	tl := &tunnelLoops
+	tl.mu.Lock()
+	if want := loopCount(); len(tl.loops) < want {
+		for len(tl.loops) < want {
+			l, err := newTunnelLoop()
+			if err != nil {
+				if len(tl.loops) == 0 {
+					tl.mu.Unlock()
+					return nil, err
+				}
+				break
+			}
+			tl.loops = append(tl.loops, l)
+			go l.run()
+		}
+	}
+	loops := tl.loops
+	tl.mu.Unlock()
+	return loops[int(tl.next.Add(1))%len(loops)], nil
+}
+
+// tunnelLoop is one epoll instance and the goroutine that serves it.
+type tunnelLoop struct {
+	epfd int
+	efd  int      // eventfd: a tunnel to end from another goroutine (Freeze, Shutdown)
+	ep   *os.File // epfd as Go's netpoller sees it; keeps epfd open
+
+	mu    sync.Mutex
+	sides map[int32]loopSide // by descriptor: both of every tunnel
+	kills []*loopTunnel
+
+	// The loop goroutine's own.
+	buf    []byte
+	events []unix.EpollEvent
+	batch  []loopEvent
+	again  []*loopTunnel // directions that stopped at loopBurst with input left
+}
+
+type loopSide struct {
+	t *loopTunnel
+	s int
+}
+
+type loopEvent struct {
+	loopSide
+	ev uint32
+}
+
+func newTunnelLoop() (*tunnelLoop, error) {
+	epfd, err := unix.EpollCreate1(unix.EPOLL_CLOEXEC)
+	if err != nil {
+		return nil, os.NewSyscallError("epoll_create1", err)
+	}
+	efd, err := unix.Eventfd(0, unix.EFD_CLOEXEC|unix.EFD_NONBLOCK)
+	if err != nil {
+		unix.Close(epfd)
+		return nil, os.NewSyscallError("eventfd", err)
+	}
+	ev := unix.EpollEvent{Events: unix.EPOLLIN | unix.EPOLLET, Fd: int32(efd)}
+	if err := unix.EpollCtl(epfd, unix.EPOLL_CTL_ADD, efd, &ev); err != nil {
+		unix.Close(epfd)
+		unix.Close(efd)
+		return nil, os.NewSyscallError("epoll_ctl", err)
+	}
+	if err := unix.SetNonblock(epfd, true); err != nil {
+		unix.Close(epfd)
+		unix.Close(efd)
+		return nil, os.NewSyscallError("fcntl", err)
+	}
+	return &tunnelLoop{
+		epfd:   epfd,
+		efd:    efd,
+		ep:     os.NewFile(uintptr(epfd), "stickyd-tunnels-epoll"),
+		sides:  map[int32]loopSide{},
+		buf:    make([]byte, loopChunk),
+		events: make([]unix.EpollEvent, loopEvents),
+	}, nil
+}
+
+// run serves the loop for the life of the process (loops are shared by every Balancer in
+// it and hold no tunnel when idle).
+func (l *tunnelLoop) run() {
+	if rc, err := l.ep.SyscallConn(); err == nil {
+		// Returns only if the netpoller cannot wait on an epoll descriptor.
+		rc.Read(func(uintptr) bool { l.drain(); return false })
+	}
+	// Fallback: wait in epoll_wait on a thread of the loop's own.
+	for {
+		n, err := unix.EpollWait(l.epfd, l.events, -1)
+		if err == nil && n > 0 {
+			l.handle(l.events[:n])
+		}
+		l.drain()
+	}
+}
+
+// drain serves ready tunnels until none is left; then the loop can park.
+func (l *tunnelLoop) drain() {
+	for {
+		n, err := unix.EpollWait(l.epfd, l.events, 0)
+		if err != nil && err != unix.EINTR {
+			n = 0
+		}
+		if n <= 0 && len(l.again) == 0 {
+			return
+		}
+		if n > 0 {
+			l.handle(l.events[:n])
+		}
+		if len(l.again) > 0 {
+			again := l.again
+			l.again = nil
+			for _, t := range again {
+				t.queued = false
+				if !t.done {
+					t.pump(0)
+					t.pump(1)
+				}
+			}
+			clear(again)
+			if l.again == nil {
+				l.again = again[:0]
+			}
+		}
+	}
+}
+
+func (l *tunnelLoop) handle(evs []unix.EpollEvent) {
+	wake := false
+	l.mu.Lock()
+	for i := range evs {
+		fd := evs[i].Fd
+		if fd == int32(l.efd) {
+			wake = true
+			continue
+		}
+		if s, ok := l.sides[fd]; ok {
+			l.batch = append(l.batch, loopEvent{s, evs[i].Events})
+		}
+	}
+	var kills []*loopTunnel
+	if wake {
+		kills, l.kills = l.kills, nil
+	}
+	l.mu.Unlock()
+	for _, e := range l.batch {
+		t := e.t
+		if t.done {
+			continue // ended earlier in this batch
+		}
+		if e.ev&unix.EPOLLERR != 0 {
+			if v, err := unix.GetsockoptInt(t.fd[e.s], unix.SOL_SOCKET, unix.SO_ERROR); err != nil || v != 0 {
+				t.end(true) // a reset (or a dead peer): the other side is reset too
+				continue
+			}
+		}
+		if e.ev&(unix.EPOLLIN|unix.EPOLLRDHUP|unix.EPOLLHUP|unix.EPOLLERR) != 0 {
+			t.d[e.s].readable = true
+		}
+		if e.ev&(unix.EPOLLRDHUP|unix.EPOLLHUP|unix.EPOLLERR) != 0 {
+			t.d[e.s].ending = true
+		}
+		// Writable: what waits for this side goes first, then what this side sent.
+		t.pump(1 - e.s)
+		t.pump(e.s)
+	}
+	clear(l.batch)
+	l.batch = l.batch[:0]
+	if wake {
+		var b [8]byte
+		unix.Read(l.efd, b[:])
+		for _, t := range kills {
+			if !t.done {
+				t.end(false)
+			}
+		}
+	}
+}
+
+// add registers a tunnel. The caller's conns must stay open until it returns: if the
+// first registration fails nothing is registered (the caller tunnels with goroutines);
+// once one side is in, the tunnel belongs to the loop (a later failure ends it there).
+func (l *tunnelLoop) add(t *loopTunnel) (owned bool, err error) {
+	l.mu.Lock()
+	l.sides[int32(t.fd[0])] = loopSide{t, 0}
+	l.sides[int32(t.fd[1])] = loopSide{t, 1}
+	l.mu.Unlock()
+	for s := range 2 {
+		ev := unix.EpollEvent{Events: unix.EPOLLIN | unix.EPOLLOUT | unix.EPOLLRDHUP | unix.EPOLLET, Fd: int32(t.fd[s])}
+		if err := unix.EpollCtl(l.epfd, unix.EPOLL_CTL_ADD, t.fd[s], &ev); err != nil {
+			err = os.NewSyscallError("epoll_ctl", err)
+			if s == 1 {
+				t.kill()
+				return true, err
+			}
+			l.mu.Lock()
+			delete(l.sides, int32(t.fd[0]))
+			delete(l.sides, int32(t.fd[1]))
+			l.mu.Unlock()
+			return false, err
+		}
+	}
+	return true, nil
+}
+
+// loopTunnel is one tunnel in a loop: side 0 is the client, side 1 the backend; d[s] is
+// the direction that reads side s and writes the other. Only the loop goroutine touches
+// it after add, except kill.
+type loopTunnel struct {
+	l      *tunnelLoop
+	fd     [2]int
+	d      [2]loopDir
+	done   bool
+	queued bool // in l.again
+	killed atomic.Bool
+	ended  func() // TunnelOpened's closer, untrack: the tunnel's end for the edge
+}
+
+type loopDir struct {
+	readable bool   // the source may have input (an edge came, no EAGAIN since)
+	ending   bool   // the source's FIN (or error) is queued: read to the end, no edge will come
+	eof      bool   // the source ended (read 0)
+	shut     bool   // the destination got its FIN (shutdown SHUT_WR)
+	pending  []byte // read, not yet written: the destination was full
+	chunk    *[]byte
+}
+
+// kill ends the tunnel from any goroutine: the loop closes it (only the loop closes its
+// descriptors, so a number is never reused under a read).
+func (t *loopTunnel) kill() {
+	if !t.killed.CompareAndSwap(false, true) {
+		return
+	}
+	l := t.l
+	l.mu.Lock()
+	l.kills = append(l.kills, t)
+	l.mu.Unlock()
+	var one [8]byte
+	binary.NativeEndian.PutUint64(one[:], 1) // eventfd adds a host-order uint64
+	unix.Write(l.efd, one[:])
+}
+
+// pump moves direction d (side d to side 1-d) as far as it goes without blocking.
+func (t *loopTunnel) pump(d int) {
+	dir := &t.d[d]
+	dst := t.fd[1-d]
+	for reads := 0; !t.done; {
+		if dir.pending != nil && !t.flush(dir, dst) {
+			return // full (EPOLLOUT will say when) or failed
+		}
+		if dir.eof {
+			if !dir.shut {
+				// Half-close: the FIN goes on; the other direction keeps flowing.
+				dir.shut = true
+				if err := unix.Shutdown(dst, unix.SHUT_WR); err != nil && err != unix.ENOTCONN {
+					t.end(true)
+					return
+				}
+				if t.d[1-d].shut {
+					t.end(false) // both directions ended
+				}
+			}
+			return
+		}
+		if !dir.readable {
+			return
+		}
+		if reads == loopBurst {
+			if !t.queued {
+				t.queued = true
+				t.l.again = append(t.l.again, t)
+			}
+			return
+		}
+		reads++
+		n, err := unix.Read(t.fd[d], t.l.buf)
+		switch {
+		case err == unix.EINTR:
+			continue
+		case err == unix.EAGAIN:
+			dir.readable = false
+			return
+		case err != nil:
+			t.end(true)
+			return
+		case n == 0:
+			dir.eof, dir.readable = true, false
+			continue
+		case n < len(t.l.buf) && !dir.ending:
+			// Drained: anything that arrives later is a new edge. Not so for a FIN
+			// that came with the data: its edge is the one being served.
+			dir.readable = false
+		}
+		w, err := writeSome(dst, t.l.buf[:n])
+		if err != nil {
+			t.end(true)
+			return
+		}
+		if w < n {
+			dir.chunk = loopChunks.Get().(*[]byte)
+			dir.pending = (*dir.chunk)[:copy(*dir.chunk, t.l.buf[w:n])]
+			loopHeld.Add(int64(len(dir.pending)))
+			return
+		}
+	}
+}
+
+// flush writes a direction's pending bytes; false while the destination is full or after
+// a failure (the tunnel ended).
+func (t *loopTunnel) flush(dir *loopDir, dst int) bool {
+	w, err := writeSome(dst, dir.pending)
+	if err != nil {
+		t.end(true)
+		return false
+	}
+	loopHeld.Add(-int64(w))
+	dir.pending = dir.pending[w:]
+	if len(dir.pending) > 0 {
+		return false
+	}
+	dir.release()
+	return true
+}
+
+func (dir *loopDir) release() {
+	if dir.chunk != nil {
+		loopHeld.Add(-int64(len(dir.pending)))
+		loopChunks.Put(dir.chunk)
+		dir.chunk, dir.pending = nil, nil
+	}
+}
+
+// writeSome writes until p is written or the socket is full (EAGAIN): a short write is
+// retried once more, so that the EPOLLOUT edge the loop then waits for is certain to
+// come (the kernel flags a full socket only on the write that found it full).
+func writeSome(fd int, p []byte) (int, error) {
+	written := 0
+	for written < len(p) {
+		n, err := unix.Write(fd, p[written:])
+		switch {
+		case err == unix.EINTR:
+			continue
+		case err == unix.EAGAIN:
+			return written, nil
+		case err != nil:
+			return written, err
+		}
+		written += n
+	}
+	return written, nil
+}
+
+// end closes the tunnel. reset: it ended on an error (a reset, a failed write); the other
+// side is reset too (SO_LINGER 0), so its peer does not mistake the end for a clean one.
+func (t *loopTunnel) end(reset bool) {
+	if t.done {
+		return
+	}
+	t.done = true
+	l := t.l
+	l.mu.Lock()
+	delete(l.sides, int32(t.fd[0]))
+	delete(l.sides, int32(t.fd[1]))
+	l.mu.Unlock()
+	for s := range 2 {
+		if reset {
+			unix.SetsockoptLinger(t.fd[s], unix.SOL_SOCKET, unix.SO_LINGER, &unix.Linger{Onoff: 1, Linger: 0})
+		}
+		// No EPOLL_CTL_DEL: the loop holds the only descriptor of each socket (see
+		// tunnelInLoop), so closing it leaves the epoll set. A fork that has not exec'd
+		// yet may hold a copy for a moment; its events then name a number the loop
+		// may have given to a new tunnel, which costs that tunnel a read that finds
+		// nothing (events are hints here, never data).
+		unix.Close(t.fd[s])
+		t.d[s].release()
+	}
+	t.ended()
+}
+
+// dupConnFD returns a close-on-exec duplicate of a socket's descriptor.
+func dupConnFD(c syscall.Conn) (int, error) {
+	rc, err := c.SyscallConn()
+	if err != nil {
+		return -1, err
+	}
+	nfd := -1
+	var derr error
+	if err := rc.Control(func(fd uintptr) {
+		nfd, derr = unix.FcntlInt(fd, unix.F_DUPFD_CLOEXEC, 0)
+	}); err != nil {
+		return -1, err
+	}
+	return nfd, derr
+}
+
+// loopSocket returns c's socket when the loop can carry it: a TCP or unix stream socket
+// with no bytes of the edge's own in front of it (a TLS session, a connection adopted
+// from the previous image with bytes it had read).
+func loopSocket(c net.Conn) (syscall.Conn, bool) {
+	if pc, ok := c.(*prefixConn); ok {
+		if len(pc.pending) > 0 {
+			return nil, false
+		}
+		c = pc.Conn
+	}
+	switch c := c.(type) {
+	case *net.TCPConn:
+		return c, true
+	case *net.UnixConn:
+		return c, true
+	}
+	return nil, false
+}
+
+// tunnelInLoop gives a tunnel between the client c and the backend connection vc (the
+// upgrade head already written) to an event loop and reports true; then c and vc are
+// closed and the caller's goroutine may end. It reports false, with c and vc untouched,
+// when the tunnel must stay on goroutines (not two plain sockets, the edge freezing or
+// shutting down, no loop).
+//
+// The descriptors leave Go's net.Conns by dup (F_DUPFD_CLOEXEC) and the conns are closed:
+// keeping the conns and using their descriptors through Control would leave both sockets
+// registered with Go's netpoller too, which would wake for every message of every tunnel
+// with nobody waiting (and keep each conn's runtime poll descriptor). Closing a conn
+// removes its registration (EPOLL_CTL_DEL) and closes its number; the socket lives on in
+// the duplicate, which the loop alone closes.
+//
+// The tunnel stays counted where Freeze and Shutdown look (b.conns, b.wg, the per-address
+// count): a clientConn of its own, whose conn is loopConn — their wake-up (a read
+// deadline in the past) and Shutdown's forced Close end the tunnel in its loop.
+func (b *Balancer) tunnelInLoop(cc *clientConn, c, vc net.Conn, closed func()) bool {
+	csc, ok := loopSocket(c)
+	if !ok {
+		return false
+	}
+	bsc, ok := loopSocket(vc)
+	if !ok {
+		return false
+	}
+	l, err := pickLoop()
+	if err != nil {
+		b.warnf("tunnels fall back to goroutines", "err", err)
+		return false
+	}
+	cfd, err := dupConnFD(csc)
+	if err != nil {
+		return false
+	}
+	bfd, err := dupConnFD(bsc)
+	if err != nil {
+		unix.Close(cfd)
+		return false
+	}
+	t := &loopTunnel{l: l, fd: [2]int{cfd, bfd}}
+	tcc := &clientConn{c: &loopConn{b: b, t: t, local: c.LocalAddr(), remote: c.RemoteAddr()}, ip: cc.ip}
+	tcc.state.Store(connHead)
+	t.ended = func() {
+		closed()
+		b.untrack(tcc)
+	}
+	if !b.retrack(tcc) {
+		unix.Close(cfd)
+		unix.Close(bfd)
+		return false // freezing or closing: the goroutine path ends it as it always did
+	}
+	owned, err := l.add(t)
+	if !owned {
+		unix.Close(cfd)
+		unix.Close(bfd)
+		b.untrack(tcc)
+		b.warnf("tunnels fall back to goroutines", "err", err)
+		return false
+	}
+	if err != nil {
+		b.warnf("a tunnel could not be registered; it is closed", "err", err)
+	}
+	c.Close()
+	vc.Close()
+	// Freeze may have swept b.conns before tcc was in it.
+	if b.frozen() || b.isClosing() {
+		t.kill()
+	}
+	return true
+}
+
+// retrack counts a loop tunnel as a connection of the edge, as track does for an accepted
+// one; false if the edge is freezing or shutting down.
+func (b *Balancer) retrack(cc *clientConn) bool {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if b.closing || b.frozen() {
+		return false
+	}
+	if cc.ip.IsValid() {
+		b.perIP[cc.ip]++
+	}
+	b.conns[cc] = struct{}{}
+	b.wg.Add(1)
+	return true
+}
+
+// loopConn stands for a loop tunnel in b.conns, where Freeze and Shutdown find the
+// connections they must end: their wake-up of a connection mid-head (a read deadline in
+// the past) ends the tunnel when the edge is freezing or closing, as endIfFrozen does for
+// a goroutine tunnel, and Shutdown's forced Close ends it. Nothing reads or writes it.
+type loopConn struct {
+	b             *Balancer
+	t             *loopTunnel
+	local, remote net.Addr
+}
+
+func (c *loopConn) Read([]byte) (int, error)  { return 0, net.ErrClosed }
+func (c *loopConn) Write([]byte) (int, error) { return 0, net.ErrClosed }
+func (c *loopConn) Close() error              { c.t.kill(); return nil }
+func (c *loopConn) LocalAddr() net.Addr       { return c.local }
+func (c *loopConn) RemoteAddr() net.Addr      { return c.remote }
+func (c *loopConn) SetDeadline(t time.Time) error {
+	return c.SetReadDeadline(t)
+}
+func (c *loopConn) SetWriteDeadline(time.Time) error { return nil }
+func (c *loopConn) SetReadDeadline(t time.Time) error {
+	if !t.IsZero() && !t.After(time.Now()) && (c.b.frozen() || c.b.isClosing()) {
+		c.t.kill()
+	}
+	return nil
+}
