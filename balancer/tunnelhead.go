@@ -1,3 +1,5 @@
+//go:build unix
+
 package balancer
 
 import (
@@ -13,6 +15,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/stickyd/stickyd/balancer/internal/fdutil"
+	"github.com/stickyd/stickyd/fdpass/platform"
 )
 
 // writeTunnelHead writes an upgrade request's head for a backend reached by address, which
@@ -157,7 +160,7 @@ func copyWhenReadable(dst, src net.Conn) error {
 		var rerr error
 		err := rc.Read(func(fd uintptr) bool {
 			// Bytes queued: one ioctl, no more syscalls than io.Copy's own loop.
-			if queued, rerr = unix.IoctlGetInt(int(fd), unix.SIOCINQ); rerr != nil || queued > 0 {
+			if queued, rerr = unix.IoctlGetInt(int(fd), platform.SIOCINQ); rerr != nil || queued > 0 {
 				return true
 			}
 			// Nothing queued: nothing yet, or the end (a FIN queues no bytes).
