@@ -173,6 +173,8 @@ type Balancer struct {
 	parked    []net.Conn
 	handedX   []HandoverExchange
 	parkedX   []parkedExchange
+
+	idle idlePark // keep-alive connections between requests, held without a goroutine
 }
 
 // New returns an edge with no workers yet.
@@ -429,6 +431,7 @@ func (b *Balancer) Shutdown(ctx context.Context) error {
 
 // wakeIdle makes blocked reads of idle and mid-head connections return now. b.mu held.
 func (b *Balancer) wakeIdle() {
+	b.wakeParked()
 	past := time.Unix(1, 0)
 	for cc := range b.conns {
 		if s := cc.state.Load(); s == connHead || s == connIdle {
@@ -441,7 +444,12 @@ func (b *Balancer) wakeIdle() {
 
 // serveConn is one client connection's life in the edge; named for goroutine dumps.
 func (b *Balancer) serveConn(cc *clientConn) {
-	defer b.untrack(cc)
+	parked := false // an idle keep-alive connection parked: whoever resumes it untracks it
+	defer func() {
+		if !parked {
+			b.untrack(cc)
+		}
+	}()
 	c := cc.c
 	if tc, ok := c.(*tls.Conn); ok {
 		b.serveTLSConn(cc, tc)
@@ -492,7 +500,15 @@ func (b *Balancer) serveConn(cc *clientConn) {
 		return
 	}
 	putPeekBuf(ph)
-	b.proxyConn(cc, nil)
+	parked = b.proxyConn(cc, nil, false)
+}
+
+// resumeIdle serves a parked keep-alive connection whose next request arrived (or that
+// closed, or that shutdown or an edge upgrade woke).
+func (b *Balancer) resumeIdle(cc *clientConn) {
+	if !b.proxyConn(cc, nil, true) {
+		b.untrack(cc)
+	}
 }
 
 func (b *Balancer) rejectHead(c net.Conn, err error) {

@@ -234,7 +234,11 @@ func (b *Balancer) resumeExchange(px parkedExchange) {
 	}
 	cc.state.Store(connActive)
 	px.c = c
-	go func() { defer b.untrack(cc); b.proxyConn(cc, &px) }()
+	go func() {
+		if !b.proxyConn(cc, &px, false) {
+			b.untrack(cc)
+		}
+	}()
 }
 
 // resume serves a parked connection: from its head if nothing of it was read, else
@@ -249,7 +253,11 @@ func (b *Balancer) resume(c net.Conn, buffered []byte) {
 		return
 	}
 	if len(buffered) > 0 {
-		go func() { defer b.untrack(cc); b.proxyConn(cc, nil) }()
+		go func() {
+			if !b.proxyConn(cc, nil, false) {
+				b.untrack(cc)
+			}
+		}()
 	} else {
 		go b.serveConn(cc)
 	}

@@ -97,6 +97,15 @@ func TestIdleKeepAliveHoldsNoBuffers(t *testing.T) {
 	if cost.heap > 4<<10 {
 		t.Errorf("an idle keep-alive connection holds %.1f KiB of heap in the edge, want under 4 KiB (no buffers while idle)", cost.heap/1024)
 	}
+	if runtime.GOOS == "linux" {
+		// Parked on the edge's own epoll set (idlepark_linux.go): no goroutine, no stack.
+		if cost.goroutines > 0.05 {
+			t.Errorf("%.2f goroutines per idle keep-alive connection, want none", cost.goroutines)
+		}
+		if got := e.b.parkedIdleConns(); got < n {
+			t.Errorf("%d connections parked, want %d", got, n)
+		}
+	}
 	// Every connection still serves its next request, after the buffers were given back.
 	br := bufio.NewReader(nil)
 	for _, c := range conns {
@@ -123,4 +132,34 @@ func BenchmarkIdleKeepAliveMemory(b *testing.B) {
 	b.ReportMetric(cost.heap, "heap-B/idle-conn")
 	b.ReportMetric(cost.stack, "stack-B/idle-conn")
 	b.ReportMetric(cost.goroutines, "goroutines/idle-conn")
+}
+
+// TestParkedIdleConnectionTimesOut: a parked keep-alive connection is closed after the
+// idle timeout, untracked, and its descriptor released; one that closes while parked is
+// noticed at once.
+func TestParkedIdleConnectionTimesOut(t *testing.T) {
+	e := startEdge(t, Config{IdleTimeout: 300 * time.Millisecond}, 1)
+	for _, c := range openIdleKeepAlive(t, e.addr, 2) {
+		c.Close() // warm-up: the worker's virtual connections
+	}
+	e.settle(t)
+	base := openFDs(t)
+	conns := openIdleKeepAlive(t, e.addr, 20)
+	closed := conns[:10]
+	for _, c := range closed {
+		c.Close()
+	}
+	waitFor(t, "closed connections to leave the park", 5*time.Second, func() bool { return e.b.parkedIdleConns() <= 10 })
+	for _, c := range conns[10:] {
+		c.SetReadDeadline(time.Now().Add(5 * time.Second))
+		if n, err := c.Read(make([]byte, 1)); n != 0 || err == nil {
+			t.Fatalf("an idle connection past the idle timeout: read %d, %v; want EOF", n, err)
+		}
+		c.Close()
+	}
+	e.settle(t)
+	if n := e.b.parkedIdleConns(); n != 0 {
+		t.Errorf("%d connections still parked", n)
+	}
+	waitFor(t, "the edge's descriptors back to the baseline", 5*time.Second, func() bool { return openFDs(t) <= base })
 }

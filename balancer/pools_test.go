@@ -224,9 +224,14 @@ func TestPoolQueueIsFIFOAndBounded(t *testing.T) {
 	if got := metricValue(m.Rejections.WithLabelValues(metrics.RejectQueueFull)); got != 1 {
 		t.Errorf("queue_full rejections = %v, want 1", got)
 	}
+}
 
-	// A wait longer than the queue timeout: 503 with Retry-After.
-	gate.Timeout = 200 * time.Millisecond
+// A request that waits longer than its pool's queue timeout gets 503 with Retry-After.
+func TestPoolQueueTimeout(t *testing.T) {
+	gate := &workers.Gate{Name: "slow", Concurrency: 1, Timeout: 200 * time.Millisecond}
+	b, addr, m := startPoolEdge(t, Pool{Name: "slow", PathPrefix: "/slow", Gate: gate}, size{1, 1, time.Minute})
+	waitFor(t, "the pool's min worker", 10*time.Second, func() bool { return len(poolWorkers(b, "slow")) == 1 })
+	answers := make(chan poolAnswer, 1)
 	go func() { answers <- poolGet(t, addr, "/slow?ms=1500", nil) }()
 	waitFor(t, "the slow request in flight", 5*time.Second, func() bool { return poolWorkers(b, "slow")[0].InFlight() == 1 })
 	if a := poolGet(t, addr, "/slow?ms=1", nil); a.status != 503 || a.retryAfter == "" {
@@ -235,7 +240,9 @@ func TestPoolQueueIsFIFOAndBounded(t *testing.T) {
 	if got := metricValue(m.Rejections.WithLabelValues(metrics.RejectQueueTimeout)); got != 1 {
 		t.Errorf("queue_timeout rejections = %v, want 1", got)
 	}
-	<-answers
+	if a := <-answers; a.status != 200 {
+		t.Errorf("the slow request: %d", a.status)
+	}
 }
 
 // A WebSocket for a pool with no worker yet waits for the pool's first one; a WebSocket

@@ -147,7 +147,10 @@ func idempotentRequest(h *upgrade.Head) bool {
 // proxyConn serves a client connection whose requests are proxied one by one, each to
 // the worker its identity maps to. With pending, the connection comes from a previous
 // edge image with its request already sent to a worker: its answer is relayed first.
-func (b *Balancer) proxyConn(cc *clientConn, pending *parkedExchange) {
+// resumed means the connection was parked between requests (idlePark) and is readable
+// now. It reports whether it parked the connection between requests: the connection is
+// then still tracked, and resumeIdle or the idle timeout untracks it.
+func (b *Balancer) proxyConn(cc *clientConn, pending *parkedExchange, resumed bool) (parked bool) {
 	c := cc.c
 	var cb connBufs
 	cb.get(c, b.cfg.MaxHeadBytes)
@@ -160,7 +163,7 @@ func (b *Balancer) proxyConn(cc *clientConn, pending *parkedExchange) {
 	}()
 	peer := addrPort(c.RemoteAddr())
 	trusted := b.cfg.Rules.Trusts(peer.Addr())
-	first, counted := true, false
+	first, counted := !resumed, resumed
 	if pending != nil {
 		first, counted = false, true
 		keep := b.finishParked(cc, cb.br, cb.bw, cb.sc, peer, pending)
@@ -191,6 +194,11 @@ func (b *Balancer) proxyConn(cc *clientConn, pending *parkedExchange) {
 				// Nothing pipelined: wait for the next request on the poller with the
 				// buffers given back (issue 17: an idle keep-alive connection held ≈30 KiB).
 				cb.put()
+				if !resumed && b.parkIdle(cc) {
+					handedOff = true
+					return true
+				}
+				resumed = false
 				if ok, err := waitReadable(c); ok && err != nil {
 					if b.frozen() && isTimeout(err) && b.park(c, nil) {
 						handedOff = true

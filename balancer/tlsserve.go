@@ -92,7 +92,7 @@ func (b *Balancer) serveTLSConn(cc *clientConn, tc *tls.Conn) {
 	}
 	tc.SetWriteDeadline(time.Time{})
 	tc.SetReadDeadline(deadline) // the first request head, within the same bound
-	b.proxyConn(cc, nil)
+	b.proxyConn(cc, nil, false)  // a TLS connection is never parked idle: nothing to untrack elsewhere
 }
 
 // rawConn returns the socket under c: the connection itself, or a TLS connection's.

@@ -484,7 +484,6 @@ func TestEdgeUpgradeDropsNothing(t *testing.T) {
 		conns[i] = c
 		defer c.Close()
 	}
-	fds := edgeFDs(t, pid)
 	// One keep-alive client connection, idle across the upgrades: the edge parks it and
 	// the next image serves its next request on the same TCP connection.
 	kc, err := net.Dial("tcp", d.addr)
@@ -508,6 +507,9 @@ func TestEdgeUpgradeDropsNothing(t *testing.T) {
 		}
 	}
 	keepAliveGet("before the upgrades")
+	// The baseline includes what a keep-alive connection brings once: the idle poller's
+	// epoll descriptor (each image makes its own at its first idle connection).
+	fds := edgeFDs(t, pid)
 
 	stop := make(chan struct{})
 	var wg sync.WaitGroup
