@@ -162,6 +162,10 @@ func (b *Balancer) acquire(c net.Conn, r *route, tried uint64, anyWorker bool, d
 		b.m.Rejections.WithLabelValues(metrics.RejectQueueFull).Inc()
 		b.warnf("pool queue full: requests answered 503; raise the pool's max= or queue=", "pool", r.pool.Name)
 		b.rejectRetry(c, "the "+r.pool.Name+" pool is busy and its queue is full; try again", drain)
+	case errors.Is(err, workers.ErrPoolDown):
+		b.m.Rejections.WithLabelValues(metrics.RejectNoWorker).Inc()
+		b.warnf("pool cannot start its workers: requests answered 503; see the worker errors above", "pool", r.pool.Name, "err", err)
+		b.rejectRetry(c, "the "+r.pool.Name+" pool has no worker and cannot start one; try again later", drain)
 	case errors.Is(err, workers.ErrQueueTimeout):
 		b.m.Rejections.WithLabelValues(metrics.RejectQueueTimeout).Inc()
 		b.warnf("pool queue wait timed out: requests answered 503; raise the pool's max= or queue-timeout=", "pool", r.pool.Name)

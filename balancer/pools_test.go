@@ -29,6 +29,7 @@ import (
 type size struct {
 	min, max int
 	idle     time.Duration
+	cmd      []string // the pool's own command; nil: the default pool's
 }
 
 func startPoolEdge(t *testing.T, p Pool, sz size) (*Balancer, string, *metrics.Metrics) {
@@ -51,6 +52,9 @@ func startPoolEdge(t *testing.T, p Pool, sz size) (*Balancer, string, *metrics.M
 	pool := sup()
 	pool.Name, pool.FirstSlot, pool.Gate = p.Name, 1, p.Gate
 	pool.Min, pool.Max, pool.Idle = sz.min, sz.max, sz.idle
+	if sz.cmd != nil {
+		pool.Command = sz.cmd
+	}
 	root.Pools = []*workers.Supervisor{pool}
 	ctx, cancel := context.WithCancel(context.Background())
 	supDone := make(chan struct{})
@@ -115,7 +119,7 @@ func poolGet(t *testing.T, addr, path string, hdr http.Header) poolAnswer {
 func TestPoolTakesItsRequestsGrowsAndShrinks(t *testing.T) {
 	gate := &workers.Gate{Name: "slow", Concurrency: 1}
 	b, addr, m := startPoolEdge(t, Pool{Name: "slow", PathPrefix: "/slow", Gate: gate},
-		size{0, 3, 300 * time.Millisecond})
+		size{0, 3, 300 * time.Millisecond, nil})
 	if n := len(poolWorkers(b, "slow")); n != 0 {
 		t.Fatalf("a min=0 pool runs %d workers before its first request", n)
 	}
@@ -186,7 +190,7 @@ func TestPoolTakesItsRequestsGrowsAndShrinks(t *testing.T) {
 func TestPoolQueueIsFIFOAndBounded(t *testing.T) {
 	gate := &workers.Gate{Name: "slow", Concurrency: 1, MaxQueue: 2, Timeout: 20 * time.Second}
 	b, addr, m := startPoolEdge(t, Pool{Name: "slow", PathPrefix: "/slow", Gate: gate},
-		size{1, 1, time.Minute})
+		size{1, 1, time.Minute, nil})
 	waitFor(t, "the pool's min worker", 10*time.Second, func() bool { return len(poolWorkers(b, "slow")) == 1 })
 
 	answers := make(chan poolAnswer, 3)
@@ -229,7 +233,7 @@ func TestPoolQueueIsFIFOAndBounded(t *testing.T) {
 // A request that waits longer than its pool's queue timeout gets 503 with Retry-After.
 func TestPoolQueueTimeout(t *testing.T) {
 	gate := &workers.Gate{Name: "slow", Concurrency: 1, Timeout: 200 * time.Millisecond}
-	b, addr, m := startPoolEdge(t, Pool{Name: "slow", PathPrefix: "/slow", Gate: gate}, size{1, 1, time.Minute})
+	b, addr, m := startPoolEdge(t, Pool{Name: "slow", PathPrefix: "/slow", Gate: gate}, size{1, 1, time.Minute, nil})
 	waitFor(t, "the pool's min worker", 10*time.Second, func() bool { return len(poolWorkers(b, "slow")) == 1 })
 	answers := make(chan poolAnswer, 1)
 	go func() { answers <- poolGet(t, addr, "/slow?ms=1500", nil) }()
@@ -250,7 +254,7 @@ func TestPoolQueueTimeout(t *testing.T) {
 func TestPoolWebSocketWaitsForTheFirstWorker(t *testing.T) {
 	gate := &workers.Gate{Name: "live", Concurrency: 1}
 	b, addr, _ := startPoolEdge(t, Pool{Name: "live", Header: "X-Pool", HeaderValue: "live", Gate: gate},
-		size{0, 2, time.Minute})
+		size{0, 2, time.Minute, nil})
 	c, h := dialWS(t, addr, http.Header{"X-Pool": {"live"}})
 	defer c.Close()
 	if h.Worker != "1" {
@@ -279,4 +283,35 @@ func metricValue(c prometheus.Metric) float64 {
 		return d.Counter.GetValue()
 	}
 	return d.Gauge.GetValue()
+}
+
+// A pool whose command cannot start answers the requests that wait for it 503 as soon as
+// it gave up (not after the queue timeout), answers new ones at once, and does not fork
+// again and again.
+func TestPoolThatCannotStartAnswers503(t *testing.T) {
+	gate := &workers.Gate{Name: "broken", Concurrency: 1, Timeout: time.Minute}
+	b, addr, m := startPoolEdge(t, Pool{Name: "broken", PathPrefix: "/slow", Gate: gate},
+		size{0, 2, time.Minute, []string{"false"}})
+	start := time.Now()
+	a := poolGet(t, addr, "/slow?ms=1", nil)
+	if a.status != 503 || a.retryAfter == "" {
+		t.Errorf("a pool that cannot start: %d Retry-After %q, want 503 with Retry-After", a.status, a.retryAfter)
+	}
+	if d := time.Since(start); d > 30*time.Second {
+		t.Errorf("answered after %v: it waited for the queue timeout", d)
+	}
+	if a := poolGet(t, addr, "/slow?ms=1", nil); a.status != 503 || !strings.Contains(a.body, "cannot start") {
+		t.Errorf("a request after the pool gave up: %d %q", a.status, a.body)
+	}
+	if n := len(poolWorkers(b, "broken")); n != 0 {
+		t.Errorf("%d workers in routing", n)
+	}
+	spawns := metricValue(m.PoolSpawns.WithLabelValues("broken"))
+	if spawns < 1 || spawns > 2 {
+		t.Errorf("%v spawns for one request to a pool that cannot start, want 1 (2 at most: max)", spawns)
+	}
+	// The default pool is untouched.
+	if a := poolGet(t, addr, "/whoami", nil); a.status != 200 {
+		t.Errorf("default pool: %d", a.status)
+	}
 }

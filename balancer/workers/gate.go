@@ -5,6 +5,7 @@ package workers
 import (
 	"context"
 	"errors"
+	"fmt"
 	"math/rand/v2"
 	"slices"
 	"sync"
@@ -22,6 +23,10 @@ var ErrQueueFull = errors.New("balancer: the pool's queue is full")
 // ErrQueueTimeout means a request waited for a worker of its pool longer than the pool's
 // queue timeout.
 var ErrQueueTimeout = errors.New("balancer: no worker of the pool was free within the queue timeout")
+
+// ErrPoolDown means the pool has no worker and could not start one: its requests are
+// answered at once instead of waiting for the queue timeout.
+var ErrPoolDown = errors.New("balancer: the pool cannot start its workers")
 
 // Gate admits requests to the workers of a named pool: at most Concurrency in flight on
 // each worker, the others wait in a bounded first-in first-out queue until a worker has
@@ -45,6 +50,7 @@ type Gate struct {
 	demand  chan struct{} // 1-buffered: a request started waiting (for the pool's Supervisor)
 	qlen    prometheus.Gauge
 	wait    prometheus.Observer
+	down    string // SetDown's reason, until a worker joins
 }
 
 type waiter struct {
@@ -119,8 +125,30 @@ func (g *Gate) Join(w *Worker) {
 	g.initLocked()
 	w.SetInFlightGauge(g.Metrics.PoolInFlight.WithLabelValues(g.Label()))
 	g.members = append(slices.DeleteFunc(g.members, func(o *Worker) bool { return o.Slot == w.Slot }), w)
+	g.down = ""
 	g.dispatchLocked()
 }
+
+// SetDown records that the pool could not start a worker (reason says why): while it has
+// none, waiting requests and new ones fail at once with ErrPoolDown. A worker that joins
+// ends it.
+func (g *Gate) SetDown(reason string) {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	g.initLocked()
+	g.down = reason
+	if len(g.members) > 0 {
+		return
+	}
+	for _, wt := range g.queue {
+		wt.ch <- nil
+	}
+	clear(g.queue)
+	g.queue = g.queue[:0]
+	g.qlen.Set(0)
+}
+
+func (g *Gate) downErr() error { return fmt.Errorf("%w: %s", ErrPoolDown, g.down) }
 
 // Leave removes w from the pool's workers. Its requests in flight still Release it.
 func (g *Gate) Leave(w *Worker) {
@@ -164,6 +192,11 @@ func (g *Gate) acquire(ctx context.Context, skip func(*Worker) bool, anyWorker b
 			return w, nil
 		}
 	}
+	if g.down != "" && len(g.members) == 0 {
+		err := g.downErr()
+		g.mu.Unlock()
+		return nil, err
+	}
 	if len(g.queue) >= g.maxQueue() {
 		g.mu.Unlock()
 		return nil, ErrQueueFull
@@ -183,6 +216,11 @@ func (g *Gate) acquire(ctx context.Context, skip func(*Worker) bool, anyWorker b
 	var err error
 	select {
 	case w := <-wt.ch:
+		if w == nil {
+			g.mu.Lock()
+			defer g.mu.Unlock()
+			return nil, g.downErr()
+		}
 		return w, nil
 	case <-t.C:
 		err = ErrQueueTimeout
@@ -198,8 +236,8 @@ func (g *Gate) acquire(ctx context.Context, skip func(*Worker) bool, anyWorker b
 		return nil, err
 	}
 	g.mu.Unlock()
-	// Granted as the wait ended: give the room back to the next in line.
-	if w := <-wt.ch; !anyWorker {
+	// Granted (or failed) as the wait ended: give the room back to the next in line.
+	if w := <-wt.ch; w != nil && !anyWorker {
 		g.Release(w)
 	}
 	return nil, err

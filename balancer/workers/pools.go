@@ -57,6 +57,10 @@ func (s *Supervisor) idle() time.Duration {
 // to start).
 func maxSpawning() int { return max(2, runtime.NumCPU()) }
 
+// spawnPause is how long a pool waits after a worker could not start at all before it
+// tries again, however many requests wait: the same failure would only repeat.
+const spawnPause = 10 * time.Second
+
 type slotRun struct {
 	cancel context.CancelFunc
 	done   chan struct{}
@@ -105,6 +109,7 @@ func (s *Supervisor) runOnDemand(ctx context.Context) {
 		s.slotDone = map[int]bool{}
 		s.mu.Unlock()
 	}
+	var pauseUntil time.Time // a worker could not start: no new attempt before then
 	tick := time.NewTicker(min(time.Second, max(s.idle()/4, 50*time.Millisecond)))
 	defer tick.Stop()
 	demand := s.Gate.Demand()
@@ -120,6 +125,15 @@ func (s *Supervisor) runOnDemand(ctx context.Context) {
 			return
 		case slot := <-ended:
 			delete(running, slot)
+			s.mu.Lock()
+			reason, failed := s.gaveUp[slot]
+			s.mu.Unlock()
+			if failed && ctx.Err() == nil {
+				pauseUntil = time.Now().Add(spawnPause)
+				s.Gate.SetDown(reason)
+				s.Logger.Error("pool cannot start a worker; trying again later (its waiting requests get 503 after the queue timeout)",
+					"worker", slot, "err", reason, "retry_in", spawnPause)
+			}
 		case <-demand:
 		case <-changed:
 		case <-tick.C:
@@ -146,6 +160,9 @@ func (s *Supervisor) runOnDemand(ctx context.Context) {
 			need = (forRoom+s.Gate.Concurrency-1)/s.Gate.Concurrency - spawning
 		}
 		need = min(need, s.Max-len(running), maxSpawning()-spawning)
+		if time.Now().Before(pauseUntil) {
+			need = 0
+		}
 		for range need {
 			slot := freeSlot()
 			s.Logger.Info("pool growing: requests are waiting", "worker", slot,

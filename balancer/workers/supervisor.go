@@ -256,10 +256,27 @@ func (s *Supervisor) settle(slot int) {
 // Health reports whether any worker can run (false once every slot has given up) and, when
 // slots gave up, why: the command and the last error it printed.
 func (s *Supervisor) Health() (ok bool, reason string) {
+	ok, reason = s.ownHealth()
+	for _, pool := range s.Pools {
+		if _, r := pool.ownHealth(); r != "" {
+			// A named pool that cannot start its workers fails its own requests (503), not
+			// the edge's health.
+			reason = strings.TrimPrefix(reason+"; pool "+pool.Name+": "+r, "; ")
+		}
+	}
+	return ok, reason
+}
+
+func (s *Supervisor) ownHealth() (ok bool, reason string) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if len(s.gaveUp) == 0 {
 		return true, ""
+	}
+	if s.Max > 0 {
+		for _, r := range s.gaveUp {
+			return true, "its workers cannot start: " + r
+		}
 	}
 	slots := make([]int, 0, len(s.gaveUp))
 	for slot := range s.gaveUp {
@@ -448,6 +465,9 @@ func (s *Supervisor) runSlot(ctx context.Context, slot int) {
 			p.w.PoolName = s.Name
 			s.Edge.AddWorker(p.w)
 			s.mu.Lock()
+			if s.Max > 0 {
+				delete(s.gaveUp, slot) // an on-demand slot is tried again later
+			}
 			s.procs[slot] = p
 			close(s.changedC())
 			s.changed = make(chan struct{})
