@@ -5,6 +5,7 @@ package balancer
 import (
 	"encoding/binary"
 	"net"
+	"net/netip"
 	"os"
 	"runtime"
 	"strconv"
@@ -157,17 +158,21 @@ func newTunnelLoop() (*tunnelLoop, error) {
 // run serves the loop for the life of the process (loops are shared by every Balancer in
 // it and hold no tunnel when idle).
 func (l *tunnelLoop) run() {
-	if rc, err := l.ep.SyscallConn(); err == nil {
+	if rc, err := l.ep.SyscallConn(); err == nil && os.Getenv("STICKYD_TUNNEL_WAIT") != "block" {
 		// Returns only if the netpoller cannot wait on an epoll descriptor.
 		rc.Read(func(uintptr) bool { l.drain(); return false })
 	}
 	// Fallback: wait in epoll_wait on a thread of the loop's own.
 	for {
-		n, err := unix.EpollWait(l.epfd, l.events, -1)
+		timeout := -1
+		if len(l.again) > 0 {
+			timeout = 0
+		}
+		n, err := unix.EpollWait(l.epfd, l.events, timeout)
 		if err == nil && n > 0 {
 			l.handle(l.events[:n])
 		}
-		l.drain()
+		l.runAgain()
 	}
 }
 
@@ -184,21 +189,27 @@ func (l *tunnelLoop) drain() {
 		if n > 0 {
 			l.handle(l.events[:n])
 		}
-		if len(l.again) > 0 {
-			again := l.again
-			l.again = nil
-			for _, t := range again {
-				t.queued = false
-				if !t.done {
-					t.pump(0)
-					t.pump(1)
-				}
-			}
-			clear(again)
-			if l.again == nil {
-				l.again = again[:0]
-			}
+		l.runAgain()
+	}
+}
+
+// runAgain gives the directions that stopped at loopBurst their next turn.
+func (l *tunnelLoop) runAgain() {
+	if len(l.again) == 0 {
+		return
+	}
+	again := l.again
+	l.again = nil
+	for _, t := range again {
+		t.queued = false
+		if !t.done {
+			t.pump(0)
+			t.pump(1)
 		}
+	}
+	clear(again)
+	if l.again == nil {
+		l.again = again[:0]
 	}
 }
 
@@ -327,14 +338,14 @@ func (t *loopTunnel) pump(d int) {
 		}
 		if dir.eof {
 			if !dir.shut {
-				// Half-close: the FIN goes on; the other direction keeps flowing.
 				dir.shut = true
-				if err := unix.Shutdown(dst, unix.SHUT_WR); err != nil && err != unix.ENOTCONN {
-					t.end(true)
+				if t.d[1-d].shut {
+					t.end(false) // both directions ended: the close sends this FIN
 					return
 				}
-				if t.d[1-d].shut {
-					t.end(false) // both directions ended
+				// Half-close: the FIN goes on; the other direction keeps flowing.
+				if err := unix.Shutdown(dst, unix.SHUT_WR); err != nil && err != unix.ENOTCONN {
+					t.end(true)
 				}
 			}
 			return
@@ -529,13 +540,13 @@ func (b *Balancer) tunnelInLoop(cc *clientConn, c, vc net.Conn, closed func()) b
 		return false
 	}
 	t := &loopTunnel{l: l, fd: [2]int{cfd, bfd}}
-	tcc := &clientConn{c: &loopConn{b: b, t: t, local: c.LocalAddr(), remote: c.RemoteAddr()}, ip: cc.ip}
+	tcc := &clientConn{c: &loopConn{b: b, t: t, local: c.LocalAddr(), remote: c.RemoteAddr()}}
 	tcc.state.Store(connHead)
 	t.ended = func() {
 		closed()
 		b.untrack(tcc)
 	}
-	if !b.retrack(tcc) {
+	if !b.retrack(tcc, cc) {
 		unix.Close(cfd)
 		unix.Close(bfd)
 		return false // freezing or closing: the goroutine path ends it as it always did
@@ -544,6 +555,9 @@ func (b *Balancer) tunnelInLoop(cc *clientConn, c, vc net.Conn, closed func()) b
 	if !owned {
 		unix.Close(cfd)
 		unix.Close(bfd)
+		b.mu.Lock()
+		cc.ip, tcc.ip = tcc.ip, netip.Addr{} // the client's count goes back
+		b.mu.Unlock()
 		b.untrack(tcc)
 		b.warnf("tunnels fall back to goroutines", "err", err)
 		return false
@@ -561,16 +575,17 @@ func (b *Balancer) tunnelInLoop(cc *clientConn, c, vc net.Conn, closed func()) b
 }
 
 // retrack counts a loop tunnel as a connection of the edge, as track does for an accepted
-// one; false if the edge is freezing or shutting down.
-func (b *Balancer) retrack(cc *clientConn) bool {
+// one, and moves the client's count per address from its connection (from) to the tunnel
+// (cc): counted twice, the client's next connection could be refused in the moment
+// between the tunnel's first bytes and the end of from's goroutine. False if the edge is
+// freezing or shutting down.
+func (b *Balancer) retrack(cc, from *clientConn) bool {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	if b.closing || b.frozen() {
 		return false
 	}
-	if cc.ip.IsValid() {
-		b.perIP[cc.ip]++
-	}
+	cc.ip, from.ip = from.ip, netip.Addr{}
 	b.conns[cc] = struct{}{}
 	b.wg.Add(1)
 	return true

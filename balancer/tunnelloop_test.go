@@ -98,9 +98,10 @@ func dialLoopPath(t *testing.T, addr, path string) *net.TCPConn {
 	}
 	io.WriteString(c, "GET "+path+" HTTP/1.1\r\nHost: edge\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"+
 		"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
-	if _, err := readRawHead(c); err != nil {
+	head, err := readRawHead(c)
+	if err != nil || !strings.HasPrefix(head, "HTTP/1.1 101 ") {
 		c.Close()
-		t.Fatalf("the upgrade through the edge: %v", err)
+		t.Fatalf("the upgrade through the edge: %q %v", head, err)
 	}
 	return c.(*net.TCPConn)
 }
