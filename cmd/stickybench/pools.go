@@ -21,6 +21,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"runtime"
 	"strconv"
 	"strings"
 	"sync"
@@ -143,6 +144,8 @@ type poolsResult struct {
 	EchoB           poolsEcho     `json:"echo_b"`
 	P99Ratio        float64       `json:"p99_ratio"`
 	SessionsKept    bool          `json:"sessions_kept"`
+	CPUA            poolsCPU      `json:"cpu_a"`
+	CPUB            poolsCPU      `json:"cpu_b"`
 	Timeline        []poolsSample `json:"timeline"`
 	WithinIssueGoal bool          `json:"within_issue_goal"` // all done ≤ 15 s and p99 ratio ≤ 2
 	Pass            bool          `json:"pass"`
@@ -309,21 +312,34 @@ func runPools(ctx context.Context, args []string, out io.Writer) error {
 		return fmt.Errorf("only %d of %d socket.io clients connected: %s", conn.Connected, *clients, line)
 	}
 
+	var defPIDs []int
+	if a, err := getPoolsAdmin(ctx, admin); err == nil {
+		for _, w := range a.Workers {
+			if w.Pool == "default" {
+				defPIDs = append(defPIDs, w.PID)
+			}
+		}
+	}
+	snap := func() cpuSnap { return takeCPUSnap(edge.Process.Pid, defPIDs, pc.cmd.Process.Pid) }
+
 	res := &poolsResult{Mode: "pools", Pool: *spec, Workers: *workers, Clients: *clients, Reports: *reports, ReportMs: *reportMs, BackToMinS: -1}
 
 	// Phase A: echoes alone, a fixed measurement window.
 	if err := pc.do("start A", 30*time.Second, nil); err != nil {
 		return err
 	}
+	a0 := snap()
 	sleepCtx(ctx, *phase)
+	a1 := snap()
 	if err := pc.do("stop", time.Minute, &res.EchoA); err != nil {
 		return err
 	}
+	res.CPUA = cpuBetween(a0, a1, 0)
 	if err := ctx.Err(); err != nil {
 		return err
 	}
-	fmt.Fprintf(out, "phase A (%d clients echoing, no reports): echo p50 %.1f ms, p99 %.1f ms, max %.1f ms, %d echoes, %d failed, %d disconnects; p99 per second %s\n",
-		*clients, res.EchoA.P50, res.EchoA.P99, res.EchoA.Max, res.EchoA.Echoes, res.EchoA.Failed, res.EchoA.Disconnects, res.EchoA.perSecondP99())
+	fmt.Fprintf(out, "phase A (%d clients echoing, no reports): echo p50 %.1f ms, p99 %.1f ms, max %.1f ms, %d echoes, %d failed, %d disconnects; p99 per second %s\n  %s\n",
+		*clients, res.EchoA.P50, res.EchoA.P99, res.EchoA.Max, res.EchoA.Echoes, res.EchoA.Failed, res.EchoA.Disconnects, res.EchoA.perSecondP99(), res.CPUA)
 
 	// Phase B: the same echoes while the reports run; the timeline from the moment they are sent.
 	if err := pc.do("start B", 30*time.Second, nil); err != nil {
@@ -338,8 +354,10 @@ func runPools(ctx context.Context, args []string, out io.Writer) error {
 		sampling = make(chan struct{})
 		sampled  = make(chan struct{})
 		zeroAt   = make(chan time.Duration, 1)
+		repTicks = map[int]int64{} // reports worker pid → its CPU ticks, last seen during phase B
 	)
 	phaseB.Store(true)
+	b0 := snap()
 	start := time.Now()
 	header := fmt.Sprintf("%7s  %-5s  %8s  %5s  %9s  %5s  %4s", "t(s)", "phase", "starting", "ready", "in_flight", "queue", "done")
 	const echoCol = "  echo p50/p99 ms (that second)"
@@ -367,6 +385,13 @@ func runPools(ctx context.Context, args []string, out io.Writer) error {
 				}
 				s.Starting = st
 				mu.Lock()
+				if phaseB.Load() {
+					for _, w := range a.Workers {
+						if w.Pool == poolName && w.PID > 0 {
+							repTicks[w.PID] = max(repTicks[w.PID], procCPUTicks(w.PID))
+						}
+					}
+				}
 				res.Timeline = append(res.Timeline, s)
 				if s.Ready > res.Peak {
 					res.Peak, res.PeakReadyS = s.Ready, s.T
@@ -422,7 +447,15 @@ func runPools(ctx context.Context, args []string, out io.Writer) error {
 	}
 	wg.Wait()
 	allDone = time.Since(start)
+	b1 := snap()
+	mu.Lock()
 	phaseB.Store(false)
+	var rt int64
+	for _, t := range repTicks {
+		rt += t
+	}
+	mu.Unlock()
+	res.CPUB = cpuBetween(b0, b1, rt)
 	if err := pc.do("stop", time.Minute, &res.EchoB); err != nil {
 		return err
 	}
@@ -467,8 +500,8 @@ func runPools(ctx context.Context, args []string, out io.Writer) error {
 	res.Pass = res.ReportsOK == *reports && res.ReportsOverlap == 0 && res.Peak == res.Max && res.BackToMinS >= 0 &&
 		res.SessionsKept && res.EchoA.Failed == 0 && res.EchoB.Failed == 0 && res.EchoA.Disconnects == 0 && res.EchoB.Disconnects == 0
 
-	fmt.Fprintf(out, "phase B (%d clients echoing, %d reports of %d ms): echo p50 %.1f ms, p99 %.1f ms, max %.1f ms, %d echoes, %d failed, %d disconnects\n",
-		*clients, *reports, *reportMs, res.EchoB.P50, res.EchoB.P99, res.EchoB.Max, res.EchoB.Echoes, res.EchoB.Failed, res.EchoB.Disconnects)
+	fmt.Fprintf(out, "phase B (%d clients echoing, %d reports of %d ms): echo p50 %.1f ms, p99 %.1f ms, max %.1f ms, %d echoes, %d failed, %d disconnects\n  %s\n",
+		*clients, *reports, *reportMs, res.EchoB.P50, res.EchoB.P99, res.EchoB.Max, res.EchoB.Echoes, res.EchoB.Failed, res.EchoB.Disconnects, res.CPUB)
 	fmt.Fprintf(out, "timeline of pool %s (t from the moment the %d reports were sent):\n%s%s\n", poolName, *reports, header, echoCol)
 	lastSec := -1
 	for _, s := range res.Timeline {
@@ -502,4 +535,102 @@ func (e *poolsEcho) perSecondP99() string {
 		fmt.Fprintf(&b, "%.0f", w.P99)
 	}
 	return "[" + b.String() + "]"
+}
+
+// poolsCPU is where CPU time went during a phase (Linux /proc; zeros elsewhere). The
+// machine figure counts every process, the bench's own and everyone else's: on a shared
+// machine it tells an echo spike caused by the pool from one caused by a neighbour.
+type poolsCPU struct {
+	Seconds        float64 `json:"seconds"`               // the phase's wall time
+	MachineCores   float64 `json:"machine_busy_cores"`    // average cores busy, all processes
+	Edge           float64 `json:"edge_cpu_s"`            // stickyd
+	DefaultWorkers float64 `json:"default_workers_cpu_s"` // the socket.io workers
+	ReportsWorkers float64 `json:"reports_workers_cpu_s"` // the pool's workers, their start included
+	Clients        float64 `json:"clients_cpu_s"`         // pools-clients.js
+	OthersCores    float64 `json:"others_busy_cores"`     // machine minus the above, average cores
+}
+
+// clockTicks is USER_HZ, the unit of /proc's CPU times: 100 on every Linux ABI in use.
+const clockTicks = 100
+
+// procCPUTicks is pid's user+system CPU time in clock ticks (0 if unknown).
+func procCPUTicks(pid int) int64 {
+	b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/stat")
+	if err != nil {
+		return 0
+	}
+	// The command name (field 2) may hold spaces: count fields after its closing ")".
+	i := strings.LastIndexByte(string(b), ')')
+	if i < 0 {
+		return 0
+	}
+	f := strings.Fields(string(b[i+1:]))
+	if len(f) < 13 {
+		return 0
+	}
+	u, _ := strconv.ParseInt(f[11], 10, 64)
+	st, _ := strconv.ParseInt(f[12], 10, 64)
+	return u + st
+}
+
+// machineCPUTicks is the CPU time of all cores, busy and in all (/proc/stat's cpu line).
+func machineCPUTicks() (busy, total int64) {
+	b, err := os.ReadFile("/proc/stat")
+	if err != nil {
+		return 0, 0
+	}
+	line, _, _ := strings.Cut(string(b), "\n")
+	f := strings.Fields(line)
+	if len(f) < 6 || f[0] != "cpu" {
+		return 0, 0
+	}
+	var idle int64
+	for k, v := range f[1:] {
+		n, _ := strconv.ParseInt(v, 10, 64)
+		if k >= 8 {
+			break // guest time is already in user
+		}
+		total += n
+		if k == 3 || k == 4 { // idle, iowait
+			idle += n
+		}
+	}
+	return total - idle, total
+}
+
+// cpuSnap is a reading of the CPU counters poolsCPU compares.
+type cpuSnap struct {
+	at                 time.Time
+	busy, total        int64
+	edge, def, clients int64
+}
+
+func takeCPUSnap(edge int, def []int, clients int) cpuSnap {
+	s := cpuSnap{at: time.Now(), edge: procCPUTicks(edge), clients: procCPUTicks(clients)}
+	s.busy, s.total = machineCPUTicks()
+	for _, p := range def {
+		s.def += procCPUTicks(p)
+	}
+	return s
+}
+
+// cpuBetween is the CPU spent from a to b; reports is the pool workers' ticks.
+func cpuBetween(a, b cpuSnap, reports int64) poolsCPU {
+	sec := func(t int64) float64 { return float64(t) / clockTicks }
+	c := poolsCPU{Seconds: b.at.Sub(a.at).Seconds(), Edge: sec(b.edge - a.edge), DefaultWorkers: sec(b.def - a.def),
+		Clients: sec(b.clients - a.clients), ReportsWorkers: sec(reports)}
+	if c.Seconds > 0 && b.total > a.total {
+		c.MachineCores = sec(b.busy-a.busy) / c.Seconds
+		ours := c.Edge + c.DefaultWorkers + c.Clients + c.ReportsWorkers
+		c.OthersCores = max(0, sec(b.busy-a.busy)-ours) / c.Seconds
+	}
+	return c
+}
+
+func (c poolsCPU) String() string {
+	if c.MachineCores == 0 {
+		return "CPU: n/a (no /proc)"
+	}
+	return fmt.Sprintf("CPU over %.1f s: machine %.2f cores busy of %d (every process); edge %.2f s, socket.io workers %.2f s, reports workers %.2f s, clients %.2f s; other processes %.2f cores",
+		c.Seconds, c.MachineCores, runtime.NumCPU(), c.Edge, c.DefaultWorkers, c.ReportsWorkers, c.Clients, c.OthersCores)
 }
