@@ -189,7 +189,8 @@ func (p *poolClients) do(cmd string, timeout time.Duration) poolClientsMsg {
 // checkEchoPhase fails unless every echo of the phase came back and nobody disconnected.
 func checkEchoPhase(t *testing.T, m poolClientsMsg) {
 	t.Helper()
-	t.Logf("phase %s: %s", m.Phase, m.Raw)
+	t.Logf("phase %s: %d echoes, p50 %.1f ms, p99 %.1f ms, max %.1f ms, failed %d, disconnects %d, errors %v",
+		m.Phase, m.Echoes, m.P50, m.P99, m.Max, m.Failed, m.Disconnects, m.Errors)
 	if m.Event != "phase" || m.Echoes == 0 || m.Failed != 0 || m.Disconnects != 0 || len(m.Errors) != 0 {
 		t.Errorf("phase %s: echoes %d, failed %d, disconnects %d, errors %v: want echoes and no failure",
 			m.Phase, m.Echoes, m.Failed, m.Disconnects, m.Errors)
@@ -460,8 +461,9 @@ func TestPoolsKeepSlowRequestsOffSocketWorkers(t *testing.T) {
 // once, and the waiting ones are served in arrival order.
 func TestPoolMinZeroFirstRequestAndFullQueue(t *testing.T) {
 	dir := nodeFixtures(t)
-	// Reports take 3 s instead of 5: the test waits for three of them in a row.
-	d := startDaemonEnv(t, dir, []string{"REPORT_MS=3000"}, "run", "-workers", "1",
+	// Reports take 4 s instead of 5: the test waits for three of them in a row (4 s leaves request 4 ample time
+	// to arrive while request 1 still runs).
+	d := startDaemonEnv(t, dir, []string{"REPORT_MS=4000"}, "run", "-workers", "1",
 		"-pool", "slow:path=/reports/,min=0,max=1,concurrency=1,queue=2,queue-timeout=20s", "--", "node", "pools-app.js")
 	sioWaitWorkers(t, d, 1, 60*time.Second)
 	a := mustPoolsAdmin(t, d)
