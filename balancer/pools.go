@@ -6,7 +6,6 @@ import (
 	"context"
 	"errors"
 	"net"
-	"net/http"
 	"strconv"
 	"strings"
 	"sync/atomic"
@@ -180,7 +179,7 @@ func (b *Balancer) acquire(c net.Conn, r *route, tried uint64, anyWorker bool, d
 func (b *Balancer) rejectRetry(c net.Conn, msg string, drain bool) {
 	body := msg + "\n"
 	c.SetWriteDeadline(time.Now().Add(time.Second))
-	c.Write([]byte("HTTP/1.1 503 " + http.StatusText(503) + "\r\nConnection: close\r\nRetry-After: " + retryAfter +
+	c.Write([]byte("HTTP/1.1 503 Service Unavailable\r\nConnection: close\r\nRetry-After: " + retryAfter +
 		"\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: " + strconv.Itoa(len(body)) + "\r\n\r\n" + body))
 	closeGracefully(c, drain)
 }
