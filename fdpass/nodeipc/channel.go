@@ -453,8 +453,10 @@ var waitNewconnACK = false
 // sendNewconn sends a newconn handle without waiting for its ACK: the worker's newconn
 // reply, which Primary.Deliver waits for anyway, always comes after it (Node answers a
 // NODE_HANDLE with the ACK before it passes the message on). The caller's goroutine is
-// then woken once per handoff (by the reply) instead of twice, which is most of the
-// edge's CPU per handoff: a park and a wake-up cost more than the write.
+// then woken once per handoff (by the reply) instead of twice, and the next handle goes
+// out as soon as the reader has the ACK, without waiting for the caller to be scheduled.
+// (The edge's CPU per handoff is still mostly the process waking up for the ACK and
+// again for the reply: BenchmarkNodeHandoffCPU.)
 //
 // Node's rule holds: the turn stays taken until the ACK, so nothing else is written to
 // the worker while the handle is in flight; the reader releases the turn. On a NACK the
