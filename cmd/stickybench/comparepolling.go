@@ -34,15 +34,16 @@ type pollOpts struct {
 // pollTargets: every target the mode knows, in table order. nginx-hash is not in the
 // default set: `hash $remote_addr consistent` instead of ip_hash (ip_hash keys IPv4 on
 // the first three octets, so every 127.0.0.x source lands on one backend).
-var pollTargets = []string{"direct", "stickyd", "haproxy", "nginx", "nginx-hash", "sticky"}
+var pollTargets = []string{"direct", "stickyd", "stickyd-proxy", "haproxy", "nginx", "nginx-hash", "sticky"}
 
 var pollTargetDesc = map[string]string{
-	"direct":     "node direct (1 process)",
-	"stickyd":    "stickyd run -workers 4",
-	"haproxy":    "HAProxy balance source",
-	"nginx":      "nginx ip_hash",
-	"nginx-hash": "nginx hash $remote_addr consistent",
-	"sticky":     "@socket.io/sticky (cluster)",
+	"direct":        "node direct (1 process)",
+	"stickyd":       "stickyd run -workers 4",
+	"stickyd-proxy": "stickyd proxy, 4 backends by address",
+	"haproxy":       "HAProxy balance source",
+	"nginx":         "nginx ip_hash",
+	"nginx-hash":    "nginx hash $remote_addr consistent",
+	"sticky":        "@socket.io/sticky (cluster)",
 }
 
 type pollRuns struct {
@@ -271,7 +272,7 @@ func (o *pollOpts) start(ctx context.Context, name, dir string) (*target, error)
 		}
 		t.procs = append(t.procs, cmd)
 		t.pids = append(t.pids, cmd.Process.Pid)
-	default: // haproxy, nginx, nginx-hash: 4 Node processes on their own ports
+	default: // stickyd-proxy, haproxy, nginx, nginx-hash: 4 Node processes on their own ports
 		var backends []string
 		for i := range o.workers {
 			bp, err := freeListenPort()
@@ -290,14 +291,30 @@ func (o *pollOpts) start(ctx context.Context, name, dir string) (*target, error)
 		}
 		var bin string
 		var args []string
-		if name == "haproxy" {
+		switch name {
+		case "stickyd-proxy":
+			// The same 4 backends as HAProxy's and nginx's, sticky by sid (the default).
+			if !isExec(o.stickyd) {
+				return t, fmt.Errorf("no stickyd binary at %s: go build -o %s ./cmd/stickyd", o.stickyd, o.stickyd)
+			}
+			mp, err := freeListenPort()
+			if err != nil {
+				return t, err
+			}
+			bin = o.stickyd
+			args = []string{"proxy", "-listen", front, "-metrics", net.JoinHostPort("127.0.0.1", strconv.Itoa(mp)),
+				"-log-level", "warn", "-shutdown-timeout", "5s"}
+			for _, b := range backends {
+				args = append(args, "-backend", b)
+			}
+		case "haproxy":
 			bin = findBin(o.haproxy, "haproxy")
 			cf := filepath.Join(dir, "haproxy-polling.cfg")
 			if err := os.WriteFile(cf, []byte(haproxyPollingConf(front, backends)), 0o644); err != nil {
 				return t, err
 			}
 			args = []string{"-db", "-f", cf}
-		} else {
+		default:
 			bin = findBin(o.nginx, "nginx")
 			nd := filepath.Join(dir, name)
 			if err := os.MkdirAll(nd, 0o755); err != nil {
