@@ -269,7 +269,8 @@ func runPools(ctx context.Context, args []string, out io.Writer) error {
 	}
 	t := &target{name: "stickyd", procs: []*exec.Cmd{edge}}
 	defer t.stop()
-	if _, err := waitAdmin(ctx, admin, time.Minute, func(s *adminState) bool { return s.allReady(*workers) }); err != nil {
+	// Ready: the default pool's workers, and the named pool's min (its pools entry exists).
+	if err := waitPoolsReady(ctx, admin, poolName, *workers, time.Minute); err != nil {
 		return err
 	}
 	fmt.Fprintf(stderr, "stickybench pools: started %s run -listen %s -workers %d -pool '%s' -- node pools-app.js (edge pid %d)\n",
@@ -545,7 +546,7 @@ type poolsCPU struct {
 	MachineCores   float64 `json:"machine_busy_cores"`    // average cores busy, all processes
 	Edge           float64 `json:"edge_cpu_s"`            // stickyd
 	DefaultWorkers float64 `json:"default_workers_cpu_s"` // the socket.io workers
-	ReportsWorkers float64 `json:"reports_workers_cpu_s"` // the pool's workers, their start included
+	ReportsWorkers float64 `json:"reports_workers_cpu_s"` // the pool's workers seen in the phase, since each started (its start included)
 	Clients        float64 `json:"clients_cpu_s"`         // pools-clients.js
 	OthersCores    float64 `json:"others_busy_cores"`     // machine minus the above, average cores
 }
@@ -633,4 +634,38 @@ func (c poolsCPU) String() string {
 	}
 	return fmt.Sprintf("CPU over %.1f s: machine %.2f cores busy of %d (every process); edge %.2f s, socket.io workers %.2f s, reports workers %.2f s, clients %.2f s; other processes %.2f cores",
 		c.Seconds, c.MachineCores, runtime.NumCPU(), c.Edge, c.DefaultWorkers, c.ReportsWorkers, c.Clients, c.OthersCores)
+}
+
+// waitPoolsReady polls /admin/workers until the default pool has workers ready and the
+// pool named name has its min ready.
+func waitPoolsReady(ctx context.Context, admin, name string, workers int, timeout time.Duration) error {
+	deadline := time.Now().Add(timeout)
+	var last string
+	for time.Now().Before(deadline) {
+		a, err := getPoolsAdmin(ctx, admin)
+		if err == nil {
+			def, named, found := 0, 0, false
+			minReady := 0
+			for _, p := range a.Pools {
+				switch p.Name {
+				case "default":
+					def = p.Ready
+				case name:
+					named, minReady, found = p.Ready, p.Min, true
+				}
+			}
+			if def == workers && found && named >= minReady {
+				return nil
+			}
+			last = fmt.Sprintf("default pool %d of %d ready, pool %s listed %v with %d of min %d ready", def, workers, name, found, named, minReady)
+		} else {
+			last = err.Error()
+		}
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(50 * time.Millisecond):
+		}
+	}
+	return fmt.Errorf("admin %s: the edge is not ready within %s: %s", admin, timeout, last)
 }
