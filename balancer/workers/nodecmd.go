@@ -5,9 +5,11 @@ package workers
 import (
 	"errors"
 	"fmt"
+	"maps"
 	"net"
 	"os"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 )
@@ -90,12 +92,58 @@ func CheckWorkerCommand(cmd []string) error {
 // ownListeners lists the TCP sockets listening in the process group pgid that this process
 // does not hold too (a Node app's other servers are bound by the edge and shared): a Node
 // worker that listens itself never got the edge's channel. nodeOnly: only Node processes'.
-// Linux /proc; nil elsewhere.
+// It runs every 250 ms while a worker starts, so it looks at the worker's few sockets
+// first and asks which sockets listen only when the worker has any: the kernel's list of
+// every TCP socket (/proc/net/tcp) is as long as the host's connections — 130,000 lines
+// cost the edge half a second of CPU per starting worker. Linux /proc; nil elsewhere.
 func ownListeners(pgid int, nodeOnly bool) []string {
 	if pgid <= 0 {
 		return nil
 	}
-	listening := map[string]string{} // socket inode → local address
+	ents, err := os.ReadDir("/proc")
+	if err != nil {
+		return nil
+	}
+	socks := map[int]map[string]bool{} // pid → its socket inodes
+	for _, e := range ents {
+		pid, err := strconv.Atoi(e.Name())
+		if err != nil || procPgid(pid) != pgid {
+			continue
+		}
+		if nodeOnly && !nodeBinaries[procComm(pid)] {
+			continue
+		}
+		if inos := socketInodes(pid); len(inos) > 0 {
+			socks[pid] = inos
+		}
+	}
+	if len(socks) == 0 {
+		return nil
+	}
+	listening := listeningTCP()
+	var mine map[string]bool // this process's sockets, read only if a worker's socket listens
+	var out []string
+	for _, pid := range slices.Sorted(maps.Keys(socks)) {
+		for ino := range socks[pid] {
+			addr, ok := listening[ino]
+			if !ok {
+				continue
+			}
+			if mine == nil {
+				mine = socketInodes(os.Getpid())
+			}
+			if !mine[ino] {
+				out = append(out, fmt.Sprintf("process %d (%s) listens on %s itself", pid, procComm(pid), addr))
+			}
+		}
+	}
+	return out
+}
+
+// listeningFromProc reads the listening sockets from /proc/net/tcp{,6}: socket inode →
+// local address. The fallback where the kernel's sock_diag netlink is not available.
+func listeningFromProc() map[string]string {
+	listening := map[string]string{}
 	for _, f := range []string{"/proc/net/tcp", "/proc/net/tcp6"} {
 		b, err := os.ReadFile(f)
 		if err != nil {
@@ -109,30 +157,7 @@ func ownListeners(pgid int, nodeOnly bool) []string {
 			listening[fs[9]] = procNetAddr(fs[1])
 		}
 	}
-	if len(listening) == 0 {
-		return nil
-	}
-	mine := socketInodes(os.Getpid())
-	ents, err := os.ReadDir("/proc")
-	if err != nil {
-		return nil
-	}
-	var out []string
-	for _, e := range ents {
-		pid, err := strconv.Atoi(e.Name())
-		if err != nil || procPgid(pid) != pgid {
-			continue
-		}
-		if nodeOnly && !nodeBinaries[procComm(pid)] {
-			continue
-		}
-		for ino := range socketInodes(pid) {
-			if addr, ok := listening[ino]; ok && !mine[ino] {
-				out = append(out, fmt.Sprintf("process %d (%s) listens on %s itself", pid, procComm(pid), addr))
-			}
-		}
-	}
-	return out
+	return listening
 }
 
 func procPgid(pid int) int {
