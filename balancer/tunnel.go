@@ -27,6 +27,10 @@ import (
 // their clients reconnect to the next image.
 func (b *Balancer) tunnel(cc *clientConn, w *workers.Worker, h *upgrade.Head, consumed []byte) error {
 	c := cc.c
+	// A backend at a TCP address, a plain client socket: all of it in the event loop.
+	if handled, err := b.tunnelDialInLoop(cc, w, h, consumed); handled {
+		return err
+	}
 	ctx, cancel := context.WithTimeout(context.Background(), b.cfg.HandoffTimeout)
 	vc, err := w.DialVirtual(ctx)
 	cancel()

@@ -3,7 +3,11 @@
 package balancer
 
 import (
+	"bufio"
+	"bytes"
 	"encoding/binary"
+	"fmt"
+	"io"
 	"net"
 	"net/netip"
 	"os"
@@ -15,6 +19,10 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/stickyd/stickyd/balancer/workers"
+	"github.com/stickyd/stickyd/metrics"
+	"github.com/stickyd/stickyd/upgrade"
 )
 
 // The tunnel event loop. A tunnel between two plain sockets (the client's TCP or unix
@@ -103,9 +111,10 @@ type tunnelLoop struct {
 	efd  int      // eventfd: a tunnel to end from another goroutine (Freeze, Shutdown)
 	ep   *os.File // epfd as Go's netpoller sees it; keeps epfd open
 
-	mu    sync.Mutex
-	sides map[int32]loopSide // by descriptor: both of every tunnel
-	kills []*loopTunnel
+	mu     sync.Mutex
+	sides  map[int32]loopSide // by descriptor: both of every tunnel
+	starts []*loopTunnel      // set up by their goroutines, to register and start
+	kills  []*loopTunnel
 
 	// The loop goroutine's own.
 	buf    []byte
@@ -228,8 +237,9 @@ func (l *tunnelLoop) handle(evs []unix.EpollEvent) {
 			l.batch = append(l.batch, loopEvent{s, evs[i].Events})
 		}
 	}
-	var kills []*loopTunnel
+	var starts, kills []*loopTunnel
 	if wake {
+		starts, l.starts = l.starts, nil
 		kills, l.kills = l.kills, nil
 	}
 	l.mu.Unlock()
@@ -238,9 +248,16 @@ func (l *tunnelLoop) handle(evs []unix.EpollEvent) {
 		if t.done {
 			continue // ended earlier in this batch
 		}
-		if e.ev&unix.EPOLLERR != 0 {
-			if v, err := unix.GetsockoptInt(t.fd[e.s], unix.SOL_SOCKET, unix.SO_ERROR); err != nil || v != 0 {
-				t.end(true) // a reset (or a dead peer): the other side is reset too
+		if t.connecting {
+			// Only the backend's side is registered, for its connect.
+			if e.ev&(unix.EPOLLOUT|unix.EPOLLERR|unix.EPOLLHUP) == 0 {
+				continue
+			}
+			t.connecting = false
+			err := connectResult(t.fd[1], e.ev)
+			t.connected <- err
+			if err != nil {
+				t.end(false)
 				continue
 			}
 		}
@@ -249,6 +266,15 @@ func (l *tunnelLoop) handle(evs []unix.EpollEvent) {
 		}
 		if e.ev&(unix.EPOLLRDHUP|unix.EPOLLHUP|unix.EPOLLERR) != 0 {
 			t.d[e.s].ending = true
+		}
+		if !t.running {
+			continue // its goroutine is still setting it up: start pumps what was noted
+		}
+		if e.ev&unix.EPOLLERR != 0 {
+			if v, err := unix.GetsockoptInt(t.fd[e.s], unix.SOL_SOCKET, unix.SO_ERROR); err != nil || v != 0 {
+				t.end(true) // a reset (or a dead peer): the other side is reset too
+				continue
+			}
 		}
 		// Writable: what waits for this side goes first, then what this side sent.
 		t.pump(1 - e.s)
@@ -259,6 +285,9 @@ func (l *tunnelLoop) handle(evs []unix.EpollEvent) {
 	if wake {
 		var b [8]byte
 		unix.Read(l.efd, b[:])
+		for _, t := range starts {
+			t.start()
+		}
 		for _, t := range kills {
 			if !t.done {
 				t.end(false)
@@ -267,43 +296,68 @@ func (l *tunnelLoop) handle(evs []unix.EpollEvent) {
 	}
 }
 
-// add registers a tunnel. The caller's conns must stay open until it returns: if the
-// first registration fails nothing is registered (the caller tunnels with goroutines);
-// once one side is in, the tunnel belongs to the loop (a later failure ends it there).
-func (l *tunnelLoop) add(t *loopTunnel) (owned bool, err error) {
+// enqueue hands t to the loop goroutine on list (starts or kills) and wakes it.
+func (l *tunnelLoop) enqueue(list *[]*loopTunnel, t *loopTunnel) {
 	l.mu.Lock()
-	l.sides[int32(t.fd[0])] = loopSide{t, 0}
-	l.sides[int32(t.fd[1])] = loopSide{t, 1}
+	*list = append(*list, t)
 	l.mu.Unlock()
+	var one [8]byte
+	binary.NativeEndian.PutUint64(one[:], 1) // eventfd adds a host-order uint64
+	unix.Write(l.efd, one[:])
+}
+
+// register adds side s of t to the epoll set.
+func (l *tunnelLoop) register(t *loopTunnel, s int) error {
+	l.mu.Lock()
+	l.sides[int32(t.fd[s])] = loopSide{t, s}
+	l.mu.Unlock()
+	ev := unix.EpollEvent{Events: unix.EPOLLIN | unix.EPOLLOUT | unix.EPOLLRDHUP | unix.EPOLLET, Fd: int32(t.fd[s])}
+	if err := unix.EpollCtl(l.epfd, unix.EPOLL_CTL_ADD, t.fd[s], &ev); err != nil {
+		l.mu.Lock()
+		delete(l.sides, int32(t.fd[s]))
+		l.mu.Unlock()
+		return os.NewSyscallError("epoll_ctl", err)
+	}
+	return nil
+}
+
+// start registers what is not registered yet and moves what is already there (the rest
+// of a head, a 101 that came before the start). Only the loop goroutine registers,
+// starts and closes, so a tunnel's descriptors are never closed under a goroutine that
+// still sets them up.
+func (t *loopTunnel) start() {
+	if t.done {
+		return // killed first
+	}
 	for s := range 2 {
-		ev := unix.EpollEvent{Events: unix.EPOLLIN | unix.EPOLLOUT | unix.EPOLLRDHUP | unix.EPOLLET, Fd: int32(t.fd[s])}
-		if err := unix.EpollCtl(l.epfd, unix.EPOLL_CTL_ADD, t.fd[s], &ev); err != nil {
-			err = os.NewSyscallError("epoll_ctl", err)
-			if s == 1 {
-				t.kill()
-				return true, err
-			}
-			l.mu.Lock()
-			delete(l.sides, int32(t.fd[0]))
-			delete(l.sides, int32(t.fd[1]))
-			l.mu.Unlock()
-			return false, err
+		if s == 1 && t.dialed {
+			continue // registered for its connect
+		}
+		if err := t.l.register(t, s); err != nil {
+			t.end(true) // out of kernel memory for epoll (ENOMEM, max_user_watches)
+			return
 		}
 	}
-	return true, nil
+	t.running = true
+	t.pump(0)
+	t.pump(1)
 }
 
 // loopTunnel is one tunnel in a loop: side 0 is the client, side 1 the backend; d[s] is
 // the direction that reads side s and writes the other. Only the loop goroutine touches
 // it after add, except kill.
 type loopTunnel struct {
-	l      *tunnelLoop
-	fd     [2]int
-	d      [2]loopDir
-	done   bool
-	queued bool // in l.again
-	killed atomic.Bool
-	ended  func() // TunnelOpened's closer, untrack: the tunnel's end for the edge
+	l          *tunnelLoop
+	fd         [2]int // -1 until set
+	d          [2]loopDir
+	done       bool
+	queued     bool // in l.again
+	running    bool // started: events move bytes (before, they are only noted)
+	dialed     bool // the loop dialed side 1 (registered for its connect)
+	connecting bool // side 1's connect has not finished
+	connected  chan error
+	killed     atomic.Bool
+	ended      func() // TunnelOpened's closer, untrack: the tunnel's end for the edge; nil before
 }
 
 type loopDir struct {
@@ -321,13 +375,7 @@ func (t *loopTunnel) kill() {
 	if !t.killed.CompareAndSwap(false, true) {
 		return
 	}
-	l := t.l
-	l.mu.Lock()
-	l.kills = append(l.kills, t)
-	l.mu.Unlock()
-	var one [8]byte
-	binary.NativeEndian.PutUint64(one[:], 1) // eventfd adds a host-order uint64
-	unix.Write(l.efd, one[:])
+	t.l.enqueue(&t.l.kills, t)
 }
 
 // pump moves direction d (side d to side 1-d) as far as it goes without blocking.
@@ -413,11 +461,11 @@ func (t *loopTunnel) flush(dir *loopDir, dst int) bool {
 }
 
 func (dir *loopDir) release() {
+	loopHeld.Add(-int64(len(dir.pending)))
 	if dir.chunk != nil {
-		loopHeld.Add(-int64(len(dir.pending)))
 		loopChunks.Put(dir.chunk)
-		dir.chunk, dir.pending = nil, nil
 	}
+	dir.chunk, dir.pending = nil, nil
 }
 
 // writeSome writes until p is written or the socket is full (EAGAIN): a short write is
@@ -453,6 +501,9 @@ func (t *loopTunnel) end(reset bool) {
 	delete(l.sides, int32(t.fd[1]))
 	l.mu.Unlock()
 	for s := range 2 {
+		if t.fd[s] < 0 {
+			continue
+		}
 		if reset {
 			unix.SetsockoptLinger(t.fd[s], unix.SOL_SOCKET, unix.SO_LINGER, &unix.Linger{Onoff: 1, Linger: 0})
 		}
@@ -464,7 +515,9 @@ func (t *loopTunnel) end(reset bool) {
 		unix.Close(t.fd[s])
 		t.d[s].release()
 	}
-	t.ended()
+	if t.ended != nil {
+		t.ended()
+	}
 }
 
 // dupConnFD returns a close-on-exec duplicate of a socket's descriptor.
@@ -542,38 +595,206 @@ func (b *Balancer) tunnelInLoop(cc *clientConn, c, vc net.Conn, closed func()) b
 		return false
 	}
 	t := &loopTunnel{l: l, fd: [2]int{cfd, bfd}}
-	tcc := &clientConn{c: &loopConn{b: b, t: t, local: c.LocalAddr(), remote: c.RemoteAddr()}}
+	if !b.startTunnel(t, cc, closed) {
+		unix.Close(cfd)
+		unix.Close(bfd)
+		return false // freezing or closing: the goroutine path ends it as it always did
+	}
+	c.Close()
+	vc.Close()
+	return true
+}
+
+// startTunnel counts t as the edge's (retrack) and gives it to its loop; false, with t
+// untouched, if the edge is freezing or closing. closed is TunnelOpened's closer.
+func (b *Balancer) startTunnel(t *loopTunnel, cc *clientConn, closed func()) bool {
+	tcc := &clientConn{c: &loopConn{b: b, t: t, local: cc.c.LocalAddr(), remote: cc.c.RemoteAddr()}}
 	tcc.state.Store(connHead)
 	t.ended = func() {
 		closed()
 		b.untrack(tcc)
 	}
 	if !b.retrack(tcc, cc) {
-		unix.Close(cfd)
-		unix.Close(bfd)
-		return false // freezing or closing: the goroutine path ends it as it always did
-	}
-	owned, err := l.add(t)
-	if !owned {
-		unix.Close(cfd)
-		unix.Close(bfd)
-		b.mu.Lock()
-		cc.ip, tcc.ip = tcc.ip, netip.Addr{} // the client's count goes back
-		b.mu.Unlock()
-		b.untrack(tcc)
-		b.warnf("tunnels fall back to goroutines", "err", err)
+		t.ended = nil
 		return false
 	}
-	if err != nil {
-		b.warnf("a tunnel could not be registered; it is closed", "err", err)
-	}
-	c.Close()
-	vc.Close()
+	t.l.enqueue(&t.l.starts, t)
 	// Freeze may have swept b.conns before tcc was in it.
 	if b.frozen() || b.isClosing() {
 		t.kill()
 	}
 	return true
+}
+
+// tunnelDialInLoop is tunnel() for a backend at a TCP address and a plain client socket,
+// with the backend's connect in the loop too: a non-blocking connect(2) registered in
+// the loop, the head written straight to the socket. Against net.Dialer and then moving
+// the socket into the loop, each handshake saves the poller registration and removal, the
+// getsockname/getpeername of a new net.TCPConn, the duplicate and its close, and their
+// allocations. handled is false, with nothing done, when it does not apply; otherwise err
+// is tunnel()'s: non-nil only when the backend could not be reached (the client
+// untouched, the caller may pick another worker).
+func (b *Balancer) tunnelDialInLoop(cc *clientConn, w *workers.Worker, h *upgrade.Head, consumed []byte) (handled bool, err error) {
+	ch, ok := w.Channel().(*workers.BackendChannel)
+	if !ok || ch.Network != "tcp" {
+		return false, nil
+	}
+	c := cc.c
+	csc, ok := loopSocket(c)
+	if !ok {
+		return false, nil
+	}
+	ap, err := netip.ParseAddrPort(ch.Address)
+	if err != nil {
+		return false, nil // a name: net.Dialer resolves it
+	}
+	select {
+	case <-ch.Done():
+		return true, fmt.Errorf("worker %d: %w: %s left routing", w.Slot, workers.ErrBackendDown, ch)
+	default:
+	}
+	l, err := pickLoop()
+	if err != nil {
+		return false, nil
+	}
+	t, err := l.dial(ap)
+	if err == nil {
+		timer := time.NewTimer(min(b.cfg.HandoffTimeout, backendConnectTimeout))
+		select {
+		case err = <-t.connected:
+		case <-timer.C:
+			t.kill()
+			err = unix.ETIMEDOUT
+		}
+		timer.Stop()
+	}
+	if err != nil {
+		switch {
+		case workers.LocalDialError(err):
+			// The edge's own shortage says nothing about the backend.
+			return true, fmt.Errorf("worker %d: connect to %s: %w", w.Slot, ch, os.NewSyscallError("connect", err))
+		case err == unix.ETIMEDOUT:
+			err = fmt.Errorf("%w: connect to %s: %v", workers.ErrWorkerTimeout, ch, os.NewSyscallError("connect", err))
+		default:
+			err = fmt.Errorf("%w: %s: %v", workers.ErrBackendDown, ch, os.NewSyscallError("connect", err))
+		}
+		if ch.OnDialError != nil {
+			ch.OnDialError(err)
+		}
+		return true, fmt.Errorf("worker %d: %w", w.Slot, err)
+	}
+
+	// Connected: from here on as tunnel() after its dial.
+	closed := ch.TunnelOpened()
+	abandon := func() { // before the start: the loop closes the backend's socket
+		t.ended = closed
+		t.kill()
+		c.Close()
+	}
+	w.NoteHandoff(time.Now())
+	b.m.Handoffs.WithLabelValues(w.Label(), metrics.HandoffOK).Inc()
+	b.m.ConnectionsAccepted.WithLabelValues(metrics.AcceptTunneled).Inc()
+	cc.state.Store(connHead) // Freeze and Shutdown interrupt the head's read
+	head := consumed
+	if head == nil {
+		head = make([]byte, h.Size)
+		c.SetReadDeadline(time.Now().Add(b.cfg.HeadTimeout))
+		_, err := io.ReadFull(c, head)
+		c.SetReadDeadline(time.Time{})
+		if err != nil {
+			abandon() // the client left; nothing to tunnel
+			return true, nil
+		}
+	}
+	n := min(h.Size, len(head))
+	var hb bytes.Buffer
+	bw := bufio.NewWriterSize(&hb, n+256)
+	peer := addrPort(c.RemoteAddr()).Addr()
+	writeTunnelHead(bw, head[:n], peer, b.cfg.Rules.Trusts(peer), schemeOf(c))
+	bw.Write(head[n:])
+	bw.Flush()
+	out := hb.Bytes()
+	wrote, err := writeSome(t.fd[1], out)
+	if err != nil {
+		abandon()
+		return true, nil
+	}
+	if wrote < len(out) {
+		// A fresh socket takes a head at once; if not, the loop sends the rest.
+		t.d[0].pending = out[wrote:]
+		loopHeld.Add(int64(len(t.d[0].pending)))
+	}
+	cfd, err := dupConnFD(csc)
+	if err != nil {
+		abandon()
+		return true, nil
+	}
+	t.fd[0] = cfd
+	if !b.startTunnel(t, cc, closed) {
+		abandon() // freezing or closing: tunnels do not go over
+		return true, nil
+	}
+	c.Close()
+	return true, nil
+}
+
+// backendConnectTimeout bounds a backend's connect, as workers' backendDialTimeout does.
+const backendConnectTimeout = 3 * time.Second
+
+// dial starts a non-blocking connect to ap and registers the socket; the result comes on
+// t.connected.
+func (l *tunnelLoop) dial(ap netip.AddrPort) (*loopTunnel, error) {
+	var sa unix.Sockaddr
+	family := unix.AF_INET
+	if a := ap.Addr().Unmap(); a.Is4() {
+		sa = &unix.SockaddrInet4{Port: int(ap.Port()), Addr: a.As4()}
+	} else {
+		family = unix.AF_INET6
+		sa = &unix.SockaddrInet6{Port: int(ap.Port()), Addr: a.As16()}
+	}
+	fd, err := unix.Socket(family, unix.SOCK_STREAM|unix.SOCK_NONBLOCK|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		return nil, err
+	}
+	// What net.Dialer sets: no Nagle delay for small frames, and keep-alive probes after
+	// 15 s idle every 15 s (9 probes, the kernel's default count), so that a backend
+	// host that vanished ends its tunnels.
+	unix.SetsockoptInt(fd, unix.IPPROTO_TCP, unix.TCP_NODELAY, 1)
+	unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_KEEPALIVE, 1)
+	unix.SetsockoptInt(fd, unix.IPPROTO_TCP, unix.TCP_KEEPIDLE, 15)
+	unix.SetsockoptInt(fd, unix.IPPROTO_TCP, unix.TCP_KEEPINTVL, 15)
+	for {
+		err = unix.Connect(fd, sa)
+		if err != unix.EINTR {
+			break
+		}
+	}
+	if err != nil && err != unix.EINPROGRESS {
+		unix.Close(fd)
+		return nil, err
+	}
+	t := &loopTunnel{l: l, fd: [2]int{-1, fd}, dialed: true, connecting: true, connected: make(chan error, 1)}
+	// Registered after connect: an unconnected socket polls as hung up. The result is
+	// the first EPOLLOUT (connected) or EPOLLERR/EPOLLHUP (refused, unreachable).
+	if err := l.register(t, 1); err != nil {
+		unix.Close(fd)
+		return nil, err
+	}
+	return t, nil
+}
+
+// connectResult is a non-blocking connect's outcome from its first event.
+func connectResult(fd int, ev uint32) error {
+	v, err := unix.GetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_ERROR)
+	switch {
+	case err != nil:
+		return err
+	case v != 0:
+		return unix.Errno(v)
+	case ev&unix.EPOLLOUT == 0:
+		return unix.ECONNRESET
+	}
+	return nil
 }
 
 // retrack counts a loop tunnel as a connection of the edge, as track does for an accepted

@@ -479,3 +479,32 @@ func TestTunnelLoopCountsPerAddress(t *testing.T) {
 		(<-backends).Close()
 	}
 }
+
+// TestTunnelLoopDialRefused: a backend that refuses the connect (made in the loop) is
+// reported to passive health and the upgrade goes to another backend; the client never
+// notices.
+func TestTunnelLoopDialRefused(t *testing.T) {
+	backends := make(chan *net.TCPConn, 16)
+	addr, b := loopEdge(t, Config{}, func(c *net.TCPConn) { backends <- c })
+	dead, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	deadAddr := dead.Addr().String()
+	dead.Close() // its port now refuses
+	refused := make(chan error, 16)
+	b.AddWorker(workers.NewWorker(1, 0, workers.NewBackendChannel("tcp", deadAddr, func(err error) { refused <- err }), 0))
+	for range 6 {
+		c := dialLoopTunnel(t, addr) // fails the test unless a backend answered 101
+		c.Close()
+		(<-backends).Close()
+	}
+	select {
+	case err := <-refused:
+		if !errors.Is(err, workers.ErrBackendDown) {
+			t.Errorf("passive health got %v, want ErrBackendDown", err)
+		}
+	default:
+		t.Errorf("6 upgrades, none tried the refusing backend (or its refusal was not reported)")
+	}
+}
