@@ -129,6 +129,11 @@ func (p *Primary) init() {
 		p.runDone = make(chan struct{})
 		p.wake = make(chan struct{}, 1)
 		p.pending = make(map[int]chan bool)
+		if p.Channel != nil {
+			// The reader wakes the Deliver waiting for a newconn answer itself (no hop
+			// through the queue and Run, no JSON decoding of the answer).
+			p.Channel.onNewconnReply(p.completeNewconn)
+		}
 		if p.Logger == nil {
 			if p.Channel != nil {
 				p.Logger = p.Channel.log
@@ -536,4 +541,18 @@ func (p *Primary) Deliver(ctx context.Context, conn syscall.Conn) error {
 		p.Channel.closeWith(err)
 		return err
 	}
+}
+
+// completeNewconn passes a newconn answer to the Deliver waiting for it, from the
+// channel's reader. It reports whether one was waiting (if not, Run sees the message).
+func (p *Primary) completeNewconn(seq int, accepted bool) bool {
+	p.mu.Lock()
+	ch := p.pending[seq]
+	delete(p.pending, seq)
+	p.mu.Unlock()
+	if ch == nil {
+		return false
+	}
+	ch <- accepted // capacity 1, one answer per seq
+	return true
 }
