@@ -196,7 +196,6 @@ func TestWebSocketLivesInTheWorker(t *testing.T) {
 	c0, _ := dialWS(t, e.addr, nil)
 	c0.Close()
 	e.settle(t)
-	base := openFDs(t)
 	baseSet := fdSet()
 	baseG := runtime.NumGoroutine()
 
@@ -213,7 +212,7 @@ func TestWebSocketLivesInTheWorker(t *testing.T) {
 		conns[i] = c
 	}
 	// The test process holds the client ends (n fds); the edge must hold nothing more.
-	waitForFDs(t, base+n, baseSet)
+	waitForFDs(t, n, baseSet)
 	waitFor(t, "edge goroutines back to baseline", 5*time.Second, func() bool { return runtime.NumGoroutine() <= baseG })
 	for i, c := range conns {
 		echoOnce(t, c, fmt.Sprintf("message %d", i))
@@ -395,7 +394,6 @@ func TestHostileHeads(t *testing.T) {
 	warm, _ := dialWS(t, e.addr, nil)
 	warm.Close()
 	e.settle(t)
-	base := openFDs(t)
 	baseSet := fdSet()
 
 	cases := []struct {
@@ -472,7 +470,7 @@ func TestHostileHeads(t *testing.T) {
 	c, _ := dialWS(t, e.addr, nil)
 	echoOnce(t, c, "after the hostile ones")
 	c.Close()
-	waitForFDs(t, base, baseSet)
+	waitForFDs(t, 0, baseSet)
 }
 
 func firstLine(b []byte) string {
@@ -584,26 +582,31 @@ func fdSet() map[string]string {
 	return out
 }
 
-// waitForFDs waits until the process holds want descriptors; on failure it names the
-// ones that appeared and disappeared since base, which says what leaked.
-func waitForFDs(t *testing.T, want int, base map[string]string) {
+// waitForFDs waits until exactly extra descriptors are open that were not in the baseline
+// base (fdSet); on failure it names the ones that appeared and disappeared, which says
+// what leaked. Baseline descriptors that close meanwhile (a previous test's processes
+// being reaped) do not count either way.
+func waitForFDs(t *testing.T, extra int, base map[string]string) {
 	t.Helper()
 	deadline := time.Now().Add(10 * time.Second)
-	for openFDs(t) != want {
-		if time.Now().After(deadline) {
-			now := fdSet()
-			var added, gone []string
-			for fd, l := range now {
-				if base[fd] != l {
-					added = append(added, fd+"="+l)
-				}
+	for {
+		now := fdSet()
+		var added, gone []string
+		for fd, l := range now {
+			if base[fd] != l {
+				added = append(added, fd+"="+l)
 			}
+		}
+		if len(added) == extra {
+			return
+		}
+		if time.Now().After(deadline) {
 			for fd, l := range base {
 				if now[fd] != l {
 					gone = append(gone, fd+"="+l)
 				}
 			}
-			t.Fatalf("fds: %d open, want %d; new since baseline: %v; gone: %v", openFDs(t), want, added, gone)
+			t.Fatalf("fds: %d new since the baseline, want %d; new: %v; gone: %v", len(added), extra, added, gone)
 		}
 		time.Sleep(5 * time.Millisecond)
 	}
