@@ -4,9 +4,7 @@ package fdpass
 
 import (
 	"encoding/binary"
-	"fmt"
 	"net"
-	"os"
 	"unsafe"
 
 	"golang.org/x/sys/unix"
@@ -26,45 +24,11 @@ func acceptInto(uc *net.UnixConn, b []byte) (net.Conn, Meta, error) {
 	if perr != nil || fds == nil && oobn > 0 {
 		fds, perr = parseRights(oob[:oobn])
 	}
-	closeAll := func() {
-		for _, fd := range fds {
-			unix.Close(fd)
-		}
+	fd, m, err := received(buf, n, flags, fds, err, perr)
+	if fd < 0 {
+		return nil, m, err
 	}
-	switch {
-	case err != nil:
-		closeAll()
-		return nil, Meta{}, err
-	case perr != nil:
-		closeAll()
-		return nil, Meta{}, perr
-	case flags&(unix.MSG_TRUNC|unix.MSG_CTRUNC) != 0 || n > MaxMessage:
-		closeAll()
-		return nil, Meta{}, fmt.Errorf("%w (flags %#x, %d fds arrived)", ErrTruncated, flags, len(fds))
-	case n == 0 && len(fds) == 0:
-		// A zero-length read on SEQPACKET is the peer's orderly shutdown.
-		return nil, Meta{}, os.ErrClosed
-	}
-	m, err := DecodeMeta(buf[:n])
-	if err != nil {
-		closeAll()
-		return nil, Meta{}, err
-	}
-	// Consumed must outlive the reused buffer.
-	if m.Consumed != nil {
-		m.Consumed = append([]byte(nil), m.Consumed...)
-	}
-	if !m.Kind.carriesFD() {
-		closeAll()
-		return nil, m, nil
-	}
-	if len(fds) == 0 {
-		return nil, m, ErrNoFD
-	}
-	for _, fd := range fds[1:] {
-		unix.Close(fd)
-	}
-	c, err := newSockConn(fds[0], m)
+	c, err := newSockConn(fd, m)
 	if err != nil {
 		return nil, m, err
 	}

@@ -291,6 +291,22 @@ func recvInto(uc *net.UnixConn, b []byte) (net.Conn, Meta, error) {
 	buf, oob := b[:MaxMessage+1], b[MaxMessage+1:]
 	n, oobn, flags, _, err := uc.ReadMsgUnix(buf, oob)
 	fds, perr := parseRights(oob[:oobn])
+	fd, m, err := received(buf, n, flags, fds, err, perr)
+	if fd < 0 {
+		return nil, m, err
+	}
+	c, err := fileConn(fd)
+	if err != nil {
+		return nil, m, err
+	}
+	return newConn(c, m), m, nil
+}
+
+// received checks what one ReadMsgUnix of a handoff brought — n bytes of buf, the
+// descriptors fds, the read and control-data errors — and decodes its Meta. It returns
+// the one descriptor to wrap, or -1 when there is none to (an error, or a message that
+// carries none). Every other descriptor the kernel delivered is closed.
+func received(buf []byte, n, flags int, fds []int, err, perr error) (int, Meta, error) {
 	closeAll := func() {
 		for _, fd := range fds {
 			unix.Close(fd)
@@ -299,41 +315,37 @@ func recvInto(uc *net.UnixConn, b []byte) (net.Conn, Meta, error) {
 	switch {
 	case err != nil:
 		closeAll()
-		return nil, Meta{}, err
+		return -1, Meta{}, err
 	case perr != nil:
 		closeAll()
-		return nil, Meta{}, perr
+		return -1, Meta{}, perr
 	case flags&(unix.MSG_TRUNC|unix.MSG_CTRUNC) != 0 || n > MaxMessage:
 		closeAll()
-		return nil, Meta{}, fmt.Errorf("%w (flags %#x, %d fds arrived)", ErrTruncated, flags, len(fds))
+		return -1, Meta{}, fmt.Errorf("%w (flags %#x, %d fds arrived)", ErrTruncated, flags, len(fds))
 	case n == 0 && len(fds) == 0:
 		// A zero-length read on SEQPACKET is the peer's orderly shutdown.
-		return nil, Meta{}, os.ErrClosed
+		return -1, Meta{}, os.ErrClosed
 	}
 	m, err := DecodeMeta(buf[:n])
 	if err != nil {
 		closeAll()
-		return nil, Meta{}, err
+		return -1, Meta{}, err
 	}
-	// Consumed must outlive the pooled buffer.
+	// Consumed must outlive the reused buffer.
 	if m.Consumed != nil {
 		m.Consumed = append([]byte(nil), m.Consumed...)
 	}
 	if !m.Kind.carriesFD() {
 		closeAll()
-		return nil, m, nil
+		return -1, m, nil
 	}
 	if len(fds) == 0 {
-		return nil, m, ErrNoFD
+		return -1, m, ErrNoFD
 	}
 	for _, fd := range fds[1:] {
 		unix.Close(fd)
 	}
-	c, err := fileConn(fds[0])
-	if err != nil {
-		return nil, m, err
-	}
-	return newConn(c, m), m, nil
+	return fds[0], m, nil
 }
 
 func parseRights(oob []byte) ([]int, error) {
