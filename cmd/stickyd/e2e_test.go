@@ -150,6 +150,18 @@ type adminWorker struct {
 	State               string
 }
 
+// generation is the edge's generation from its admin API (-1 while it does not answer).
+func (d *daemon) generation() int {
+	resp, err := http.Get("http://" + d.metrics + "/admin/workers")
+	if err != nil {
+		return -1
+	}
+	defer resp.Body.Close()
+	var v struct{ Generation int }
+	json.NewDecoder(resp.Body).Decode(&v)
+	return v.Generation
+}
+
 func alive(pid int) bool { return syscall.Kill(pid, 0) == nil }
 
 func TestDemo1000ConcurrentWebSockets(t *testing.T) {
@@ -550,18 +562,8 @@ func TestEdgeUpgradeDropsNothing(t *testing.T) {
 			}
 		}()
 	}
-	gen := func() int {
-		resp, err := http.Get("http://" + d.metrics + "/admin/workers")
-		if err != nil {
-			return -1
-		}
-		defer resp.Body.Close()
-		var v struct{ Generation int }
-		json.NewDecoder(resp.Body).Decode(&v)
-		return v.Generation
-	}
 	d.signal(syscall.SIGUSR2)
-	waitFor(t, "generation 1", 20*time.Second, func() bool { return gen() == 1 })
+	waitFor(t, "generation 1", 20*time.Second, func() bool { return d.generation() == 1 })
 	out, err := exec.Command(stickydBinary(t), "upgrade", "-url", "http://"+d.metrics).CombinedOutput()
 	if err != nil || !strings.Contains(string(out), "generation 2") {
 		t.Fatalf("stickyd upgrade: %v %s", err, out)

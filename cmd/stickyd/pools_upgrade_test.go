@@ -50,18 +50,8 @@ func TestPoolsAcrossEdgeUpgradeRollingRestartAndStop(t *testing.T) {
 		t.Fatalf("a default request went to pid %d, want %d", got, def0)
 	}
 
-	gen := func() int {
-		resp, err := http.Get("http://" + d.metrics + "/admin/workers")
-		if err != nil {
-			return -1
-		}
-		defer resp.Body.Close()
-		var v struct{ Generation int }
-		json.NewDecoder(resp.Body).Decode(&v)
-		return v.Generation
-	}
 	d.signal(syscall.SIGUSR2)
-	waitFor(t, "generation 1", 20*time.Second, func() bool { return gen() == 1 })
+	waitFor(t, "generation 1", 20*time.Second, func() bool { return d.generation() == 1 })
 	if a, b := pids(); a != def0 || b != pool0 {
 		t.Fatalf("after the edge upgrade: workers %d, %d; want the same processes %d, %d", a, b, def0, pool0)
 	}
