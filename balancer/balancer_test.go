@@ -41,6 +41,13 @@ type testEdge struct {
 // (this test binary in worker mode). modes[i] selects worker i's mode (default "echo").
 func startEdge(t testing.TB, cfg Config, n int, modes ...string) *testEdge {
 	t.Helper()
+	return startEdgeWith(t, cfg, n, nil, modes...)
+}
+
+// startEdgeWith is startEdge with more, set on the default pool's supervisor before it
+// runs (named pools, for instance).
+func startEdgeWith(t testing.TB, cfg Config, n int, more func(b *Balancer, sup *workers.Supervisor), modes ...string) *testEdge {
+	t.Helper()
 	if cfg.Logger == nil {
 		cfg.Logger = slog.New(slog.NewTextHandler(testWriter{t}, &slog.HandlerOptions{Level: slog.LevelWarn}))
 	}
@@ -69,6 +76,9 @@ func startEdge(t testing.TB, cfg Config, n int, modes ...string) *testEdge {
 			}
 			return nil
 		}
+	}
+	if more != nil {
+		more(b, sup)
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	supDone := make(chan struct{})

@@ -3,12 +3,9 @@
 package balancer
 
 import (
-	"context"
 	"io"
 	"log/slog"
-	"net"
 	"net/http"
-	"os"
 	"slices"
 	"strings"
 	"sync"
@@ -22,59 +19,32 @@ import (
 	"github.com/stickyd/stickyd/metrics"
 )
 
-// startPoolEdge runs an edge with one default worker (slot 0) and the named pool p, whose
-// workers (slots 1…) are started on demand by a real Supervisor: this test binary in
-// echo mode.
-// size is the pool's min, max and idle time.
+// size is a pool's min, max and idle time, and its own command (nil: the default pool's).
 type size struct {
 	min, max int
 	idle     time.Duration
-	cmd      []string // the pool's own command; nil: the default pool's
+	cmd      []string
 }
 
+// startPoolEdge runs an edge with one default worker (slot 0) and the named pool p, whose
+// workers (slots 1…) are started on demand by a real Supervisor: this test binary in
+// echo mode, unless sz names another command.
 func startPoolEdge(t *testing.T, p Pool, sz size) (*Balancer, string, *metrics.Metrics) {
 	t.Helper()
 	m, _ := metrics.New(nil, false)
 	p.Gate.Metrics = m
-	b := New(Config{Pools: []Pool{p}, Metrics: m,
-		Logger: slog.New(slog.NewTextHandler(testWriter{t}, &slog.HandlerOptions{Level: slog.LevelInfo}))})
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	self, _ := os.Executable()
-	sup := func() *workers.Supervisor {
-		return &workers.Supervisor{Edge: b, Command: []string{self}, Env: []string{workerEnv + "=echo"},
-			SpawnTimeout: 10 * time.Second, GracePeriod: 5 * time.Second, Stdout: testWriter{t}, Stderr: testWriter{t}}
-	}
-	root := sup()
-	root.Workers = 1
-	pool := sup()
-	pool.Name, pool.FirstSlot, pool.Gate = p.Name, 1, p.Gate
-	pool.Min, pool.Max, pool.Idle = sz.min, sz.max, sz.idle
-	if sz.cmd != nil {
-		pool.Command = sz.cmd
-	}
-	root.Pools = []*workers.Supervisor{pool}
-	ctx, cancel := context.WithCancel(context.Background())
-	supDone := make(chan struct{})
-	go func() { root.Run(ctx); close(supDone) }()
-	select {
-	case <-root.Ready():
-	case <-time.After(15 * time.Second):
-		t.Fatal("workers not ready")
-	}
-	serveDone := make(chan struct{})
-	go func() { b.Serve(ln); close(serveDone) }()
-	t.Cleanup(func() {
-		sctx, scancel := context.WithTimeout(context.Background(), 5*time.Second)
-		defer scancel()
-		b.Shutdown(sctx)
-		<-serveDone
-		cancel()
-		<-supDone
+	cfg := Config{Pools: []Pool{p}, Metrics: m,
+		Logger: slog.New(slog.NewTextHandler(testWriter{t}, &slog.HandlerOptions{Level: slog.LevelInfo}))}
+	e := startEdgeWith(t, cfg, 1, func(b *Balancer, root *workers.Supervisor) {
+		pool := &workers.Supervisor{Edge: b, Command: root.Command, Env: root.Env, SpawnTimeout: root.SpawnTimeout,
+			GracePeriod: root.GracePeriod, Stdout: root.Stdout, Stderr: root.Stderr,
+			Name: p.Name, FirstSlot: 1, Gate: p.Gate, Min: sz.min, Max: sz.max, Idle: sz.idle}
+		if sz.cmd != nil {
+			pool.Command = sz.cmd
+		}
+		root.Pools = []*workers.Supervisor{pool}
 	})
-	return b, ln.Addr().String(), m
+	return e.b, e.addr, m
 }
 
 func poolWorkers(b *Balancer, name string) []*workers.Worker {
