@@ -121,11 +121,15 @@ func (b *Balancer) serveTCP(ln *net.TCPListener) error {
 }
 
 // fastHandoff hands nfd to a Go worker if its complete WebSocket upgrade head is already
-// there and the worker's channel takes it without waiting. It closes nfd and reports true
-// on success; otherwise nfd is untouched and the general path takes over.
+// there and the worker's channel takes it without waiting, or to a tunnel loop if the
+// route is a backend reached by address (fastTunnel). It reports true when nfd is no
+// longer the caller's; otherwise nfd is untouched and the general path takes over.
 func (b *Balancer) fastHandoff(nfd int, peer, local netip.AddrPort, wildcard bool) bool {
 	if b.cfg.MaxConnsPerIP > 0 || b.frozen() {
-		return false // those need the connection tracked
+		// Per-address limits: a descriptor handed to a worker leaves the edge untracked
+		// (a tunnel would be tracked, but this is decided before the route, and routing
+		// twice counts a keyless route twice). Frozen: nothing new starts.
+		return false
 	}
 	pb := getPeekBuf(b.cfg.MaxHeadBytes)
 	defer putPeekBuf(pb)
@@ -139,6 +143,9 @@ func (b *Balancer) fastHandoff(nfd int, peer, local netip.AddrPort, wildcard boo
 	r := b.route(&pb.head, peer.Addr(), 0)
 	if r.unknownSID || r.w == nil {
 		return false
+	}
+	if _, dials := r.w.Channel().(workers.Dialer); dials {
+		return b.fastTunnel(nfd, peer, local, &pb.head, pb.buf[:n], &r)
 	}
 	ts, ok := r.w.Channel().(workers.TrySender)
 	if !ok {

@@ -226,11 +226,23 @@ func (l *tunnelLoop) runAgain() {
 
 func (l *tunnelLoop) handle(evs []unix.EpollEvent) {
 	wake := false
+	for i := range evs {
+		if evs[i].Fd == int32(l.efd) {
+			wake = true
+		}
+	}
+	if wake {
+		// Reset the eventfd before taking the queues, never after: a tunnel queued
+		// between the two would otherwise be stranded — its write's edge is dropped by
+		// epoll when it finds the counter back at 0 — until the next queueing (a kill
+		// lost that way held Shutdown forever).
+		var b [8]byte
+		unix.Read(l.efd, b[:])
+	}
 	l.mu.Lock()
 	for i := range evs {
 		fd := evs[i].Fd
 		if fd == int32(l.efd) {
-			wake = true
 			continue
 		}
 		if s, ok := l.sides[fd]; ok {
@@ -255,10 +267,17 @@ func (l *tunnelLoop) handle(evs []unix.EpollEvent) {
 			}
 			t.connecting = false
 			err := connectResult(t.fd[1], e.ev)
-			t.connected <- err
-			if err != nil {
-				t.end(false)
-				continue
+			if t.onConnect != nil {
+				// A fast tunnel (fasttunnel_linux.go): the rest of its start is here.
+				if !t.onConnect(err) {
+					continue
+				}
+			} else {
+				t.connected <- err
+				if err != nil {
+					t.end(false)
+					continue
+				}
 			}
 		}
 		if e.ev&(unix.EPOLLIN|unix.EPOLLRDHUP|unix.EPOLLHUP|unix.EPOLLERR) != 0 {
@@ -283,13 +302,20 @@ func (l *tunnelLoop) handle(evs []unix.EpollEvent) {
 	clear(l.batch)
 	l.batch = l.batch[:0]
 	if wake {
-		var b [8]byte
-		unix.Read(l.efd, b[:])
 		for _, t := range starts {
 			t.start()
 		}
 		for _, t := range kills {
-			if !t.done {
+			switch {
+			case t.done:
+			case t.timedOut.Load() && !t.killed.Load():
+				// A fast tunnel's connect timer: it fails the connect if still pending
+				// (the client goes to the general path); after the connect, nothing.
+				if t.connecting {
+					t.connecting = false
+					t.onConnect(unix.ETIMEDOUT)
+				}
+			default:
 				t.end(false)
 			}
 		}
@@ -329,6 +355,15 @@ func (t *loopTunnel) start() {
 	if t.done {
 		return // killed first
 	}
+	if t.connecting {
+		// A fast tunnel: only its backend's connect is registered now; onConnect
+		// registers the client once the backend took the connection.
+		if err := t.l.register(t, 1); err != nil {
+			t.connecting = false
+			t.onConnect(err)
+		}
+		return
+	}
 	for s := range 2 {
 		if s == 1 && t.dialed {
 			continue // registered for its connect
@@ -357,7 +392,12 @@ type loopTunnel struct {
 	connecting bool // side 1's connect has not finished
 	connected  chan error
 	killed     atomic.Bool
-	ended      func() // TunnelOpened's closer, untrack: the tunnel's end for the edge; nil before
+	// A fast tunnel's (fasttunnel_linux.go): called in the loop with its connect's
+	// result, true if the tunnel runs; its connect timer, and whether that fired.
+	onConnect func(err error) bool
+	timer     *time.Timer
+	timedOut  atomic.Bool
+	ended     func() // TunnelOpened's closer, untrack: the tunnel's end for the edge; nil before
 }
 
 type loopDir struct {
@@ -669,19 +709,7 @@ func (b *Balancer) tunnelDialInLoop(cc *clientConn, w *workers.Worker, h *upgrad
 		timer.Stop()
 	}
 	if err != nil {
-		switch {
-		case workers.LocalDialError(err):
-			// The edge's own shortage says nothing about the backend.
-			return true, fmt.Errorf("worker %d: connect to %s: %w", w.Slot, ch, os.NewSyscallError("connect", err))
-		case err == unix.ETIMEDOUT:
-			err = fmt.Errorf("%w: connect to %s: %v", workers.ErrWorkerTimeout, ch, os.NewSyscallError("connect", err))
-		default:
-			err = fmt.Errorf("%w: %s: %v", workers.ErrBackendDown, ch, os.NewSyscallError("connect", err))
-		}
-		if ch.OnDialError != nil {
-			ch.OnDialError(err)
-		}
-		return true, fmt.Errorf("worker %d: %w", w.Slot, err)
+		return true, connectFailed(w, ch, err)
 	}
 
 	// Connected: from here on as tunnel() after its dial.
@@ -738,12 +766,46 @@ func (b *Balancer) tunnelDialInLoop(cc *clientConn, w *workers.Worker, h *upgrad
 	return true, nil
 }
 
+// connectFailed classifies a failed connect to a backend as BackendChannel.Dial does and
+// reports it to passive health (a refusal takes the backend out of routing), except the
+// edge's own shortage, which says nothing about the backend.
+func connectFailed(w *workers.Worker, ch *workers.BackendChannel, err error) error {
+	switch {
+	case workers.LocalDialError(err):
+		return fmt.Errorf("worker %d: connect to %s: %w", w.Slot, ch, os.NewSyscallError("connect", err))
+	case err == unix.ETIMEDOUT:
+		err = fmt.Errorf("%w: connect to %s: %v", workers.ErrWorkerTimeout, ch, os.NewSyscallError("connect", err))
+	default:
+		err = fmt.Errorf("%w: %s: %v", workers.ErrBackendDown, ch, os.NewSyscallError("connect", err))
+	}
+	if ch.OnDialError != nil {
+		ch.OnDialError(err)
+	}
+	return fmt.Errorf("worker %d: %w", w.Slot, err)
+}
+
 // backendConnectTimeout bounds a backend's connect, as workers' backendDialTimeout does.
 const backendConnectTimeout = 3 * time.Second
 
 // dial starts a non-blocking connect to ap and registers the socket; the result comes on
 // t.connected.
 func (l *tunnelLoop) dial(ap netip.AddrPort) (*loopTunnel, error) {
+	fd, err := connectSocket(ap)
+	if err != nil {
+		return nil, err
+	}
+	t := &loopTunnel{l: l, fd: [2]int{-1, fd}, dialed: true, connecting: true, connected: make(chan error, 1)}
+	// Registered after connect: an unconnected socket polls as hung up. The result is
+	// the first EPOLLOUT (connected) or EPOLLERR/EPOLLHUP (refused, unreachable).
+	if err := l.register(t, 1); err != nil {
+		unix.Close(fd)
+		return nil, err
+	}
+	return t, nil
+}
+
+// connectSocket starts a non-blocking connect to ap and returns its socket.
+func connectSocket(ap netip.AddrPort) (int, error) {
 	var sa unix.Sockaddr
 	family := unix.AF_INET
 	if a := ap.Addr().Unmap(); a.Is4() {
@@ -754,7 +816,7 @@ func (l *tunnelLoop) dial(ap netip.AddrPort) (*loopTunnel, error) {
 	}
 	fd, err := unix.Socket(family, unix.SOCK_STREAM|unix.SOCK_NONBLOCK|unix.SOCK_CLOEXEC, 0)
 	if err != nil {
-		return nil, err
+		return -1, err
 	}
 	// What net.Dialer sets: no Nagle delay for small frames, and keep-alive probes after
 	// 15 s idle every 15 s (9 probes, the kernel's default count), so that a backend
@@ -771,16 +833,9 @@ func (l *tunnelLoop) dial(ap netip.AddrPort) (*loopTunnel, error) {
 	}
 	if err != nil && err != unix.EINPROGRESS {
 		unix.Close(fd)
-		return nil, err
+		return -1, err
 	}
-	t := &loopTunnel{l: l, fd: [2]int{-1, fd}, dialed: true, connecting: true, connected: make(chan error, 1)}
-	// Registered after connect: an unconnected socket polls as hung up. The result is
-	// the first EPOLLOUT (connected) or EPOLLERR/EPOLLHUP (refused, unreachable).
-	if err := l.register(t, 1); err != nil {
-		unix.Close(fd)
-		return nil, err
-	}
-	return t, nil
+	return fd, nil
 }
 
 // connectResult is a non-blocking connect's outcome from its first event.

@@ -26,6 +26,13 @@ import (
 // goroutine, so a serve that only keeps the conn costs the test no goroutine).
 func loopEdge(t *testing.T, cfg Config, serve func(c *net.TCPConn)) (string, *Balancer) {
 	t.Helper()
+	return loopEdgeOn(t, cfg, ListenConfig{}, func(c *net.TCPConn, _ string) { serve(c) })
+}
+
+// loopEdgeOn is loopEdge on a listener of lc's (DeferAccept: the accept loop sees whole
+// heads, the fast path's case), whose serve also gets the head the backend read.
+func loopEdgeOn(t *testing.T, cfg Config, lc ListenConfig, serve func(c *net.TCPConn, head string)) (string, *Balancer) {
+	t.Helper()
 	cfg.Logger = slog.New(slog.NewTextHandler(testWriter{t}, &slog.HandlerOptions{Level: slog.LevelWarn}))
 	b := New(cfg)
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
@@ -48,12 +55,12 @@ func loopEdge(t *testing.T, cfg Config, serve func(c *net.TCPConn)) (string, *Ba
 				c.Close() // warmLoops' tunnel
 				continue
 			}
-			serve(c.(*net.TCPConn))
+			serve(c.(*net.TCPConn), head)
 		}
 	}()
 	t.Cleanup(func() { ln.Close() })
 	b.AddWorker(workers.NewWorker(0, 0, workers.NewBackendChannel("tcp", ln.Addr().String(), nil), 0))
-	lns, err := ListenConfig{}.Listen(context.Background(), "127.0.0.1:0")
+	lns, err := lc.Listen(context.Background(), "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
 	}
