@@ -125,10 +125,15 @@ func (b *Balancer) serveTCP(ln *net.TCPListener) error {
 // route is a backend reached by address (fastTunnel). It reports true when nfd is no
 // longer the caller's; otherwise nfd is untouched and the general path takes over.
 func (b *Balancer) fastHandoff(nfd int, peer, local netip.AddrPort, wildcard bool) bool {
-	if b.cfg.MaxConnsPerIP > 0 || b.frozen() {
-		// Per-address limits: a descriptor handed to a worker leaves the edge untracked
-		// (a tunnel would be tracked, but this is decided before the route, and routing
-		// twice counts a keyless route twice). Frozen: nothing new starts.
+	if b.frozen() {
+		return false // nothing new starts; the general path parks or answers it
+	}
+	// Per-address limits need the connection tracked: a descriptor handed to a worker
+	// leaves the edge untracked, so only tunnels (tracked by fastTunnel) take the fast
+	// path then — decided before the route where possible, since routing a client twice
+	// counts a keyless route twice.
+	perIP := b.cfg.MaxConnsPerIP > 0
+	if perIP && !onlyBackends(b.Workers()) {
 		return false
 	}
 	pb := getPeekBuf(b.cfg.MaxHeadBytes)
@@ -146,6 +151,9 @@ func (b *Balancer) fastHandoff(nfd int, peer, local netip.AddrPort, wildcard boo
 	}
 	if _, dials := r.w.Channel().(workers.Dialer); dials {
 		return b.fastTunnel(nfd, peer, local, &pb.head, pb.buf[:n], &r)
+	}
+	if perIP {
+		return false // a pool of workers taking descriptors beside the backends
 	}
 	ts, ok := r.w.Channel().(workers.TrySender)
 	if !ok {
@@ -165,6 +173,17 @@ func (b *Balancer) fastHandoff(nfd int, peer, local netip.AddrPort, wildcard boo
 	}
 	unix.Close(nfd) // the worker holds its own descriptor now
 	b.handedOff(r.w, start)
+	return true
+}
+
+// onlyBackends reports whether every worker in ws is a backend reached by address
+// (stickyd proxy), which the fast path tunnels, tracked.
+func onlyBackends(ws []*workers.Worker) bool {
+	for _, w := range ws {
+		if _, ok := w.Channel().(workers.Dialer); !ok {
+			return false
+		}
+	}
 	return true
 }
 

@@ -48,8 +48,10 @@ var fastConnectFailures atomic.Int64
 // general path does, and the client, still unread, goes to the general path, which routes
 // it again — away from a refusing backend, which passive health took out of routing.
 //
-// Counting is the general path's: the tunnel is tracked (MaxConns; b.conns, where Freeze
-// and Shutdown find its stand-in loopConn; b.wg) from here until the loop ends it, once;
+// Counting is the general path's: the tunnel is tracked (MaxConns, MaxConnsPerIP by its
+// peer; b.conns, where Freeze and Shutdown find its stand-in loopConn; b.wg) from here
+// until the loop ends it, once (a client given back to the general path is untracked
+// first, and admit counts it again);
 // TunnelOpened, the handoff and accept metrics once the backend took it.
 func (b *Balancer) fastTunnel(nfd int, peer, local netip.AddrPort, h *upgrade.Head, raw []byte, r *route) bool {
 	ch, ok := r.w.Channel().(*workers.BackendChannel)

@@ -8,6 +8,7 @@ import (
 	"errors"
 	"io"
 	"net"
+	"net/netip"
 	"runtime"
 	"strings"
 	"sync"
@@ -152,6 +153,50 @@ func TestFastTunnelMaxConns(t *testing.T) {
 	}
 	for range 3 {
 		(<-backends).Close()
+	}
+}
+
+// TestFastTunnelCountsPerAddress: a fast tunnel counts against -max-conns-per-ip for as
+// long as it lives, once: the 4th from an address with 3 open is refused, and once one
+// ends the address may open another.
+func TestFastTunnelCountsPerAddress(t *testing.T) {
+	backends := make(chan *net.TCPConn, 8)
+	addr, b := fastEdge(t, Config{MaxConnsPerIP: 3}, func(c *net.TCPConn) { backends <- c })
+	before := fastTunnels.Load()
+	var clients []*net.TCPConn
+	for range 3 {
+		clients = append(clients, dialLoopTunnel(t, addr))
+	}
+	wantFast(t, before, 3)
+	c, err := net.Dial("tcp", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	io.WriteString(c, "GET /ws HTTP/1.1\r\nHost: edge\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"+
+		"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
+	c.SetReadDeadline(time.Now().Add(5 * time.Second))
+	line, _ := bufio.NewReader(c).ReadString('\n')
+	c.Close()
+	if !strings.Contains(line, "429") {
+		t.Errorf("a 4th connection from the address got %q, want 429", line)
+	}
+	bcs := []*net.TCPConn{<-backends, <-backends, <-backends}
+	clients[0].Close()
+	readEnd(t, bcs[0], "backend")
+	bcs[0].Close() // both directions ended: the tunnel ends
+	// The loop untracks the tunnel as it ends it: the address's count is then back to 2
+	// (tracked once: counted twice, or never released, it would not be).
+	waitFor(t, "the address's count to drop", 5*time.Second, func() bool {
+		b.mu.Lock()
+		defer b.mu.Unlock()
+		return b.perIP[netip.MustParseAddr("127.0.0.1")] == 2
+	})
+	clients[0] = dialLoopTunnel(t, addr)
+	wantFast(t, before, 4)
+	bcs[0] = <-backends
+	for i, c := range clients {
+		c.Close()
+		bcs[i].Close()
 	}
 }
 
