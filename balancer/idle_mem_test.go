@@ -78,6 +78,13 @@ func idleKeepAliveCost(tb testing.TB, e *testEdge, n int) (conns []net.Conn, cos
 	}
 	h0, s0, g0 := edgeMemory()
 	conns = openIdleKeepAlive(tb, e.addr, n)
+	if runtime.GOOS == "linux" {
+		// A connection is parked once it was idle for parkAfter.
+		deadline := time.Now().Add(10 * time.Second)
+		for e.b.parkedIdleConns() < n && time.Now().Before(deadline) {
+			time.Sleep(10 * time.Millisecond)
+		}
+	}
 	h1, s1, g1 := edgeMemory()
 	per := func(a, b uint64) float64 { return (float64(b) - float64(a)) / float64(n) }
 	return conns, idleCost{heap: per(h0, h1), stack: per(s0, s1), goroutines: float64(g1-g0) / float64(n)}
