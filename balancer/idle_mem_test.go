@@ -4,6 +4,7 @@ package balancer
 
 import (
 	"bufio"
+	"fmt"
 	"io"
 	"net"
 	"net/http"
@@ -169,4 +170,47 @@ func TestParkedIdleConnectionTimesOut(t *testing.T) {
 		t.Errorf("%d connections still parked", n)
 	}
 	waitFor(t, "the edge's descriptors back to the baseline", 5*time.Second, func() bool { return openFDs(t) <= base })
+}
+
+// TestKeepAliveRequestsAroundParkAfter: requests that arrive just before, at and just after
+// an idle connection's parkAfter are all served — none is lost to the short wait's
+// deadline (it expired between the wait and the read of the head, which closed the
+// connection with the request in it).
+func TestKeepAliveRequestsAroundParkAfter(t *testing.T) {
+	e := startEdge(t, Config{IdleTimeout: time.Minute}, 2)
+	const conns, rounds = 40, 12
+	errs := make(chan error, conns)
+	for i := range conns {
+		go func() {
+			c, err := net.Dial("tcp", e.addr)
+			if err != nil {
+				errs <- err
+				return
+			}
+			defer c.Close()
+			br := bufio.NewReader(c)
+			for k := range rounds {
+				// Gaps spread over parkAfter ± 10 ms.
+				time.Sleep(parkAfter - 10*time.Millisecond + time.Duration((i*rounds+k)%21)*time.Millisecond)
+				c.SetDeadline(time.Now().Add(10 * time.Second))
+				if _, err := io.WriteString(c, "GET /whoami HTTP/1.1\r\nHost: x\r\n\r\n"); err != nil {
+					errs <- err
+					return
+				}
+				resp, err := http.ReadResponse(br, nil)
+				if err != nil {
+					errs <- fmt.Errorf("request %d on connection %d: %w", k, i, err)
+					return
+				}
+				io.Copy(io.Discard, resp.Body)
+				resp.Body.Close()
+			}
+			errs <- nil
+		}()
+	}
+	for range conns {
+		if err := <-errs; err != nil {
+			t.Error(err)
+		}
+	}
 }

@@ -103,22 +103,52 @@ func waitReadable(c net.Conn) (ok bool, err error) {
 	return true, err
 }
 
+// parkAfter is how long an idle keep-alive connection waits for its next request in its
+// goroutine before it is parked without one (idlePark). Most next requests come at once —
+// engine.io's next poll, a page's next fetch — and parking costs a few system calls and
+// a goroutine start: parking at every gap cost polling through `stickyd proxy` ≈10 % of
+// its rate. A connection idle longer than this is the kind that piles up.
+const parkAfter = 250 * time.Millisecond
+
 // errIdleParked is waitOrPark's "the connection is parked now".
 var errIdleParked = errors.New("balancer: idle connection parked")
 
-// waitOrPark parks an idle keep-alive connection (idlePark) or, where it cannot be parked,
-// waits for its next request in this goroutine; a resumed connection is readable already.
-// ok and err are waitReadable's.
-//
-// A grace period before parking (250 ms in the goroutine, to save the park and the
-// goroutine start when the next request comes at once) gained polling through `stickyd
-// proxy` ≈10 % of its rate, but made TestMultiHostBehindHAProxy lose keep-alive polling
-// sessions (a few of 300 disconnected; the cause was not found), so it is not done.
+// waitOrPark waits for the next request on an idle keep-alive connection whose read
+// deadline is the idle timeout: first up to parkAfter in this goroutine, then parked
+// (errIdleParked) — unless resumed, when it is readable already. ok and err are
+// waitReadable's; on return the read deadline is the idle timeout again (or in the past,
+// for a shutdown or an edge upgrade).
 func (b *Balancer) waitOrPark(cc *clientConn, resumed bool) (ok bool, err error) {
-	if !resumed && b.parkIdle(cc) {
+	c := cc.c
+	if resumed || b.cfg.IdleTimeout <= parkAfter {
+		return waitReadable(c)
+	}
+	idleUntil := time.Now().Add(b.cfg.IdleTimeout)
+	c.SetReadDeadline(time.Now().Add(parkAfter))
+	ok, err = waitReadable(c)
+	if !ok || err == nil || !isTimeout(err) || b.frozen() || b.isClosing() {
+		if err == nil {
+			// The request has come: the short deadline must not outlive the wait, or it
+			// can expire before the head is read and drop the request with the connection.
+			c.SetReadDeadline(idleUntil)
+			b.rewakeIfStopping(c)
+		}
+		return ok, err // readable, gone, or woken for a shutdown or an edge upgrade
+	}
+	if b.parkIdle(cc) {
 		return true, errIdleParked
 	}
-	return waitReadable(cc.c)
+	c.SetReadDeadline(idleUntil)
+	b.rewakeIfStopping(c)
+	return waitReadable(c)
+}
+
+// rewakeIfStopping sets c's read deadline in the past again if a shutdown or an edge
+// upgrade began: its wake-up may have come just before the deadline was moved.
+func (b *Balancer) rewakeIfStopping(c net.Conn) {
+	if b.frozen() || b.isClosing() {
+		c.SetReadDeadline(time.Unix(1, 0))
+	}
 }
 
 // proxyScratch is the per-connection state of the proxy, reused request after request.
