@@ -580,10 +580,15 @@ func isTimeout(err error) bool {
 // send a reset that can destroy the answer before the client reads it, so when input
 // may be pending the edge half-closes first and drains briefly, as net/http does.
 func (b *Balancer) reject(c net.Conn, status int, msg string, drain bool) {
+	b.rejectWith(c, status, "", msg, drain)
+}
+
+// rejectWith is reject with more header lines (each ending in CRLF).
+func (b *Balancer) rejectWith(c net.Conn, status int, fields, msg string, drain bool) {
 	body := msg + "\n"
 	c.SetWriteDeadline(time.Now().Add(time.Second))
-	fmt.Fprintf(c, "HTTP/1.1 %d %s\r\nConnection: close\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: %d\r\n\r\n%s",
-		status, statusText(status), len(body), body)
+	fmt.Fprintf(c, "HTTP/1.1 %d %s\r\nConnection: close\r\n%sContent-Type: text/plain; charset=utf-8\r\nContent-Length: %d\r\n\r\n%s",
+		status, statusText(status), fields, len(body), body)
 	closeGracefully(c, drain)
 }
 
@@ -611,6 +616,7 @@ func (b *Balancer) handoff(cc *clientConn, h *upgrade.Head, consumed []byte) {
 		Consumed: consumed,
 	}
 	var tried uint64
+	var failed *workers.Worker // the last worker this connection failed on (pools skip it by identity)
 	for attempt := 0; attempt < 3; attempt++ {
 		r := b.route(h, peer.Addr(), tried)
 		if r.unknownSID {
@@ -620,7 +626,7 @@ func (b *Balancer) handoff(cc *clientConn, h *upgrade.Head, consumed []byte) {
 			closeGracefully(c, consumed == nil)
 			return
 		}
-		if r.w == nil && r.pool.Gate != nil && !b.acquire(c, &r, tried, true, consumed == nil) {
+		if r.w == nil && r.pool.Gate != nil && !b.acquire(c, &r, failed, true, consumed == nil) {
 			return // answered 503, or the client left while it waited
 		}
 		if r.w == nil {
@@ -665,6 +671,7 @@ func (b *Balancer) handoff(cc *clientConn, h *upgrade.Head, consumed []byte) {
 			b.tableFor(r.key.Kind).Delete(r.tableKey)
 		}
 		tried |= slotBit(r.w.Slot)
+		failed = r.w
 		b.m.Handoffs.WithLabelValues(r.w.Label(), metrics.HandoffRetried).Inc()
 	}
 	b.m.Rejections.WithLabelValues(metrics.RejectNoWorker).Inc()

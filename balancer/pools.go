@@ -6,8 +6,8 @@ import (
 	"context"
 	"errors"
 	"net"
-	"strconv"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"time"
 
@@ -141,13 +141,19 @@ func (b *Balancer) publishPoolGauges() {
 const retryAfter = "5"
 
 // acquire waits in r's pool gate for a worker with room for a request (or, for a
-// WebSocket, for any worker), while the client stays. On failure it has answered 503 with
-// Retry-After.
-func (b *Balancer) acquire(c net.Conn, r *route, tried uint64, anyWorker bool, drain bool) bool {
+// WebSocket, for any worker), while the client stays; failed, if set, is the worker this
+// request just failed on and is not given it again. (By identity, not by slot: a dead
+// worker's replacement takes its slot, and is the one the retry should get.) On failure
+// it has answered 503 with Retry-After.
+func (b *Balancer) acquire(c net.Conn, r *route, failed *workers.Worker, anyWorker bool, drain bool) bool {
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
-	go watchClient(ctx, c, cancel)
-	skip := func(w *workers.Worker) bool { return tried&slotBit(w.Slot) != 0 }
+	stop := watchClient(c, cancel)
+	defer stop()
+	var skip func(*workers.Worker) bool
+	if failed != nil {
+		skip = func(w *workers.Worker) bool { return w == failed }
+	}
 	var err error
 	if anyWorker {
 		r.w, err = r.pool.Gate.AcquireAny(ctx, skip)
@@ -177,28 +183,32 @@ func (b *Balancer) acquire(c net.Conn, r *route, tried uint64, anyWorker bool, d
 
 // rejectRetry answers 503 with Retry-After and closes.
 func (b *Balancer) rejectRetry(c net.Conn, msg string, drain bool) {
-	body := msg + "\n"
-	c.SetWriteDeadline(time.Now().Add(time.Second))
-	c.Write([]byte("HTTP/1.1 503 Service Unavailable\r\nConnection: close\r\nRetry-After: " + retryAfter +
-		"\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: " + strconv.Itoa(len(body)) + "\r\n\r\n" + body))
-	closeGracefully(c, drain)
+	b.rejectWith(c, 503, "Retry-After: "+retryAfter+"\r\n", msg, drain)
 }
 
-// watchClient cancels when the client closes its connection or it fails, checked once a
-// second while a request waits in a pool's queue.
-func watchClient(ctx context.Context, c net.Conn, cancel context.CancelFunc) {
-	t := time.NewTicker(time.Second)
-	defer t.Stop()
-	for {
-		select {
-		case <-ctx.Done():
+// watchClient calls cancel when the client closes its connection or it fails, checked
+// once a second while a request waits in a pool's queue — by a timer, so a request that
+// gets its worker at once (the usual case) starts no goroutine. stop ends the watch.
+func watchClient(c net.Conn, cancel context.CancelFunc) (stop func()) {
+	var mu sync.Mutex
+	stopped := false
+	var t *time.Timer
+	t = time.AfterFunc(time.Second, func() {
+		if clientGone(c) {
+			cancel()
 			return
-		case <-t.C:
-			if clientGone(c) {
-				cancel()
-				return
-			}
 		}
+		mu.Lock()
+		defer mu.Unlock()
+		if !stopped {
+			t.Reset(time.Second)
+		}
+	})
+	return func() {
+		mu.Lock()
+		stopped = true
+		mu.Unlock()
+		t.Stop()
 	}
 }
 

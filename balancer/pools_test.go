@@ -5,10 +5,12 @@ package balancer
 import (
 	"io"
 	"log/slog"
+	"net"
 	"net/http"
 	"slices"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -284,4 +286,71 @@ func TestPoolThatCannotStartAnswers503(t *testing.T) {
 	if a := poolGet(t, addr, "/whoami", nil); a.status != 200 {
 		t.Errorf("default pool: %d", a.status)
 	}
+}
+
+// Misbehaving peers around a pool's queue: a client that leaves while it waits gives its
+// place up (noticed within about a second, counted as client_gone), and a pool worker
+// killed in the middle of a request answers that request 502 and gives its room back —
+// the request queued behind it is served by the replacement worker, and nothing stays
+// counted in flight.
+func TestPoolQueueWithVanishingClientAndDyingWorker(t *testing.T) {
+	gate := &workers.Gate{Name: "slow", Concurrency: 1, Timeout: time.Minute}
+	b, addr, m := startPoolEdge(t, Pool{Name: "slow", PathPrefix: "/slow", Gate: gate}, size{1, 1, time.Minute, nil})
+	waitFor(t, "the pool's min worker", 10*time.Second, func() bool { return len(poolWorkers(b, "slow")) == 1 })
+	w := poolWorkers(b, "slow")[0]
+
+	// A POST: it is not sent again to another worker once it reached one, so the client
+	// gets the failure (a GET would be retried on the replacement).
+	held := make(chan poolAnswer, 1)
+	go func() {
+		resp, err := http.Post("http://"+addr+"/slow?ms=20000", "text/plain", strings.NewReader("x"))
+		if err != nil {
+			t.Error(err)
+			held <- poolAnswer{}
+			return
+		}
+		resp.Body.Close()
+		held <- poolAnswer{status: resp.StatusCode}
+	}()
+	waitFor(t, "the long request in flight", 5*time.Second, func() bool { return w.InFlight() == 1 })
+
+	// A client queues, then vanishes.
+	gone0 := metricValue(m.Rejections.WithLabelValues(metrics.RejectClientGone))
+	c, err := net.Dial("tcp", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	io.WriteString(c, "GET /slow?ms=1 HTTP/1.1\r\nHost: x\r\n\r\n")
+	waitFor(t, "the vanishing client queued", 5*time.Second, func() bool { n, _ := gate.Waiting(); return n == 1 })
+	c.Close()
+	waitFor(t, "the vanished client out of the queue", 5*time.Second, func() bool { n, _ := gate.Waiting(); return n == 0 })
+	if got := metricValue(m.Rejections.WithLabelValues(metrics.RejectClientGone)) - gone0; got != 1 {
+		t.Errorf("client_gone counted %v times, want 1", got)
+	}
+
+	// A request queues behind the long one; then the worker holding it dies.
+	queued := make(chan poolAnswer, 1)
+	go func() { queued <- poolGet(t, addr, "/slow?ms=1", nil) }()
+	waitFor(t, "a request queued", 5*time.Second, func() bool { n, _ := gate.Waiting(); return n == 1 })
+	if err := syscall.Kill(w.PID, syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	if a := <-held; a.status != 502 {
+		t.Errorf("the request whose worker died: %d %q, want 502", a.status, a.body)
+	}
+	if a := <-queued; a.status != 200 || a.body != "slow 1" {
+		t.Errorf("the queued request: %d %q, want 200 from the replacement in slot 1", a.status, a.body)
+	}
+	if w.InFlight() != 0 {
+		t.Errorf("the dead worker still counts %d requests in flight", w.InFlight())
+	}
+	waitFor(t, "nothing in flight in the pool", 5*time.Second, func() bool {
+		for _, pw := range poolWorkers(b, "slow") {
+			if pw.InFlight() != 0 {
+				return false
+			}
+		}
+		n, _ := gate.Waiting()
+		return n == 0
+	})
 }

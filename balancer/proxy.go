@@ -381,6 +381,7 @@ func (b *Balancer) proxyRequest(cc *clientConn, br *bufio.Reader, bw *bufio.Writ
 	}
 
 	var tried uint64
+	var failed *workers.Worker // the last worker this request failed on (pools skip it by identity)
 	fresh, elsewhere := false, 0
 	for {
 		r := b.route(h, peer.Addr(), tried)
@@ -391,7 +392,7 @@ func (b *Balancer) proxyRequest(cc *clientConn, br *bufio.Reader, bw *bufio.Writ
 		g := r.pool.Gate
 		switch {
 		case r.w == nil && g != nil:
-			if !b.acquire(c, &r, tried, false, streaming) {
+			if !b.acquire(c, &r, failed, false, streaming) {
 				return false // answered 503, or the client left while it waited
 			}
 		case r.w == nil:
@@ -465,6 +466,7 @@ func (b *Balancer) proxyRequest(cc *clientConn, br *bufio.Reader, bw *bufio.Writ
 		// this worker's session, and sending it again is safe.
 		if !streaming && r.key.Kind != sticky.KindSID && safe && (stuck && elsewhere < 2 || elsewhere < 1 && b.isGone(r.w)) {
 			tried |= slotBit(r.w.Slot)
+			failed = r.w
 			fresh = false
 			elsewhere++
 			continue

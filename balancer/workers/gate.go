@@ -269,9 +269,10 @@ func (g *Gate) dispatchLocked() {
 			w = g.pickLocked(wt, now)
 		}
 		if w == nil {
-			// Later requests for room would find none either (unless a skip excluded the
-			// only free worker); they keep their place.
-			roomLeft = roomLeft && wt.anyWorker
+			// Later requests for room would find none either — unless this one's skip
+			// excluded the free worker: a request retried after a failure must not hold
+			// up the queue behind it.
+			roomLeft = roomLeft && (wt.anyWorker || wt.skip != nil)
 			kept = append(kept, wt)
 			continue
 		}

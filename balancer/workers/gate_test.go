@@ -135,3 +135,39 @@ func TestGateAnyWorkerAndSkip(t *testing.T) {
 		t.Fatalf("a draining worker was picked")
 	}
 }
+
+// A request retried after failing on a worker (its skip excludes that worker) does not
+// hold up the queue behind it when that worker is the one with room.
+func TestGateRetriedRequestDoesNotBlockTheQueue(t *testing.T) {
+	g := &Gate{Name: "p", Concurrency: 1, Timeout: time.Minute}
+	w1 := gateWorker(1)
+	g.Join(w1)
+	g.Acquire(context.Background(), nil) // w1 full
+	retried := make(chan *Worker, 1)
+	go func() {
+		w, _ := g.Acquire(context.Background(), func(w *Worker) bool { return w == w1 })
+		retried <- w
+	}()
+	deadline := time.Now().Add(5 * time.Second)
+	for n, _ := g.Waiting(); n != 1; n, _ = g.Waiting() {
+		if time.Now().After(deadline) {
+			t.Fatal("retried request never queued")
+		}
+		time.Sleep(time.Millisecond)
+	}
+	behind := acquireAsync(t, g, context.Background())
+	g.Release(w1)
+	select {
+	case w := <-behind:
+		if w != w1 {
+			t.Fatalf("the request behind got %v", w)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("the request behind the retried one was held up")
+	}
+	w2 := gateWorker(2)
+	g.Join(w2)
+	if w := <-retried; w != w2 {
+		t.Fatalf("the retried request got %v, want the other worker", w)
+	}
+}
