@@ -190,9 +190,11 @@ func (b *Balancer) rejectRetry(c net.Conn, msg string, drain bool) {
 // once a second while a request waits in a pool's queue — by a timer, so a request that
 // gets its worker at once (the usual case) starts no goroutine. stop ends the watch.
 func watchClient(c net.Conn, cancel context.CancelFunc) (stop func()) {
-	var mu sync.Mutex
+	var mu sync.Mutex // guards stopped and t (the callback may run before t is assigned)
 	stopped := false
 	var t *time.Timer
+	mu.Lock()
+	defer mu.Unlock()
 	t = time.AfterFunc(time.Second, func() {
 		if clientGone(c) {
 			cancel()
@@ -206,8 +208,8 @@ func watchClient(c net.Conn, cancel context.CancelFunc) (stop func()) {
 	})
 	return func() {
 		mu.Lock()
+		defer mu.Unlock()
 		stopped = true
-		mu.Unlock()
 		t.Stop()
 	}
 }
