@@ -76,6 +76,9 @@ var (
 	// ErrBusy: Detach refused because a handle is in flight, a write is in progress or a
 	// newconn reply is pending. Nothing was changed; retry once the edge is quiet.
 	ErrBusy = errors.New("nodeipc: busy (handle in flight or reply pending)")
+	// ErrBacklog: too many handoffs already wait for this worker's channel (the worker
+	// takes connections more slowly than they come); nothing was sent.
+	ErrBacklog = errors.New("nodeipc: too many handoffs wait for this worker")
 )
 
 // Config configures a Channel. The zero value is usable.
@@ -132,9 +135,20 @@ type Channel struct {
 	inflight bool // a handle is waiting for ACK/NACK
 	// A newconn handle whose ACK the reader waits for on its own (SendHandle has
 	// returned; the turn stays taken until the ACK): see sendNewconn.
-	piped   pipedHandle
-	ackDue  time.Time   // (mu) when the piped handle's ACK is overdue
-	ackFire *time.Timer // closes the channel when the piped handle's ACK is overdue
+	piped    pipedHandle
+	ackDue   time.Time   // (mu) when the piped handle's ACK is overdue
+	ackFire  *time.Timer // closes the channel when the piped handle's ACK is overdue
+	ackArmed bool        // (mu) ackFire is pending: it is re-armed when it fires, not per handle
+	// Newconn handles waiting for the turn (mu). Whoever gives the turn up sends the next
+	// one itself — usually the reader, on the ACK of the one before — so a burst of
+	// handoffs goes out one per ACK with no caller to wake: Node's one handle in flight,
+	// pipelined. plainWaiting counts the other writers blocked for the turn, which the
+	// queue alternates with so that neither starves.
+	hq           []queuedNewconn
+	hqHead       int
+	plainWaiting atomic.Int32
+	plainNext    bool                   // (mu) the next release goes to a plain writer
+	onClose      atomic.Pointer[func()] // run once after the channel closes (Primary fails its pending handoffs)
 	// replyTo, when set (by the Primary), takes the worker's newconn answers straight from
 	// the reader: the Deliver waiting for one is woken by the reader itself, not through
 	// the queue and Run (one wake-up less per handoff). It reports whether it knew seq.
@@ -156,15 +170,33 @@ type Channel struct {
 	// Reused by every handle so that a handoff allocates (almost) nothing. hbuf and
 	// ackTimer belong to the holder of the turn (one handle in flight); oob, wline, wn,
 	// werr and sendFD to the holder of wmu.
-	hbuf     []byte      // the NODE_HANDLE line being sent
-	hcache   handleCache // precomputed fixed parts of the lines Primary sends
-	ackTimer *time.Timer
-	oob      []byte // SCM_RIGHTS control message with room for one fd
-	wline    []byte
-	wn       int
-	werr     error
-	sendFD   func(fd uintptr) // sendmsg of wline with fd attached; built once
+	hbuf      []byte      // the NODE_HANDLE line being sent
+	hcache    handleCache // precomputed fixed parts of the lines Primary sends
+	ackTimer  *time.Timer
+	oob       []byte // SCM_RIGHTS control message with room for one fd
+	wline     []byte
+	wn        int
+	werr      error
+	sendFD    func(fd uintptr) // sendmsg of wline with fd attached; built once
+	wdeadline time.Time        // the write deadline set last (see setWriteDeadline)
+	// The reader's non-blocking variant (it must never wait for room in the socket):
+	// trySendFD attaches the fd and runs trySendUC on the channel's own descriptor.
+	ucRaw     syscall.RawConn
+	trySendFD func(fd uintptr)
+	trySendUC func(ufd uintptr) bool
 }
+
+// queuedNewconn is a newconn handle waiting for the turn.
+type queuedNewconn struct {
+	typ  string
+	msg  any // the caller's newconnMsg, already boxed
+	seq  int
+	conn syscall.Conn
+}
+
+// maxQueuedHandles bounds the newconn handles waiting for one worker's channel; past it a
+// handoff fails at once (ErrBacklog) and the edge tries another worker.
+const maxQueuedHandles = 1024
 
 // NewChannel takes ownership of uc (the parent's end of a SOCK_STREAM socketpair whose other
 // end is the child's NODE_CHANNEL_FD) and starts one reader goroutine. Close releases both.
@@ -192,6 +224,25 @@ func newChannel(uc *net.UnixConn, cfg Config, pending []byte, queued []Message) 
 		// The fd goes where unix.UnixRights puts it: the data of the one SCM_RIGHTS message.
 		binary.NativeEndian.PutUint32(c.oob[unix.CmsgLen(0):], uint32(fd))
 		c.wn, _, c.werr = c.uc.WriteMsgUnix(c.wline, c.oob, nil)
+	}
+	c.ucRaw, _ = uc.SyscallConn() // fails only for a closed conn, and then so does every write
+	c.trySendUC = func(ufd uintptr) bool {
+		c.wn, c.werr = unix.SendmsgN(int(ufd), c.wline, c.oob, nil, unix.MSG_DONTWAIT)
+		return true // one attempt: EAGAIN is the caller's to handle
+	}
+	c.trySendFD = func(fd uintptr) {
+		binary.NativeEndian.PutUint32(c.oob[unix.CmsgLen(0):], uint32(fd))
+		if c.ucRaw == nil {
+			c.wn, c.werr = 0, net.ErrClosed
+			return
+		}
+		if err := c.ucRaw.Write(c.trySendUC); err != nil {
+			c.wn, c.werr = 0, err
+			if errors.Is(err, os.ErrDeadlineExceeded) {
+				// The last write's deadline has passed: the blocking write sets a new one.
+				c.werr = unix.EAGAIN
+			}
+		}
 	}
 	if len(queued) > 0 {
 		c.notify <- struct{}{}
@@ -224,13 +275,22 @@ func (c *Channel) Close() error {
 }
 
 func (c *Channel) closeWith(err error) {
+	first := false
 	c.closeOnce.Do(func() {
 		c.mu.Lock()
 		c.err = err
+		clear(c.hq[c.hqHead:]) // their handoffs fail through onClose; drop the conns
+		c.hq, c.hqHead = nil, 0
 		c.mu.Unlock()
 		close(c.done)
 		c.uc.Close()
+		first = true
 	})
+	if f := c.onClose.Load(); first && f != nil {
+		// Not here: the caller may hold a lock the hook takes (Detach stopping the reader
+		// while the reader closes the channel).
+		go (*f)()
+	}
 }
 
 // sendErr is the error for a send that failed because the channel is closed.
@@ -310,6 +370,13 @@ func (c *Channel) acquire(ctx context.Context) error {
 	select {
 	case c.turn <- struct{}{}:
 		return nil
+	default:
+	}
+	c.plainWaiting.Add(1)
+	defer c.plainWaiting.Add(-1)
+	select {
+	case c.turn <- struct{}{}:
+		return nil
 	case <-ctx.Done():
 		return fmt.Errorf("nodeipc: waiting for the channel: %w", ctx.Err())
 	case <-c.done:
@@ -317,7 +384,55 @@ func (c *Channel) acquire(ctx context.Context) error {
 	}
 }
 
-func (c *Channel) release() { <-c.turn }
+// release gives the turn up: to the next queued newconn handle, which it sends (keeping
+// the turn for it), or to whoever waits in acquire. It alternates between the two while
+// both wait.
+func (c *Channel) release() { c.releaseTurn(false) }
+
+// releaseTurn is release; fromReader says the caller is the reader goroutine, which must
+// not block on a full socket.
+func (c *Channel) releaseTurn(fromReader bool) {
+	for {
+		c.mu.Lock()
+		n := len(c.hq) - c.hqHead
+		if n == 0 || c.err != nil || (c.plainNext && c.plainWaiting.Load() > 0) {
+			c.plainNext = false
+			<-c.turn
+			c.mu.Unlock()
+			return
+		}
+		h := c.hq[c.hqHead]
+		c.hq[c.hqHead] = queuedNewconn{}
+		if c.hqHead++; c.hqHead == len(c.hq) {
+			c.hq, c.hqHead = c.hq[:0], 0
+		}
+		c.plainNext = true
+		c.mu.Unlock()
+		err := c.startNewconn(h, fromReader)
+		if err == nil {
+			return
+		}
+		// Its caller has gone back to work: the answer goes the way of a reply.
+		c.rejectNewconn(h.seq)
+	}
+}
+
+// dropQueued takes newconn seq out of the queue if it is still waiting for the turn.
+func (c *Channel) dropQueued(seq int) bool {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	for i := c.hqHead; i < len(c.hq); i++ {
+		if c.hq[i].seq == seq {
+			copy(c.hq[i:], c.hq[i+1:])
+			c.hq[len(c.hq)-1] = queuedNewconn{} // the conn must not linger in the array
+			if c.hq = c.hq[:len(c.hq)-1]; c.hqHead == len(c.hq) {
+				c.hq, c.hqHead = c.hq[:0], 0
+			}
+			return true
+		}
+	}
+	return false
+}
 
 // Send writes msg as one JSON line. Like Node, it is ordered behind any handle in flight, so it
 // may wait up to Config.AckTimeout.
@@ -382,7 +497,7 @@ func (c *Channel) SendHandle(ctx context.Context, typ string, msg any, conn sysc
 		return fmt.Errorf("nodeipc: SendHandle: nil conn")
 	}
 	if m, ok := msg.(newconnMsg); ok && !waitNewconnACK {
-		return c.sendNewconn(ctx, typ, msg, m.Seq, conn)
+		return c.sendNewconn(typ, msg, m.Seq, conn)
 	}
 	// The messages Primary sends every handoff are written from precomputed bytes under the
 	// turn (into a buffer the turn owns); anything else is encoded before waiting for it.
@@ -450,50 +565,156 @@ func (c *Channel) SendHandle(ctx context.Context, typ string, msg any, conn sysc
 // handle does: the previous behaviour, kept for the benchmark's baseline.
 var waitNewconnACK = false
 
-// sendNewconn sends a newconn handle without waiting for its ACK: the worker's newconn
-// reply, which Primary.Deliver waits for anyway, always comes after it (Node answers a
-// NODE_HANDLE with the ACK before it passes the message on). The caller's goroutine is
-// then woken once per handoff (by the reply) instead of twice, and the next handle goes
-// out as soon as the reader has the ACK, without waiting for the caller to be scheduled.
-// (The edge's CPU per handoff is still mostly the process waking up for the ACK and
-// again for the reply: BenchmarkNodeHandoffCPU.)
+// sendNewconn sends a newconn handle without waiting for its ACK, or queues it behind the
+// handle in flight, and returns at once: the worker's newconn reply, which Primary waits
+// for anyway, always comes after the ACK (Node answers a NODE_HANDLE with the ACK before
+// it passes the message on). Whoever gives the turn up next sends the queued handle —
+// usually the reader, as soon as it has the ACK — so no caller is woken to send, and a
+// burst of handoffs costs the edge one wake-up per handle (BenchmarkNodeHandoffCPU).
 //
 // Node's rule holds: the turn stays taken until the ACK, so nothing else is written to
 // the worker while the handle is in flight; the reader releases the turn. On a NACK the
-// reader resends the line with the same conn — Deliver holds it open until the reply —
-// and after Config.MaxResends it answers the newconn itself, as not accepted, so that
-// Deliver fails with ErrRejected at once and the caller keeps the connection. An ACK that
-// does not come within Config.AckTimeout closes the channel with ErrAckTimeout, which
-// Deliver's wait sees at once.
-func (c *Channel) sendNewconn(ctx context.Context, typ string, msg any, seq int, conn syscall.Conn) error {
-	if err := c.acquire(ctx); err != nil {
+// reader resends the line with the same conn — the caller holds it open until the reply —
+// and after Config.MaxResends it answers the newconn itself, as not accepted, so that the
+// handoff fails with ErrRejected and the caller keeps the connection; so does a queued
+// handle whose conn cannot be sent. An ACK that does not come within Config.AckTimeout
+// closes the channel with ErrAckTimeout. How long a handle may wait in the queue is the
+// Primary's to bound (dropQueued).
+func (c *Channel) sendNewconn(typ string, msg any, seq int, conn syscall.Conn) error {
+	c.mu.Lock()
+	if c.err != nil {
+		c.mu.Unlock()
+		return c.sendErr()
+	}
+	select {
+	case c.turn <- struct{}{}: // under mu: a holder releasing now sees the queue first
+	default:
+		if n := len(c.hq) - c.hqHead; n >= maxQueuedHandles {
+			c.mu.Unlock()
+			return fmt.Errorf("nodeipc: %d handoffs already wait for this worker: %w", n, ErrBacklog)
+		}
+		c.hq = append(c.hq, queuedNewconn{typ: typ, msg: msg, seq: seq, conn: conn})
+		c.mu.Unlock()
+		return nil
+	}
+	c.mu.Unlock()
+	if err := c.startNewconn(queuedNewconn{typ: typ, msg: msg, seq: seq, conn: conn}, false); err != nil {
+		c.release()
 		return err
 	}
+	return nil
+}
+
+// startNewconn writes h's line; the caller holds the turn. On success the turn is the
+// reader's (it releases it on the ACK); on failure the caller still holds it.
+func (c *Channel) startNewconn(h queuedNewconn, fromReader bool) error {
 	var err error
 	// msg stays the caller's interface value: converting the newconnMsg again would allocate.
-	if c.hbuf, err = c.hcache.appendLine(c.hbuf[:0], typ, msg); err != nil {
-		c.release()
+	if c.hbuf, err = c.hcache.appendLine(c.hbuf[:0], h.typ, h.msg); err != nil {
 		return err
 	}
 	c.mu.Lock()
+	if c.err != nil {
+		c.mu.Unlock()
+		return c.sendErr()
+	}
 	c.inflight = true
-	c.piped = pipedHandle{active: true, conn: conn, seq: seq}
+	c.piped = pipedHandle{active: true, conn: h.conn, seq: h.seq}
 	c.armAckLocked()
 	c.mu.Unlock()
-	if err := c.writeLine(c.hbuf, conn); err != nil {
+	if fromReader {
+		sent, err := c.tryWriteLine(c.hbuf, h.conn)
+		if err == nil && !sent {
+			// The socket is full (the worker is not reading): wait for room elsewhere, as
+			// the reader must keep reading meanwhile.
+			go func() {
+				if err := c.writeLine(c.hbuf, h.conn); err != nil {
+					c.abandonPiped(h.seq)
+				}
+			}()
+			return nil
+		}
+	} else {
+		err = c.writeLine(c.hbuf, h.conn)
+	}
+	if err != nil {
 		c.mu.Lock()
 		c.inflight, c.piped = false, pipedHandle{}
 		c.mu.Unlock()
-		c.release()
 		return err
 	}
 	// From here on the reader owns the turn and c.hbuf: nothing more to touch.
 	return nil
 }
 
-// armAckLocked starts the piped handle's ACK timeout (c.mu held).
+// abandonPiped ends the piped handle seq whose line could not be written: the turn moves
+// on and its handoff fails (ErrRejected; a failed write has closed the channel anyway).
+func (c *Channel) abandonPiped(seq int) {
+	c.mu.Lock()
+	if !c.piped.active || c.piped.seq != seq {
+		c.mu.Unlock()
+		return
+	}
+	c.inflight, c.piped = false, pipedHandle{}
+	c.mu.Unlock()
+	c.release()
+	c.rejectNewconn(seq)
+}
+
+// tryWriteLine writes line with conn's fd attached if the socket has room for it now, and
+// reports whether it did. A line as short as a handle's goes in one piece or not at all.
+func (c *Channel) tryWriteLine(line []byte, conn syscall.Conn) (bool, error) {
+	rc, err := conn.SyscallConn()
+	if err != nil {
+		return false, fmt.Errorf("nodeipc: handle: %w", err)
+	}
+	c.wmu.Lock()
+	select {
+	case <-c.done:
+		c.wmu.Unlock()
+		return false, c.sendErr()
+	default:
+	}
+	c.wline = line
+	cerr := rc.Control(c.trySendFD)
+	n, werr := c.wn, c.werr
+	c.wline, c.werr = nil, nil
+	c.wmu.Unlock()
+	switch {
+	case cerr != nil:
+		return false, fmt.Errorf("nodeipc: handle: %w", cerr)
+	case werr == unix.EAGAIN || werr == unix.EWOULDBLOCK:
+		return false, nil
+	case werr != nil:
+		err := fmt.Errorf("nodeipc: write to child: %w", werr)
+		c.closeWith(err)
+		return false, fmt.Errorf("%w: %w", ErrClosed, err)
+	case n < len(line):
+		// Not for a short line; a stream socket may still take a long one in parts (the
+		// fd went with the first).
+		c.wmu.Lock()
+		defer c.wmu.Unlock()
+		if err := c.setWriteDeadline(c.cfg.AckTimeout); err != nil {
+			return false, c.sendErr()
+		}
+		if _, werr := c.uc.Write(line[n:]); werr != nil {
+			err := fmt.Errorf("nodeipc: write to child: %w", werr)
+			c.closeWith(err)
+			return false, fmt.Errorf("%w: %w", ErrClosed, err)
+		}
+	}
+	return true, nil
+}
+
+// armAckLocked starts the piped handle's ACK timeout (c.mu held). The timer is not reset
+// for every handle (each reset may wake the runtime's poller): it stays armed, and when it
+// fires it looks at ackDue.
 func (c *Channel) armAckLocked() {
 	c.ackDue = time.Now().Add(c.cfg.AckTimeout)
+	if c.ackArmed {
+		return
+	}
+	c.ackArmed = true
 	if c.ackFire == nil {
 		c.ackFire = time.AfterFunc(c.cfg.AckTimeout, c.ackOverdue)
 		return
@@ -501,24 +722,32 @@ func (c *Channel) armAckLocked() {
 	c.ackFire.Reset(c.cfg.AckTimeout)
 }
 
-// ackOverdue runs when the piped handle's timer fires. A timer that fired just as the ACK
-// came (and the next handle went out) finds a later ackDue and does nothing.
+// ackOverdue runs when the ACK timer fires. A handle in flight whose ACK is not due yet
+// (the timer was armed for an earlier one) re-arms it.
 func (c *Channel) ackOverdue() {
 	c.mu.Lock()
-	overdue := c.piped.active && !time.Now().Before(c.ackDue)
+	c.ackArmed = false
+	overdue := false
+	if c.piped.active && c.err == nil {
+		if left := time.Until(c.ackDue); left > 0 {
+			c.ackArmed = true
+			c.ackFire.Reset(left)
+		} else {
+			overdue = true
+		}
+	}
 	c.mu.Unlock()
 	if overdue {
 		c.closeWith(fmt.Errorf("nodeipc: net.Native handle not acknowledged within %v: %w", c.cfg.AckTimeout, ErrAckTimeout))
 	}
 }
 
-// pipedAck is handleAck for a piped handle (c.mu held; it unlocks).
+// pipedAck is handleAck for a piped handle (c.mu held; it unlocks). It runs in the reader.
 func (c *Channel) pipedAck(ok bool) {
 	if ok {
 		c.inflight, c.piped = false, pipedHandle{}
 		c.mu.Unlock()
-		c.ackFire.Stop()
-		c.release()
+		c.releaseTurn(true)
 		return
 	}
 	c.piped.attempts++
@@ -526,8 +755,7 @@ func (c *Channel) pipedAck(ok bool) {
 	if ph.attempts > c.cfg.MaxResends {
 		c.inflight, c.piped = false, pipedHandle{}
 		c.mu.Unlock()
-		c.ackFire.Stop()
-		c.release()
+		c.releaseTurn(true)
 		c.log.Warn("nodeipc: child NACKed a handle on every attempt", "type", "net.Native", "attempts", ph.attempts)
 		c.rejectNewconn(ph.seq)
 		return
@@ -539,16 +767,7 @@ func (c *Channel) pipedAck(ok bool) {
 	// the socket, and the reader must keep reading meanwhile.
 	go func() {
 		if err := c.writeLine(c.hbuf, ph.conn); err != nil {
-			c.mu.Lock()
-			if !c.piped.active || c.piped.seq != ph.seq {
-				c.mu.Unlock()
-				return
-			}
-			c.inflight, c.piped = false, pipedHandle{}
-			c.mu.Unlock()
-			c.ackFire.Stop()
-			c.release()
-			c.rejectNewconn(ph.seq)
+			c.abandonPiped(ph.seq)
 		}
 	}()
 }
@@ -683,7 +902,7 @@ func (c *Channel) writeLineWithin(line []byte, conn syscall.Conn, timeout time.D
 		return c.sendErr()
 	default:
 	}
-	if err := c.uc.SetWriteDeadline(time.Now().Add(timeout)); err != nil {
+	if err := c.setWriteDeadline(timeout); err != nil {
 		return c.sendErr()
 	}
 	var (
@@ -713,6 +932,19 @@ func (c *Channel) writeLineWithin(line []byte, conn syscall.Conn, timeout time.D
 		return fmt.Errorf("%w: %w", ErrClosed, err)
 	}
 	return nil
+}
+
+// setWriteDeadline bounds the next write by about timeout (wmu held). The deadline is moved
+// only when the one set before is less than half of it away, or further than it: a new
+// deadline per write would reset a runtime timer every handoff, and each reset may wake
+// the runtime's poller.
+func (c *Channel) setWriteDeadline(timeout time.Duration) error {
+	now := time.Now()
+	if left := c.wdeadline.Sub(now); left >= timeout/2 && left <= timeout {
+		return nil
+	}
+	c.wdeadline = now.Add(timeout)
+	return c.uc.SetWriteDeadline(c.wdeadline)
 }
 
 // readLoop reads the child's lines, consumes NODE_HANDLE_ACK/NACK, queues everything else and
@@ -767,6 +999,7 @@ func readLoop(c *Channel, done chan struct{}, pending []byte) {
 	c.piped = pipedHandle{}
 	if c.ackFire != nil {
 		c.ackFire.Stop()
+		c.ackArmed = false
 	}
 	c.mu.Unlock()
 	select {

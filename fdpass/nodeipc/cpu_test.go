@@ -8,6 +8,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -182,8 +183,54 @@ func BenchmarkNodeHandoffCPU(b *testing.B) {
 		}
 		b.ReportMetric(float64(cpu)/float64(b.N)/1e3, "edge-cpu-µs/handoff")
 	}
+	// A burst, the way the edge hands connections over (DeliverFunc): every handoff of a
+	// batch is queued at once, each done closes the edge's copy, and the reader sends the
+	// next handle as soon as the worker has ACKed the one before.
+	runBurst := func(b *testing.B) {
+		b.ReportAllocs()
+		var cpu time.Duration
+		for done := 0; done < b.N; {
+			n := min(batch, b.N-done)
+			for range n {
+				k, g := rawPair(b)
+				keeps, gives = append(keeps, k), append(gives, g)
+			}
+			// One wake-up of this goroutine per batch, not per handoff (the edge has none).
+			var left atomic.Int64
+			left.Store(int64(n))
+			var failed atomic.Pointer[error]
+			all := make(chan struct{})
+			c0 := cpuNow()
+			for _, g := range gives {
+				err := p.DeliverFunc(g, func(err error) {
+					g.Close()
+					if err != nil {
+						failed.CompareAndSwap(nil, &err)
+					}
+					if left.Add(-1) == 0 {
+						close(all)
+					}
+				})
+				if err != nil {
+					b.Fatal(err)
+				}
+			}
+			<-all
+			if err := failed.Load(); err != nil {
+				b.Fatal(*err)
+			}
+			cpu += cpuNow() - c0
+			for _, k := range keeps {
+				unix.Close(k)
+			}
+			keeps, gives = keeps[:0], gives[:0]
+			done += n
+		}
+		b.ReportMetric(float64(cpu)/float64(b.N)/1e3, "edge-cpu-µs/handoff")
+	}
 	b.Run("listen/ack-waited", func(b *testing.B) { run(b, true) })
 	b.Run("listen/ack-piped", func(b *testing.B) { run(b, false) })
 	b.Run("listen/ack-waited/8-callers", func(b *testing.B) { runParallel(b, true) })
 	b.Run("listen/ack-piped/8-callers", func(b *testing.B) { runParallel(b, false) })
+	b.Run("listen/burst", runBurst)
 }

@@ -114,7 +114,11 @@ type Primary struct {
 	mu           sync.Mutex
 	appKey       string // Node key of the app server ("" when none)
 	appListening bool
-	pending      map[int]chan bool
+	pending      map[int]func(error) // newconn handoffs waiting for the worker's answer
+	due          []dueHandoff        // pending's deadlines, oldest first (entries may be answered already)
+	dueHead      int
+	dueTimer     *time.Timer // fails or times out the oldest pending handoff; armed while any is pending
+	dueArmed     bool
 	started      bool           // Run was called
 	detached     bool           // Detach succeeded
 	detachReq    *detachRequest // waiting for Run to pause
@@ -128,11 +132,16 @@ func (p *Primary) init() {
 		p.events = make(chan Event, 256)
 		p.runDone = make(chan struct{})
 		p.wake = make(chan struct{}, 1)
-		p.pending = make(map[int]chan bool)
+		p.pending = make(map[int]func(error))
 		if p.Channel != nil {
-			// The reader wakes the Deliver waiting for a newconn answer itself (no hop
+			// The reader completes the handoff waiting for a newconn answer itself (no hop
 			// through the queue and Run, no JSON decoding of the answer).
 			p.Channel.onNewconnReply(p.completeNewconn)
+			fail := p.failPending
+			p.Channel.onClose.Store(&fail)
+			if p.Channel.Err() != nil { // closed before the hook was set
+				p.failPending()
+			}
 		}
 		if p.Logger == nil {
 			if p.Channel != nil {
@@ -312,13 +321,7 @@ func (p *Primary) handleCluster(ctx context.Context, m Message) {
 			Accepted bool `json:"accepted"`
 		}
 		_ = json.Unmarshal(m.Raw, &r)
-		p.mu.Lock()
-		ch := p.pending[*m.Ack]
-		delete(p.pending, *m.Ack)
-		p.mu.Unlock()
-		if ch != nil {
-			ch <- r.Accepted
-		}
+		p.completeNewconn(*m.Ack, r.Accepted)
 	case "online":
 		p.emit(Event{Kind: EventOnline, Message: m})
 	case "queryServer":
@@ -487,72 +490,221 @@ type stickyConnMsg struct {
 //     done at the handle ACK.
 //
 // Like SendHandle it neither duplicates nor closes conn: on success close your copy; on error
-// you still own it. Errors wrap ErrNotReady, ErrRejected, ErrNACK, ErrAckTimeout or ErrClosed.
-// A timeout closes the channel (hung worker), which makes a Node worker exit, so a copy it
-// may hold goes away with it.
+// you still own it. Errors wrap ErrNotReady, ErrRejected, ErrNACK, ErrAckTimeout, ErrBacklog
+// or ErrClosed, or ctx's error when ctx ended while the handle still waited for the channel.
+// A worker that takes no handle within Config.AckTimeout is treated as hung: the channel is
+// closed, which makes a Node worker exit, so a copy it may hold goes away with it.
 func (p *Primary) Deliver(ctx context.Context, conn syscall.Conn) error {
 	p.init()
-	switch p.Style() {
-	case StyleSticky:
-		var b [8]byte
-		rand.Read(b[:])
-		return p.Channel.SendHandle(ctx, "net.Socket",
-			stickyConnMsg{Type: "sticky:connection", Data: "", ConnectionID: hex.EncodeToString(b[:])}, conn)
-	case StyleListen:
-	default:
+	if p.Style() != StyleListen {
+		return p.deliverSticky(ctx, conn)
+	}
+	ch := make(chan error, 1)
+	seq, err := p.deliverListen(ctx, conn, func(err error) { ch <- err })
+	if err != nil {
+		return err
+	}
+	select {
+	case err := <-ch:
+		return err
+	case <-ctx.Done():
+		if p.cancelQueued(seq) {
+			return fmt.Errorf("nodeipc: deliver: waiting for the channel: %w", ctx.Err())
+		}
+		return <-ch // on its way to the worker: the answer (or the timeout) comes
+	}
+}
+
+// DeliverFunc is Deliver without the wait: it returns once the handle is written or queued
+// behind the one in flight, and done gets Deliver's result later, exactly once — usually
+// from the channel's reader goroutine, so it must be quick and must not block (closing the
+// edge's copy of conn and counting is what it is for; anything longer goes to a goroutine).
+// conn must stay open until then. When DeliverFunc returns an error nothing was sent, done
+// is not called, and the caller still owns conn.
+//
+// This is the edge's way to hand connections to Node workers: a burst of handoffs goes out
+// one per ACK from the reader, and no goroutine waits for each answer.
+func (p *Primary) DeliverFunc(conn syscall.Conn, done func(error)) error {
+	p.init()
+	if p.Style() != StyleListen {
+		if err := p.deliverSticky(context.Background(), conn); err != nil {
+			return err
+		}
+		done(nil)
+		return nil
+	}
+	_, err := p.deliverListen(context.Background(), conn, done)
+	return err
+}
+
+func (p *Primary) deliverSticky(ctx context.Context, conn syscall.Conn) error {
+	if p.Style() != StyleSticky {
 		return fmt.Errorf("nodeipc: deliver: style unknown: %w", ErrNotReady)
 	}
+	var b [8]byte
+	rand.Read(b[:])
+	return p.Channel.SendHandle(ctx, "net.Socket",
+		stickyConnMsg{Type: "sticky:connection", Data: "", ConnectionID: hex.EncodeToString(b[:])}, conn)
+}
+
+// dueHandoff is when a pending newconn handoff times out. The first deadline counts from
+// the call; a handle already sent by then (it may have waited its turn for most of it)
+// gets one more AckTimeout for the worker's answer (extended).
+type dueHandoff struct {
+	seq      int
+	at       time.Time
+	extended bool
+}
+
+var errDeliverRejected = fmt.Errorf("nodeipc: deliver: %w", ErrRejected)
+
+// deliverListen sends (or queues) a newconn handle and registers done for the answer. An
+// error means nothing was sent and done will not be called. ctx matters only to the
+// benchmark's baseline (waitNewconnACK), whose send waits for the turn.
+func (p *Primary) deliverListen(ctx context.Context, conn syscall.Conn, done func(error)) (int, error) {
 	seq := p.nextSeq()
-	ch := make(chan bool, 1)
 	p.mu.Lock()
 	if p.detached {
 		p.mu.Unlock()
-		return fmt.Errorf("nodeipc: deliver: %w: %w", ErrClosed, ErrDetached)
+		return 0, fmt.Errorf("nodeipc: deliver: %w: %w", ErrClosed, ErrDetached)
 	}
 	key := p.appKey
 	if key == "" {
 		p.mu.Unlock()
-		return fmt.Errorf("nodeipc: deliver: app server closed: %w", ErrNotReady)
+		return 0, fmt.Errorf("nodeipc: deliver: app server closed: %w", ErrNotReady)
 	}
-	p.pending[seq] = ch
-	p.mu.Unlock()
-	defer func() {
-		p.mu.Lock()
-		delete(p.pending, seq)
-		p.mu.Unlock()
-	}()
-	if err := p.Channel.SendHandle(ctx, "net.Native", newconnMsg{Cmd: "NODE_CLUSTER", Act: "newconn", Key: key, Seq: seq}, conn); err != nil {
-		return err
-	}
-	timer := time.NewTimer(p.Channel.cfg.AckTimeout)
-	defer timer.Stop()
-	select {
-	case ok := <-ch:
-		if !ok {
-			return fmt.Errorf("nodeipc: deliver: %w", ErrRejected)
+	p.pending[seq] = done
+	p.due = append(p.due, dueHandoff{seq: seq, at: time.Now().Add(p.Channel.cfg.AckTimeout)})
+	if !p.dueArmed {
+		p.dueArmed = true
+		if p.dueTimer == nil {
+			p.dueTimer = time.AfterFunc(p.Channel.cfg.AckTimeout, p.sweepDue)
+		} else {
+			p.dueTimer.Reset(p.Channel.cfg.AckTimeout)
 		}
-		return nil
-	case <-p.Channel.Done():
-		return fmt.Errorf("nodeipc: deliver: waiting for newconn reply: %w", p.Channel.sendErr())
-	case <-p.runDone:
-		return fmt.Errorf("nodeipc: deliver: Primary.Run returned: %w", ErrClosed)
-	case <-timer.C:
-		err := fmt.Errorf("nodeipc: deliver: no newconn reply within %v: %w", p.Channel.cfg.AckTimeout, ErrAckTimeout)
-		p.Channel.closeWith(err)
-		return err
+	}
+	p.mu.Unlock()
+	if err := p.Channel.SendHandle(ctx, "net.Native", newconnMsg{Cmd: "NODE_CLUSTER", Act: "newconn", Key: key, Seq: seq}, conn); err != nil {
+		if p.takePending(seq) == nil {
+			return seq, nil // answered meanwhile (the channel closed): done has the error
+		}
+		return seq, err
+	}
+	return seq, nil
+}
+
+// takePending removes and returns the handoff waiting for seq's answer: whoever takes it
+// calls it (each is called once).
+func (p *Primary) takePending(seq int) func(error) {
+	p.mu.Lock()
+	done := p.pending[seq]
+	delete(p.pending, seq)
+	// Answers come in order: the deadlines of answered handoffs leave from the front.
+	for p.dueHead < len(p.due) {
+		if _, ok := p.pending[p.due[p.dueHead].seq]; ok {
+			break
+		}
+		p.dueHead++
+	}
+	if p.dueHead == len(p.due) {
+		p.due, p.dueHead = p.due[:0], 0
+	}
+	p.mu.Unlock()
+	return done
+}
+
+// cancelQueued withdraws handoff seq if its handle still waits for the channel.
+func (p *Primary) cancelQueued(seq int) bool {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if _, ok := p.pending[seq]; !ok || !p.Channel.dropQueued(seq) {
+		return false
+	}
+	delete(p.pending, seq)
+	return true
+}
+
+// completeNewconn passes a newconn answer to the handoff waiting for it, from the
+// channel's reader. It reports whether one was waiting (if not, Run sees the message).
+func (p *Primary) completeNewconn(seq int, accepted bool) bool {
+	done := p.takePending(seq)
+	if done == nil {
+		return false
+	}
+	if accepted {
+		done(nil)
+	} else {
+		done(errDeliverRejected)
+	}
+	return true
+}
+
+// failPending fails every pending handoff: the channel closed.
+func (p *Primary) failPending() {
+	p.mu.Lock()
+	var fail []func(error)
+	for seq, done := range p.pending {
+		fail = append(fail, done)
+		delete(p.pending, seq)
+	}
+	p.due, p.dueHead = nil, 0
+	p.mu.Unlock()
+	if len(fail) == 0 {
+		return
+	}
+	err := fmt.Errorf("nodeipc: deliver: waiting for newconn reply: %w", p.Channel.sendErr())
+	for _, done := range fail {
+		done(err)
 	}
 }
 
-// completeNewconn passes a newconn answer to the Deliver waiting for it, from the
-// channel's reader. It reports whether one was waiting (if not, Run sees the message).
-func (p *Primary) completeNewconn(seq int, accepted bool) bool {
+// sweepDue runs when the oldest pending handoff may be overdue. One still waiting for the
+// channel fails (the worker is slow to take connections: the edge tries another); one whose
+// handle went out means a hung worker, whose channel is closed — which fails every other.
+func (p *Primary) sweepDue() {
+	now := time.Now()
+	var expired []func(error)
+	hung := false
 	p.mu.Lock()
-	ch := p.pending[seq]
-	delete(p.pending, seq)
-	p.mu.Unlock()
-	if ch == nil {
-		return false
+	p.dueArmed = false
+	for p.dueHead < len(p.due) {
+		d := p.due[p.dueHead]
+		done, ok := p.pending[d.seq]
+		if !ok {
+			p.dueHead++
+			continue
+		}
+		if now.Before(d.at) {
+			break
+		}
+		p.dueHead++
+		if p.Channel.dropQueued(d.seq) {
+			delete(p.pending, d.seq)
+			expired = append(expired, done)
+			continue
+		}
+		if d.extended {
+			hung = true
+			break
+		}
+		p.due = append(p.due, dueHandoff{seq: d.seq, at: now.Add(p.Channel.cfg.AckTimeout), extended: true})
 	}
-	ch <- accepted // capacity 1, one answer per seq
-	return true
+	if p.dueHead == len(p.due) {
+		p.due, p.dueHead = p.due[:0], 0
+	} else if p.dueHead > 1024 && p.dueHead > len(p.due)/2 {
+		p.due = append(p.due[:0], p.due[p.dueHead:]...)
+		p.dueHead = 0
+	}
+	if !hung && p.dueHead < len(p.due) {
+		p.dueArmed = true
+		p.dueTimer.Reset(p.due[p.dueHead].at.Sub(now))
+	}
+	p.mu.Unlock()
+	timeout := p.Channel.cfg.AckTimeout
+	for _, done := range expired {
+		done(fmt.Errorf("nodeipc: deliver: waited %v for the channel: %w", timeout, context.DeadlineExceeded))
+	}
+	if hung {
+		p.Channel.closeWith(fmt.Errorf("nodeipc: deliver: the worker took a handle and did not answer within %v: %w", timeout, ErrAckTimeout))
+	}
 }

@@ -1,0 +1,277 @@
+//go:build unix
+
+package nodeipc
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+)
+
+// newFakePrimary is a Primary on a fake channel whose app server is listening, as after
+// queryServer and "listening".
+func newFakePrimary(t *testing.T, cfg Config) (*Primary, *fakePeer) {
+	t.Helper()
+	ch, peer := newFakeChannel(t, cfg)
+	p := &Primary{Channel: ch}
+	p.init()
+	p.mu.Lock()
+	p.appKey, p.appListening = "::3000:4:-1", true
+	p.mu.Unlock()
+	p.style.Store(int32(StyleListen))
+	return p, peer
+}
+
+// results collects DeliverFunc answers and fails the test on a second answer to one handoff.
+type results struct {
+	t  *testing.T
+	mu sync.Mutex
+	m  map[int]error
+	ch chan int
+}
+
+func newResults(t *testing.T) *results {
+	return &results{t: t, m: map[int]error{}, ch: make(chan int, 2048)}
+}
+
+func (r *results) done(i int) func(error) {
+	return func(err error) {
+		r.mu.Lock()
+		defer r.mu.Unlock()
+		if _, dup := r.m[i]; dup {
+			r.t.Errorf("handoff %d answered twice (%v)", i, err)
+		}
+		r.m[i] = err
+		r.ch <- i
+	}
+}
+
+func (r *results) wait(n int) map[int]error {
+	r.t.Helper()
+	for range n {
+		select {
+		case <-r.ch:
+		case <-time.After(10 * time.Second):
+			r.t.Fatalf("only %d of %d handoffs answered", len(r.m), n)
+		}
+	}
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.m
+}
+
+// seqOf is the seq of a newconn NODE_HANDLE line.
+func seqOf(t *testing.T, line string) int {
+	t.Helper()
+	var seq int
+	i := strings.LastIndex(line, `"seq":`)
+	if i < 0 {
+		t.Fatalf("no seq in %q", line)
+	}
+	if _, err := fmt.Sscanf(line[i:], `"seq":%d}}`, &seq); err != nil {
+		t.Fatalf("seq of %q: %v", line, err)
+	}
+	return seq
+}
+
+// A burst of handoffs is queued at once and goes out one handle at a time, each after the
+// ACK of the one before, in order; the worker's answers (one refusal among them) reach the
+// right callers once each; a plain message waiting meanwhile is not held back until the
+// queue is empty.
+func TestDeliverFuncBurstKeepsOneHandleInFlight(t *testing.T) {
+	checkFDs(t)
+	p, peer := newFakePrimary(t, Config{})
+	a, b := unixPair(t)
+	defer a.Close()
+	defer b.Close()
+	const n = 6
+	r := newResults(t)
+	for i := range n {
+		if err := p.DeliverFunc(b, r.done(i)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	plain := make(chan error, 1)
+	var lines []string
+	last := -1
+	for len(lines) < n+1 {
+		line, _, err := peer.readLine(5 * time.Second)
+		if err != nil {
+			t.Fatalf("after %q: %v", lines, err)
+		}
+		lines = append(lines, line)
+		if line == `{"plain":true}` {
+			continue
+		}
+		seq := seqOf(t, line)
+		if seq <= last {
+			t.Fatalf("handle %q after seq %d", line, last)
+		}
+		last = seq
+		if extra, _, err := peer.readLine(50 * time.Millisecond); err == nil {
+			t.Fatalf("%q written while handle %d waited for its ACK", extra, seq)
+		}
+		if len(lines) == 1 {
+			go func() { plain <- p.Channel.Send(map[string]bool{"plain": true}) }()
+			for p.Channel.plainWaiting.Load() == 0 { // Send is blocked on the turn
+				time.Sleep(time.Millisecond)
+			}
+		}
+		accepted := seq != 2
+		peer.write(fmt.Sprintf("{\"cmd\":\"NODE_HANDLE_ACK\"}\n{\"cmd\":\"NODE_CLUSTER\",\"ack\":%d,\"accepted\":%v,\"seq\":%d}\n", seq, accepted, 100+seq))
+	}
+	if err := <-plain; err != nil {
+		t.Fatal(err)
+	}
+	if peer.fds != n { // each with its line: a read stops after the message that carries one
+		t.Fatalf("%d descriptors for %d handles", peer.fds, n)
+	}
+	if i := indexOf(lines, `{"plain":true}`); i < 0 || i > 3 {
+		t.Fatalf("plain message at %d of %q: held back behind the queue", i, lines)
+	}
+	got := r.wait(n)
+	for i := range n {
+		if (i == 2) != errors.Is(got[i], ErrRejected) || (i != 2 && got[i] != nil) {
+			t.Fatalf("handoff %d: %v", i, got[i])
+		}
+	}
+	if _, err := a.Write([]byte("x")); err != nil { // the conn is untouched
+		t.Fatal(err)
+	}
+}
+
+func indexOf(s []string, v string) int {
+	for i := range s {
+		if s[i] == v {
+			return i
+		}
+	}
+	return -1
+}
+
+// A Deliver whose context ends while its handle still waits for the turn is withdrawn:
+// it fails with the context's error and the worker never sees that handle.
+func TestDeliverWithdrawnWhileQueued(t *testing.T) {
+	checkFDs(t)
+	p, peer := newFakePrimary(t, Config{})
+	a, b := unixPair(t)
+	defer a.Close()
+	defer b.Close()
+	r := newResults(t)
+	if err := p.DeliverFunc(b, r.done(0)); err != nil {
+		t.Fatal(err)
+	}
+	first, _, err := peer.readLine(5 * time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 50*time.Millisecond)
+	defer cancel()
+	if err := p.Deliver(ctx, b); !errors.Is(err, context.DeadlineExceeded) {
+		t.Fatalf("queued Deliver: %v, want its context's deadline", err)
+	}
+	seq := seqOf(t, first)
+	peer.write(fmt.Sprintf("{\"cmd\":\"NODE_HANDLE_ACK\"}\n{\"cmd\":\"NODE_CLUSTER\",\"ack\":%d,\"accepted\":true}\n", seq))
+	if err := r.wait(1)[0]; err != nil {
+		t.Fatal(err)
+	}
+	if err := p.Channel.Send("after"); err != nil {
+		t.Fatal(err)
+	}
+	if line, _, err := peer.readLine(5 * time.Second); err != nil || line != `"after"` {
+		t.Fatalf("after the ACK: %q, %v (want no withdrawn handle)", line, err)
+	}
+}
+
+// A worker slow to take connections: a handoff that waited its turn longer than
+// AckTimeout fails with a deadline (the edge tries another worker) and is never sent,
+// while the ones that went out in time complete and the channel stays open.
+func TestDeliverFuncQueueWaitBounded(t *testing.T) {
+	checkFDs(t)
+	const timeout = 300 * time.Millisecond
+	p, peer := newFakePrimary(t, Config{AckTimeout: timeout})
+	a, b := unixPair(t)
+	defer a.Close()
+	defer b.Close()
+	r := newResults(t)
+	for i := range 3 {
+		if err := p.DeliverFunc(b, r.done(i)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	var sent []int
+	for {
+		line, _, err := peer.readLine(3 * timeout)
+		if err != nil {
+			break // nothing more comes
+		}
+		seq := seqOf(t, line)
+		sent = append(sent, seq)
+		time.Sleep(2 * timeout / 3) // a slow worker: each handle takes 200 ms
+		peer.write(fmt.Sprintf("{\"cmd\":\"NODE_HANDLE_ACK\"}\n{\"cmd\":\"NODE_CLUSTER\",\"ack\":%d,\"accepted\":true}\n", seq))
+	}
+	got := r.wait(3)
+	if len(sent) != 2 || got[0] != nil || got[1] != nil || !errors.Is(got[2], context.DeadlineExceeded) {
+		t.Fatalf("sent %v; answers %v", sent, got)
+	}
+	select {
+	case <-p.Channel.Done():
+		t.Fatalf("channel closed: %v", p.Channel.Err())
+	default:
+	}
+}
+
+// The worker dies with one handle in flight and more queued: every handoff is answered
+// once with the channel's error, and none is left waiting.
+func TestDeliverFuncWorkerDiesWithQueue(t *testing.T) {
+	checkFDs(t)
+	p, peer := newFakePrimary(t, Config{AckTimeout: 30 * time.Second})
+	a, b := unixPair(t)
+	defer a.Close()
+	defer b.Close()
+	r := newResults(t)
+	for i := range 4 {
+		if err := p.DeliverFunc(b, r.done(i)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if _, _, err := peer.readLine(5 * time.Second); err != nil {
+		t.Fatal(err)
+	}
+	peer.uc.Close()
+	for i, err := range r.wait(4) {
+		if !errors.Is(err, ErrClosed) {
+			t.Fatalf("handoff %d: %v, want ErrClosed", i, err)
+		}
+	}
+	if err := p.DeliverFunc(b, r.done(9)); !errors.Is(err, ErrClosed) {
+		t.Fatalf("DeliverFunc after the worker died: %v", err)
+	}
+}
+
+// A worker that stops taking handles: past maxQueuedHandles a handoff fails at once with
+// ErrBacklog instead of queueing without bound.
+func TestDeliverFuncBacklogBounded(t *testing.T) {
+	checkFDs(t)
+	p, peer := newFakePrimary(t, Config{AckTimeout: 30 * time.Second})
+	a, b := unixPair(t)
+	defer a.Close()
+	defer b.Close()
+	r := newResults(t)
+	for i := range maxQueuedHandles + 1 { // one in flight, the rest queued
+		if err := p.DeliverFunc(b, r.done(i)); err != nil {
+			t.Fatalf("handoff %d: %v", i, err)
+		}
+	}
+	if err := p.DeliverFunc(b, r.done(-1)); !errors.Is(err, ErrBacklog) {
+		t.Fatalf("one more: %v, want ErrBacklog", err)
+	}
+	peer.uc.Close()
+	if got := r.wait(maxQueuedHandles + 1); len(got) != maxQueuedHandles+1 {
+		t.Fatalf("%d answers", len(got))
+	}
+}
