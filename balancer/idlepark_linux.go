@@ -6,6 +6,7 @@ import (
 	"errors"
 	"net"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -20,11 +21,14 @@ import (
 // goroutine. The connection's descriptor stays registered with the runtime's poller too:
 // an epoll set may share a descriptor with another.
 type idlePark struct {
-	once  sync.Once
-	epfd  int
-	err   error
-	mu    sync.Mutex
-	conns map[int32]*parkedIdle
+	once sync.Once
+	epfd int
+	err  error
+	// failed is set when the park cannot take connections (its epoll set could not be
+	// made, or its poller failed): read without the once, on every keep-alive request.
+	failed atomic.Bool
+	mu     sync.Mutex
+	conns  map[int32]*parkedIdle
 }
 
 type parkedIdle struct {
@@ -36,6 +40,7 @@ type parkedIdle struct {
 func (p *idlePark) start() {
 	p.epfd, p.err = unix.EpollCreate1(unix.EPOLL_CLOEXEC)
 	if p.err != nil {
+		p.failed.Store(true)
 		return
 	}
 	p.mu.Lock()
@@ -55,7 +60,7 @@ func (b *Balancer) parkIdle(cc *clientConn) bool {
 			go b.runIdlePark()
 		}
 	})
-	if p.err != nil || b.frozen() || b.isClosing() {
+	if p.err != nil || p.failed.Load() || b.frozen() || b.isClosing() {
 		return false
 	}
 	switch cc.c.(type) {
@@ -100,6 +105,19 @@ func (b *Balancer) parkIdle(cc *clientConn) bool {
 	return true
 }
 
+// canParkIdle reports whether parkIdle can take c once it is idle: a plain socket, and
+// the park's epoll set works (or is not made yet). The keep-alive wait (awaitRequest)
+// holds the connection's buffers for parkAfter only when a longer wait will be parked
+// without them.
+func (b *Balancer) canParkIdle(c net.Conn) bool {
+	switch c.(type) {
+	case *net.TCPConn, *net.UnixConn:
+	default:
+		return false
+	}
+	return !b.idle.failed.Load()
+}
+
 // take removes fd's entry if it is still want (or any, with want nil) and reports whether
 // it did: exactly one of the wake-up, the timeout and wakeParked gets each connection.
 func (p *idlePark) take(fd int32, want *parkedIdle) bool {
@@ -126,6 +144,7 @@ func (b *Balancer) runIdlePark() {
 				continue
 			}
 			b.log.Error("idle keep-alive poller failed; idle connections are closed", "err", err)
+			p.failed.Store(true) // nothing would wake connections parked from now on
 			b.wakeParked()
 			return
 		}

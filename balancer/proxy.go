@@ -110,37 +110,57 @@ func waitReadable(c net.Conn) (ok bool, err error) {
 // its rate. A connection idle longer than this is the kind that piles up.
 const parkAfter = 250 * time.Millisecond
 
-// errIdleParked is waitOrPark's "the connection is parked now".
-var errIdleParked = errors.New("balancer: idle connection parked")
-
-// waitOrPark waits for the next request on an idle keep-alive connection whose read
-// deadline is the idle timeout: first up to parkAfter in this goroutine, then parked
-// (errIdleParked) — unless resumed, when it is readable already. ok and err are
-// waitReadable's; on return the read deadline is the idle timeout again (or in the past,
-// for a shutdown or an edge upgrade).
-func (b *Balancer) waitOrPark(cc *clientConn, resumed bool) (ok bool, err error) {
+// awaitRequest waits on an idle keep-alive connection until bytes of its next request
+// are in cb.br (err nil), it ends — idle timeout, closed by the client, woken for a
+// shutdown or an edge upgrade (err) — or it is parked without a goroutine (parked; the
+// park owns it from then on). On an error cb's buffers may have been given back.
+//
+// A connection the park can take waits up to parkAfter reading straight into its
+// buffers: the read that finds nothing and the one that gets the request are all the
+// system calls the wait costs (a MSG_PEEK wait without buffers cost two peeks and the
+// read; issue 14). The buffers are held that long only: a connection idle longer is
+// parked without them, so an idle connection still costs no buffer (issue 17). One that
+// cannot be parked (TLS, a connection with bytes of its own in front, no epoll) waits
+// without buffers on the runtime poller from the start, as does everything elsewhere.
+func (b *Balancer) awaitRequest(cc *clientConn, cb *connBufs, resumed bool) (parked bool, err error) {
 	c := cc.c
-	if resumed || b.cfg.IdleTimeout <= parkAfter {
-		return waitReadable(c)
+	if cb.br.Buffered() > 0 || cb.bw.Buffered() > 0 {
+		c.SetReadDeadline(time.Now().Add(b.cfg.IdleTimeout))
+		_, err = cb.br.Peek(1) // pipelined: no read unless nothing is buffered
+		return false, err
 	}
-	idleUntil := time.Now().Add(b.cfg.IdleTimeout)
-	c.SetReadDeadline(time.Now().Add(parkAfter))
-	ok, err = waitReadable(c)
-	if !ok || err == nil || !isTimeout(err) || b.frozen() || b.isClosing() {
-		if err == nil {
-			// The request has come: the short deadline must not outlive the wait, or it
-			// can expire before the head is read and drop the request with the connection.
+	now := time.Now()
+	idleUntil := now.Add(b.cfg.IdleTimeout)
+	grace := !resumed && b.cfg.IdleTimeout > parkAfter && b.canParkIdle(c)
+	if resumed || grace {
+		// resumed: it is readable already (or woken for a shutdown or an edge upgrade).
+		if grace {
+			c.SetReadDeadline(now.Add(parkAfter))
+		} else {
 			c.SetReadDeadline(idleUntil)
-			b.rewakeIfStopping(c)
 		}
-		return ok, err // readable, gone, or woken for a shutdown or an edge upgrade
-	}
-	if b.parkIdle(cc) {
-		return true, errIdleParked
+		b.rewakeIfStopping(c)
+		_, err = cb.br.Peek(1)
+		if err == nil || !grace || !isTimeout(err) || b.frozen() || b.isClosing() {
+			return false, err // the request, or gone, or woken for a shutdown or an upgrade
+		}
+		// Idle for parkAfter: parked without its buffers and goroutine. A request that
+		// arrives meanwhile is seen by the park (its epoll reports a readable socket).
+		cb.put()
+		if b.parkIdle(cc) {
+			return true, nil
+		}
+	} else {
+		cb.put()
 	}
 	c.SetReadDeadline(idleUntil)
 	b.rewakeIfStopping(c)
-	return waitReadable(c)
+	if ok, err := waitReadable(c); ok && err != nil {
+		return false, err
+	}
+	cb.get(c, b.cfg.MaxHeadBytes)
+	_, err = cb.br.Peek(1)
+	return false, err
 }
 
 // rewakeIfStopping sets c's read deadline in the past again if a shutdown or an edge
@@ -237,27 +257,14 @@ func (b *Balancer) proxyConn(cc *clientConn, pending *parkedExchange, resumed bo
 					return
 				}
 			}
-			c.SetReadDeadline(time.Now().Add(b.cfg.IdleTimeout))
-			if cb.br.Buffered() == 0 && cb.bw.Buffered() == 0 {
-				// Nothing pipelined: wait for the next request on the poller with the
-				// buffers given back (issue 17: an idle keep-alive connection held ≈30 KiB).
-				cb.put()
-				ok, err := b.waitOrPark(cc, resumed)
-				if ok && err == errIdleParked {
-					handedOff = true
-					return true
-				}
-				resumed = false
-				if ok && err != nil {
-					if b.frozen() && isTimeout(err) && b.park(c, nil) {
-						handedOff = true
-					}
-					return // idle timeout, shutdown, or parked
-				}
-				cb.get(c, b.cfg.MaxHeadBytes)
+			idleParked, err := b.awaitRequest(cc, &cb, resumed)
+			resumed = false
+			if idleParked {
+				handedOff = true
+				return true
 			}
-			if _, err := cb.br.Peek(1); err != nil {
-				if b.frozen() && isTimeout(err) && cb.br.Buffered() == 0 && b.park(c, nil) {
+			if err != nil {
+				if b.frozen() && isTimeout(err) && (cb.br == nil || cb.br.Buffered() == 0) && b.park(c, nil) {
 					handedOff = true
 				}
 				return // idle timeout, client closed, shutdown, or parked
