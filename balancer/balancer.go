@@ -495,7 +495,10 @@ func (b *Balancer) serveConn(cc *clientConn) {
 		// Nothing has been read from the socket: the worker sees the original bytes.
 		// The head aliases ph.buf, which stays ours until the handoff is done.
 		c.SetReadDeadline(time.Time{})
-		b.handoff(cc, &ph.head, nil)
+		if b.handoffPeeked(cc, ph) {
+			parked = true // the handoff untracks the connection when the worker answers
+			return
+		}
 		putPeekBuf(ph)
 		return
 	}
@@ -603,36 +606,74 @@ func closeGracefully(c net.Conn, drain bool) {
 	c.Close()
 }
 
-// handoff gives a WebSocket upgrade to its worker. consumed is nil when the head was
-// only peeked; otherwise it holds every byte the edge read from the connection.
+// handoff gives a WebSocket upgrade to its worker and returns when it is done. consumed
+// is nil when the head was only peeked; otherwise it holds every byte the edge read from
+// the connection.
 func (b *Balancer) handoff(cc *clientConn, h *upgrade.Head, consumed []byte) {
+	b.newHandoff(cc, h, consumed).next()
+}
+
+// handoffPeeked is handoff for serveConn's peeked upgrade, which may return before the
+// worker has answered (AsyncChannel: a Node worker). It reports whether it did: the
+// connection's tracking and ph are then released by the handoff when it ends.
+func (b *Balancer) handoffPeeked(cc *clientConn, ph *peekBuf) (pending bool) {
+	run := b.newHandoff(cc, &ph.head, nil)
+	run.ph = ph
+	return run.next()
+}
+
+// handoffRun is one upgrade's way to a worker: the attempts made so far, kept while a
+// worker's answer is pending so that a failure goes on from there.
+type handoffRun struct {
+	b        *Balancer
+	cc       *clientConn
+	h        *upgrade.Head
+	consumed []byte
+	meta     fdpass.Meta
+	tried    uint64
+	failed   *workers.Worker // the last worker this connection failed on (pools skip it by identity)
+	attempt  int
+	r        route     // the attempt in progress
+	start    time.Time // when it started
+	// ph, when set, allows an asynchronous handoff (AsyncChannel); the run then puts it
+	// back and untracks the connection when it ends.
+	ph *peekBuf
+}
+
+func (b *Balancer) newHandoff(cc *clientConn, h *upgrade.Head, consumed []byte) *handoffRun {
 	c := cc.c
-	peer := addrPort(c.RemoteAddr())
-	meta := fdpass.Meta{
-		Kind:     fdpass.KindConn,
-		ConnID:   b.connID.Add(1),
-		Remote:   peer,
-		Local:    addrPort(c.LocalAddr()),
-		Consumed: consumed,
+	return &handoffRun{
+		b: b, cc: cc, h: h, consumed: consumed,
+		meta: fdpass.Meta{
+			Kind:     fdpass.KindConn,
+			ConnID:   b.connID.Add(1),
+			Remote:   addrPort(c.RemoteAddr()),
+			Local:    addrPort(c.LocalAddr()),
+			Consumed: consumed,
+		},
 	}
-	var tried uint64
-	var failed *workers.Worker // the last worker this connection failed on (pools skip it by identity)
-	for attempt := 0; attempt < 3; attempt++ {
-		r := b.route(h, peer.Addr(), tried)
+}
+
+// next makes the remaining attempts, up to 3 in all, and answers 503 when none worked. It
+// reports whether a worker's answer is pending (complete goes on from there).
+func (run *handoffRun) next() (pending bool) {
+	b, c, h, consumed := run.b, run.cc.c, run.h, run.consumed
+	for ; run.attempt < 3; run.attempt++ {
+		r := b.route(h, run.meta.Remote.Addr(), run.tried)
 		if r.unknownSID {
 			// A peeked head is still unread in the socket: closing over it would reset the
 			// connection and destroy the 400, so the edge drains it first.
 			b.answerUnknownSession(c, h.Method == "HEAD")
 			closeGracefully(c, consumed == nil)
-			return
+			return false
 		}
-		if r.w == nil && r.pool.Gate != nil && !b.acquire(c, &r, failed, true, consumed == nil) {
-			return // answered 503, or the client left while it waited
+		if r.w == nil && r.pool.Gate != nil && !b.acquire(c, &r, run.failed, true, consumed == nil) {
+			return false // answered 503, or the client left while it waited
 		}
 		if r.w == nil {
 			break
 		}
-		start := time.Now()
+		run.r, run.start = r, time.Now()
 		var err error
 		// A backend reached by address takes no descriptors, a Node worker cannot take
 		// bytes the edge already read, and a TLS session lives in the edge: the edge tunnels (a peeked head is still in the
@@ -642,40 +683,84 @@ func (b *Balancer) handoff(cc *clientConn, h *upgrade.Head, consumed []byte) {
 			if dials && r.key.Kind == sticky.KindNone && !b.isHandshake(h) {
 				countTunnel(r.w)
 			}
-			if err = b.tunnel(cc, r.w, h, consumed); err == nil {
-				return
+			if err = b.tunnel(run.cc, r.w, h, consumed); err == nil {
+				return false
+			}
+		} else if ac, ok := r.w.Channel().(workers.AsyncChannel); ok && run.ph != nil {
+			if err = ac.DeliverFunc(c.(syscall.Conn), run.meta, run.complete); err == nil {
+				return true
 			}
 		} else {
 			// Each channel bounds its own wait (HandoffTimeout): no context per handoff.
-			if err = r.w.Channel().Deliver(context.Background(), c.(syscall.Conn), meta); err == nil {
+			if err = r.w.Channel().Deliver(context.Background(), c.(syscall.Conn), run.meta); err == nil {
 				// The worker holds its own descriptor now; the edge keeps nothing.
 				c.Close()
-				b.handedOff(r.w, start)
-				return
+				b.handedOff(r.w, run.start)
+				return false
 			}
 		}
-		b.m.HandoffDuration.Observe(time.Since(start).Seconds())
-		result := metrics.HandoffError
-		if errors.Is(err, workers.ErrWorkerTimeout) {
-			result = metrics.HandoffTimeout
-			// A worker that does not take connections gets no new sessions for a while;
-			// the ones it already holds are not moved.
-			r.w.MarkStuck(b.log, "a handoff timed out")
+		if !run.failedAttempt(err) {
+			return false
 		}
-		b.m.Handoffs.WithLabelValues(r.w.Label(), result).Inc()
-		b.warnf("handoff failed", "worker", r.w.Slot, "err", err)
-		if r.key.Kind == sticky.KindSID {
-			break // the session exists only on that worker
-		}
-		if r.tableKey != "" {
-			b.tableFor(r.key.Kind).Delete(r.tableKey)
-		}
-		tried |= slotBit(r.w.Slot)
-		failed = r.w
-		b.m.Handoffs.WithLabelValues(r.w.Label(), metrics.HandoffRetried).Inc()
 	}
 	b.m.Rejections.WithLabelValues(metrics.RejectNoWorker).Inc()
 	b.reject(c, 503, "no worker could take the connection; try again", consumed == nil)
+	return false
+}
+
+// complete is a worker's answer to an asynchronous handoff, on the worker channel's own
+// goroutine: a success ends the run there; a failure goes on in a goroutine of its own
+// (the next attempt may wait, and the channel must keep serving its worker).
+func (run *handoffRun) complete(err error) {
+	if err == nil {
+		run.cc.c.Close() // the worker holds its own descriptor now; the edge keeps nothing
+		run.b.handedOff(run.r.w, run.start)
+		run.end()
+		return
+	}
+	go func() {
+		if run.failedAttempt(err) {
+			run.attempt++
+			if run.next() {
+				return
+			}
+		}
+		run.end()
+	}()
+}
+
+// end releases what an asynchronous handoff kept for its last attempt.
+func (run *handoffRun) end() {
+	putPeekBuf(run.ph)
+	run.b.untrack(run.cc)
+}
+
+// failedAttempt records a failed attempt and reports whether another worker may be tried.
+func (run *handoffRun) failedAttempt(err error) bool {
+	b, r := run.b, run.r
+	b.m.HandoffDuration.Observe(time.Since(run.start).Seconds())
+	result := metrics.HandoffError
+	if errors.Is(err, workers.ErrWorkerTimeout) {
+		result = metrics.HandoffTimeout
+		// A worker that does not take connections gets no new sessions for a while;
+		// the ones it already holds are not moved.
+		r.w.MarkStuck(b.log, "a handoff timed out")
+	}
+	b.m.Handoffs.WithLabelValues(r.w.Label(), result).Inc()
+	b.warnf("handoff failed", "worker", r.w.Slot, "err", err)
+	if r.key.Kind == sticky.KindSID {
+		// The session exists only on that worker.
+		b.m.Rejections.WithLabelValues(metrics.RejectNoWorker).Inc()
+		b.reject(run.cc.c, 503, "no worker could take the connection; try again", run.consumed == nil)
+		return false
+	}
+	if r.tableKey != "" {
+		b.tableFor(r.key.Kind).Delete(r.tableKey)
+	}
+	run.tried |= slotBit(r.w.Slot)
+	run.failed = r.w
+	b.m.Handoffs.WithLabelValues(r.w.Label(), metrics.HandoffRetried).Inc()
+	return true
 }
 
 // handedOff counts a connection a worker took (both paths record it here).

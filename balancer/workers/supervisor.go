@@ -1238,9 +1238,18 @@ func (n *nodeChannel) Deliver(ctx context.Context, conn syscall.Conn, _ fdpass.M
 	// Node's sender keeps one handle in flight: bound the wait for the channel too.
 	ctx, cancel := context.WithTimeout(ctx, n.timeout)
 	defer cancel()
-	err := n.p.Deliver(ctx, conn)
+	return nodeErr(n.p.Deliver(ctx, conn))
+}
+
+// DeliverFunc hands conn over without waiting (AsyncChannel): a handle that waits its turn
+// longer than the handoff timeout fails with ErrWorkerTimeout, as Deliver's does.
+func (n *nodeChannel) DeliverFunc(conn syscall.Conn, _ fdpass.Meta, done func(error)) error {
+	return nodeErr(n.p.DeliverFunc(conn, func(err error) { done(nodeErr(err)) }))
+}
+
+// nodeErr gives "the worker did not take it" one error whatever the worker's kind.
+func nodeErr(err error) error {
 	if errors.Is(err, nodeipc.ErrAckTimeout) || errors.Is(err, context.DeadlineExceeded) {
-		// One error for "the worker did not take it" whatever the worker's kind.
 		return fmt.Errorf("%w: %w", ErrWorkerTimeout, err)
 	}
 	return err

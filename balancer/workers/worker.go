@@ -39,6 +39,17 @@ type Channel interface {
 	Close() error
 }
 
+// AsyncChannel is a Channel that can hand a connection over without its caller waiting
+// for the worker's answer. Node workers are: they take one handle at a time, and their
+// channel sends the next one from its reader as soon as the worker has acknowledged the
+// one before, so a burst of handoffs wakes no goroutine per connection.
+type AsyncChannel interface {
+	// DeliverFunc is Deliver without the wait: done gets Deliver's result later, exactly
+	// once, from the channel's own goroutine (it must not block), and conn must stay open
+	// until then. When DeliverFunc returns an error nothing was sent and done is not called.
+	DeliverFunc(conn syscall.Conn, meta fdpass.Meta, done func(error)) error
+}
+
 // WorkerState is where a worker is in its life.
 type WorkerState int32
 

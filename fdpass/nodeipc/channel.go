@@ -471,6 +471,7 @@ type pipedHandle struct {
 	conn     syscall.Conn // the caller's: Primary.Deliver keeps it open until the reply
 	seq      int
 	attempts int
+	line     []byte // its line (in hbuf), for a resend
 }
 
 type handleEnvelope struct {
@@ -609,33 +610,38 @@ func (c *Channel) sendNewconn(typ string, msg any, seq int, conn syscall.Conn) e
 // reader's (it releases it on the ACK); on failure the caller still holds it.
 func (c *Channel) startNewconn(h queuedNewconn, fromReader bool) error {
 	var err error
-	// msg stays the caller's interface value: converting the newconnMsg again would allocate.
-	if c.hbuf, err = c.hcache.appendLine(c.hbuf[:0], h.typ, h.msg); err != nil {
-		return err
-	}
+	// hbuf is made and taken under mu: the next holder of the turn, which rewrites it, is
+	// the reader that saw this line's ACK, and mu is what orders the two for the race
+	// detector (the socket in between is invisible to it).
 	c.mu.Lock()
 	if c.err != nil {
 		c.mu.Unlock()
 		return c.sendErr()
 	}
+	// msg stays the caller's interface value: converting the newconnMsg again would allocate.
+	if c.hbuf, err = c.hcache.appendLine(c.hbuf[:0], h.typ, h.msg); err != nil {
+		c.mu.Unlock()
+		return err
+	}
+	line := c.hbuf
 	c.inflight = true
-	c.piped = pipedHandle{active: true, conn: h.conn, seq: h.seq}
+	c.piped = pipedHandle{active: true, conn: h.conn, seq: h.seq, line: line}
 	c.armAckLocked()
 	c.mu.Unlock()
 	if fromReader {
-		sent, err := c.tryWriteLine(c.hbuf, h.conn)
+		sent, err := c.tryWriteLine(line, h.conn)
 		if err == nil && !sent {
 			// The socket is full (the worker is not reading): wait for room elsewhere, as
 			// the reader must keep reading meanwhile.
 			go func() {
-				if err := c.writeLine(c.hbuf, h.conn); err != nil {
+				if err := c.writeLine(line, h.conn); err != nil {
 					c.abandonPiped(h.seq)
 				}
 			}()
 			return nil
 		}
 	} else {
-		err = c.writeLine(c.hbuf, h.conn)
+		err = c.writeLine(line, h.conn)
 	}
 	if err != nil {
 		c.mu.Lock()
@@ -766,7 +772,7 @@ func (c *Channel) pipedAck(ok bool) {
 	// Not from the reader itself: a write may wait (up to the ACK timeout) for room in
 	// the socket, and the reader must keep reading meanwhile.
 	go func() {
-		if err := c.writeLine(c.hbuf, ph.conn); err != nil {
+		if err := c.writeLine(ph.line, ph.conn); err != nil {
 			c.abandonPiped(ph.seq)
 		}
 	}()
@@ -961,16 +967,54 @@ func readLoop(c *Channel, done chan struct{}, pending []byte) {
 	if len(pending) > 0 {
 		cause = lr.push(pending, c.handleLine)
 	}
-	for cause == nil {
-		n, oobn, flags, _, err := c.uc.ReadMsgUnix(buf, oob)
-		if oobn > 0 || flags&unix.MSG_CTRUNC != 0 {
-			c.dropFDs(oob[:oobn], flags)
-		}
-		if n > 0 {
+	// The reads happen inside one RawRead: a read that returns less than the buffer and
+	// no descriptor has drained the socket, so the reader waits for the poller at once
+	// instead of trying again for EAGAIN (one system call less each time the worker
+	// writes: most wake-ups are one ACK or one answer). Readiness that comes meanwhile is
+	// not lost: the poller records it from the start of RawRead on.
+	var (
+		n, oobn, flags int
+		err            error
+	)
+	read := func(fd uintptr) bool {
+		for {
+			n, oobn, flags, err = recvmsgNow(int(fd), buf, oob)
+			switch {
+			case err == unix.EINTR:
+				continue
+			case err == unix.EAGAIN || err == unix.EWOULDBLOCK:
+				err = nil
+				return false
+			case err != nil || n == 0:
+				return true
+			}
+			if oobn > 0 || flags&unix.MSG_CTRUNC != 0 {
+				c.dropFDs(oob[:oobn], flags)
+			}
 			if perr := lr.push(buf[:n], c.handleLine); perr != nil {
 				cause = perr
-				break
+				return true
 			}
+			if n < len(buf) && oobn == 0 {
+				return false
+			}
+		}
+	}
+	for cause == nil {
+		n, oobn, flags, err = 0, 0, 0, nil
+		var rerr error
+		if c.ucRaw == nil {
+			rerr = net.ErrClosed
+		} else {
+			rerr = c.ucRaw.Read(read)
+		}
+		if cause != nil {
+			break
+		}
+		if rerr != nil {
+			err = rerr
+		} else if err != nil {
+			err = os.NewSyscallError("recvmsg", err)
 		}
 		if err != nil && errors.Is(err, os.ErrDeadlineExceeded) && c.stopping.Load() {
 			c.mu.Lock()
