@@ -136,6 +136,20 @@ func BenchmarkNodeHandoffCPU(b *testing.B) {
 		}
 		b.ReportMetric(float64(cpu)/float64(n)/1e3, "edge-cpu-µs/handoff")
 	}
+	// fill makes n client connections for the next batch; drop closes the ends the worker
+	// did not get (both outside the CPU count).
+	fill := func(b *testing.B, n int) {
+		for range n {
+			k, g := rawPair(b)
+			keeps, gives = append(keeps, k), append(gives, g)
+		}
+	}
+	drop := func() {
+		for _, k := range keeps {
+			unix.Close(k)
+		}
+		keeps, gives = keeps[:0], gives[:0]
+	}
 	// A busy edge: 8 callers at once (the turn still lets one handle out at a time), so the
 	// process is seldom idle between a handle, its ACK and its answer.
 	runParallel := func(b *testing.B, waitACK bool) {
@@ -146,10 +160,7 @@ func BenchmarkNodeHandoffCPU(b *testing.B) {
 		var cpu time.Duration
 		for done := 0; done < b.N; {
 			n := min(batch, b.N-done)
-			for range n {
-				k, g := rawPair(b)
-				keeps, gives = append(keeps, k), append(gives, g)
-			}
+			fill(b, n)
 			work := make(chan *os.File, n)
 			for _, g := range gives {
 				work <- g
@@ -175,10 +186,7 @@ func BenchmarkNodeHandoffCPU(b *testing.B) {
 				}
 			}
 			cpu += cpuNow() - c0
-			for _, k := range keeps {
-				unix.Close(k)
-			}
-			keeps, gives = keeps[:0], gives[:0]
+			drop()
 			done += n
 		}
 		b.ReportMetric(float64(cpu)/float64(b.N)/1e3, "edge-cpu-µs/handoff")
@@ -191,10 +199,7 @@ func BenchmarkNodeHandoffCPU(b *testing.B) {
 		var cpu time.Duration
 		for done := 0; done < b.N; {
 			n := min(batch, b.N-done)
-			for range n {
-				k, g := rawPair(b)
-				keeps, gives = append(keeps, k), append(gives, g)
-			}
+			fill(b, n)
 			// One wake-up of this goroutine per batch, not per handoff (the edge has none).
 			var left atomic.Int64
 			left.Store(int64(n))
@@ -220,10 +225,7 @@ func BenchmarkNodeHandoffCPU(b *testing.B) {
 				b.Fatal(*err)
 			}
 			cpu += cpuNow() - c0
-			for _, k := range keeps {
-				unix.Close(k)
-			}
-			keeps, gives = keeps[:0], gives[:0]
+			drop()
 			done += n
 		}
 		b.ReportMetric(float64(cpu)/float64(b.N)/1e3, "edge-cpu-µs/handoff")

@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 )
@@ -47,6 +48,16 @@ func (r *results) done(i int) func(error) {
 		}
 		r.m[i] = err
 		r.ch <- i
+	}
+}
+
+// deliver starts handoffs 0..n-1 of conn with DeliverFunc.
+func (r *results) deliver(p *Primary, conn syscall.Conn, n int) {
+	r.t.Helper()
+	for i := range n {
+		if err := p.DeliverFunc(conn, r.done(i)); err != nil {
+			r.t.Fatalf("handoff %d: %v", i, err)
+		}
 	}
 }
 
@@ -90,11 +101,7 @@ func TestDeliverFuncBurstKeepsOneHandleInFlight(t *testing.T) {
 	defer b.Close()
 	const n = 6
 	r := newResults(t)
-	for i := range n {
-		if err := p.DeliverFunc(b, r.done(i)); err != nil {
-			t.Fatal(err)
-		}
-	}
+	r.deliver(p, b, n)
 	plain := make(chan error, 1)
 	var lines []string
 	last := -1
@@ -198,11 +205,7 @@ func TestDeliverFuncQueueWaitBounded(t *testing.T) {
 	defer a.Close()
 	defer b.Close()
 	r := newResults(t)
-	for i := range 3 {
-		if err := p.DeliverFunc(b, r.done(i)); err != nil {
-			t.Fatal(err)
-		}
-	}
+	r.deliver(p, b, 3)
 	var sent []int
 	for {
 		line, _, err := peer.readLine(3 * timeout)
@@ -234,11 +237,7 @@ func TestDeliverFuncWorkerDiesWithQueue(t *testing.T) {
 	defer a.Close()
 	defer b.Close()
 	r := newResults(t)
-	for i := range 4 {
-		if err := p.DeliverFunc(b, r.done(i)); err != nil {
-			t.Fatal(err)
-		}
-	}
+	r.deliver(p, b, 4)
 	if _, _, err := peer.readLine(5 * time.Second); err != nil {
 		t.Fatal(err)
 	}
@@ -262,11 +261,7 @@ func TestDeliverFuncBacklogBounded(t *testing.T) {
 	defer a.Close()
 	defer b.Close()
 	r := newResults(t)
-	for i := range maxQueuedHandles + 1 { // one in flight, the rest queued
-		if err := p.DeliverFunc(b, r.done(i)); err != nil {
-			t.Fatalf("handoff %d: %v", i, err)
-		}
-	}
+	r.deliver(p, b, maxQueuedHandles+1) // one in flight, the rest queued
 	if err := p.DeliverFunc(b, r.done(-1)); !errors.Is(err, ErrBacklog) {
 		t.Fatalf("one more: %v, want ErrBacklog", err)
 	}
