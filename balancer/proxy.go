@@ -42,10 +42,12 @@ var (
 	copyPool    = sync.Pool{New: func() any { b := make([]byte, 32<<10); return &b }}
 	smallPool   = sync.Pool{New: func() any { b := make([]byte, replayableBody); return &b }}
 	scratchPool = sync.Pool{New: func() any {
-		return &proxyScratch{
+		sc := &proxyScratch{
 			head: upgrade.Head{Fields: make([]upgrade.Field, 0, 32)},
 			resp: upgrade.Response{Raw: make([]byte, 0, 2048), Fields: make([]upgrade.RespField, 0, 32)},
 		}
+		sc.sendStep = sc.x.sendStep
+		return sc
 	}}
 )
 
@@ -182,6 +184,10 @@ type proxyScratch struct {
 	x exchange // the request in flight (here, not on the heap per request)
 
 	parked bool // the request in flight went to the next edge image with the connection
+
+	// sendStep is x.sendStep as a func value, made once: a method value made per request
+	// would be a heap allocation per request (it escapes into RawConn.Read).
+	sendStep func(uintptr) bool
 }
 
 func (sc *proxyScratch) reset() {
@@ -582,6 +588,9 @@ type exchange struct {
 	clientTimeout bool
 	aborted       atomic.Bool
 	senderFailed  atomic.Bool
+
+	sendDone bool  // sendStep wrote the request
+	sendErr  error // and this was the write's error
 }
 
 // retrySafe reports whether the request may go to a worker again: nothing of it reached
@@ -621,14 +630,9 @@ func (x *exchange) run(fresh bool) (keep bool, err error) {
 	if x.streaming {
 		x.sent = make(chan error, 1)
 		go x.sendBody(vc, x.sent, sc.head.Chunked, sc.head.ContentLength)
-	} else {
-		if x.small != nil {
-			vc.BW.Write(x.small)
-		}
-		if err := vc.BW.Flush(); err != nil {
-			x.stale = vc.Reused
-			return false, err
-		}
+	} else if x.small != nil {
+		// Sent by awaitResponse, in the same wait as the answer's first byte.
+		vc.BW.Write(x.small)
 	}
 	return x.relay(&reusable)
 }
@@ -727,7 +731,13 @@ func (x *exchange) awaitResponse() error {
 		if x.senderFailed.Load() {
 			return errAborted
 		}
-		_, err := vc.BR.Peek(1)
+		var err error
+		if !x.streaming && vc.BW.Buffered() > 0 {
+			err = x.sendAndWait()
+		}
+		if err == nil {
+			_, err = vc.BR.Peek(1)
+		}
 		if err == nil {
 			// The rest of the head gets the same bound.
 			vc.C.SetReadDeadline(time.Now().Add(b.cfg.ResponseTimeout))
@@ -752,10 +762,59 @@ func (x *exchange) awaitResponse() error {
 	}
 }
 
+// sendAndWait sends the request in vc.BW (a request without a streaming body) and
+// waits for the worker's socket to become readable, in one read wait: the write is made
+// from inside it, after the runtime's poller began to record the socket's readiness, so
+// the read of the answer is not tried once before the worker can have answered (that
+// read found nothing, every time: one system call per request; issue 14). Nothing that
+// arrives after the write is missed — only readiness from before the wait began is
+// forgotten, and before the write nothing may arrive (Pool.Get probed the connection
+// idle). A write error is returned as the flush's; a wait error (deadline) after a
+// complete write as the read's, as from Peek.
+func (x *exchange) sendAndWait() error {
+	vc := x.vc
+	sc, ok := vc.C.(syscall.Conn)
+	var rc syscall.RawConn
+	if ok {
+		rc, _ = sc.SyscallConn()
+	}
+	if rc == nil || x != &x.sc.x { // sendStep is bound to the scratch's exchange
+		return vc.BW.Flush()
+	}
+	x.sendErr, x.sendDone = nil, false
+	err := rc.Read(x.sc.sendStep)
+	if !x.sendDone {
+		// The wait did not start (a deadline already past, a closed socket): the request
+		// is sent all the same, so a freeze's hand-over (park) gets a request the worker
+		// has — or a write error.
+		if ferr := vc.BW.Flush(); ferr != nil {
+			return ferr
+		}
+		return err
+	}
+	if x.sendErr != nil {
+		return x.sendErr
+	}
+	return err
+}
+
+// sendStep is sendAndWait's read-wait function: on its first call it writes the request
+// and reports "not readable yet" (unless the write failed); called again, the socket is
+// readable (or the wake-up was for readiness the read that follows finds spent: it then
+// waits on the poller as any read does).
+func (x *exchange) sendStep(uintptr) bool {
+	if x.sendDone {
+		return true
+	}
+	x.sendDone = true
+	x.sendErr = x.vc.BW.Flush()
+	return x.sendErr != nil
+}
+
 // park hands the exchange to the next edge image, if it can go: the request was sent
 // whole and nothing of the answer has arrived.
 func (x *exchange) park() bool {
-	if x.streaming || x.sent != nil || x.vc.BR.Buffered() > 0 || x.cc == nil {
+	if x.streaming || x.sent != nil || x.vc.BR.Buffered() > 0 || x.vc.BW.Buffered() > 0 || x.cc == nil {
 		return false
 	}
 	buffered, _ := x.br.Peek(x.br.Buffered()) // pipelined requests
