@@ -238,6 +238,7 @@ func (b *Balancer) proxyConn(cc *clientConn, pending *parkedExchange, resumed bo
 	peer := addrPort(c.RemoteAddr())
 	trusted := b.cfg.Rules.Trusts(peer.Addr())
 	first, counted := !resumed, resumed
+	whole := false // the next request's head was parsed whole where it lay (no head deadline)
 	if pending != nil {
 		first, counted = false, true
 		keep := b.finishParked(cc, cb.br, cb.bw, cb.sc, peer, pending)
@@ -275,29 +276,43 @@ func (b *Balancer) proxyConn(cc *clientConn, pending *parkedExchange, resumed bo
 				}
 				return // idle timeout, client closed, shutdown, or parked
 			}
-			cc.state.Store(connHead)
-			c.SetReadDeadline(time.Now().Add(b.cfg.HeadTimeout))
+			// A head that came whole (the usual case) is parsed where it is: no head
+			// deadline to set now and clear after it. One that did not is read on within
+			// HeadTimeout. A whole head leaves the wait's deadline behind: every read of
+			// the client after a head sets its own (body reads, the next wait), and the
+			// WebSocket hand-off clears it.
+			if buf, _ := cb.br.Peek(cb.br.Buffered()); upgrade.ParseInto(&cb.sc.head, buf, b.cfg.MaxHeadBytes) == nil {
+				whole = true
+			} else {
+				cc.state.Store(connHead)
+				c.SetReadDeadline(time.Now().Add(b.cfg.HeadTimeout))
+			}
 		}
 		first = false
 		br, sc := cb.br, cb.sc
-		n, err := readHead(br, &sc.head, b.cfg.MaxHeadBytes)
-		if err != nil {
-			if b.frozen() && isTimeout(err) {
-				// Part of a head has arrived: the next image gets those bytes with it.
-				buffered, _ := br.Peek(br.Buffered())
-				if b.park(c, buffered) {
-					handedOff = true
+		if !whole {
+			n, err := readHead(br, &sc.head, b.cfg.MaxHeadBytes)
+			if err != nil {
+				if b.frozen() && isTimeout(err) {
+					// Part of a head has arrived: the next image gets those bytes with it.
+					buffered, _ := br.Peek(br.Buffered())
+					if b.park(c, buffered) {
+						handedOff = true
+						return
+					}
+				}
+				if n == 0 && (errors.Is(err, io.EOF) || isTimeout(err)) {
 					return
 				}
-			}
-			if n == 0 && (errors.Is(err, io.EOF) || isTimeout(err)) {
+				b.rejectHead(c, err)
 				return
 			}
-			b.rejectHead(c, err)
-			return
 		}
 		cc.state.Store(connActive)
-		c.SetReadDeadline(time.Time{})
+		if !whole || sc.head.WebSocket {
+			c.SetReadDeadline(time.Time{})
+		}
+		whole = false
 		if sc.head.WebSocket {
 			// The head (and anything pipelined after it) has been read: the worker gets
 			// those bytes with the descriptor. The head aliases br's buffer, which nothing
@@ -714,16 +729,17 @@ func (x *exchange) relay(reusable *bool) (keep bool, err error) {
 // exchange to the next edge image when the edge freezes for an upgrade.
 func (x *exchange) awaitResponse() error {
 	vc, b := x.vc, x.b
-	if vc.BR.Buffered() > 0 {
+	if vc.BR.Buffered() > 0 && (x.streaming || vc.BW.Buffered() == 0) {
 		return nil
 	}
-	deadline := time.Now().Add(b.cfg.ResponseTimeout)
+	now := time.Now()
+	deadline := now.Add(b.cfg.ResponseTimeout)
 	if x.cc != nil {
 		x.cc.waiting.Store(vc)
 		defer x.cc.waiting.Store(nil)
 	}
 	for {
-		wake := time.Now().Add(clientCheckInterval)
+		wake := now.Add(clientCheckInterval)
 		if wake.After(deadline) {
 			wake = deadline
 		}
@@ -739,8 +755,12 @@ func (x *exchange) awaitResponse() error {
 			_, err = vc.BR.Peek(1)
 		}
 		if err == nil {
-			// The rest of the head gets the same bound.
-			vc.C.SetReadDeadline(time.Now().Add(b.cfg.ResponseTimeout))
+			// The rest of the head gets the same bound — unless it is all here already
+			// (the usual case; not an interim 1xx answer, after which the final one is
+			// read): the body's reads each set their own (WaitRead).
+			if buf, _ := vc.BR.Peek(vc.BR.Buffered()); len(buf) < 10 || buf[9] == '1' || !bytes.Contains(buf, crlfcrlf) {
+				vc.C.SetReadDeadline(time.Now().Add(b.cfg.ResponseTimeout))
+			}
 			return nil
 		}
 		if !isTimeout(err) {
@@ -756,11 +776,13 @@ func (x *exchange) awaitResponse() error {
 		if !x.streaming && clientGone(x.c) {
 			return errClientGone
 		}
-		if !time.Now().Before(deadline) {
+		if now = time.Now(); !now.Before(deadline) {
 			return errResponseTimeout
 		}
 	}
 }
+
+var crlfcrlf = []byte("\r\n\r\n")
 
 // sendAndWait sends the request in vc.BW (a request without a streaming body) and
 // waits for the worker's socket to become readable, in one read wait: the write is made
