@@ -46,7 +46,7 @@ var (
 			head: upgrade.Head{Fields: make([]upgrade.Field, 0, 32)},
 			resp: upgrade.Response{Raw: make([]byte, 0, 2048), Fields: make([]upgrade.RespField, 0, 32)},
 		}
-		sc.sendStep = sc.x.sendStep
+		sc.sendStep, sc.flushStep = sc.x.sendStep, sc.flushWaitStep
 		return sc
 	}}
 )
@@ -58,6 +58,8 @@ type connBufs struct {
 	br *bufio.Reader
 	bw *bufio.Writer
 	sc *proxyScratch
+
+	raw syscall.RawConn // the client's socket, for flushAndWait (kept by put)
 }
 
 func (cb *connBufs) get(c net.Conn, size int) {
@@ -85,7 +87,7 @@ func (cb *connBufs) put() {
 	readerPool.Put(cb.br)
 	cb.bw.Reset(nil)
 	writerPool.Put(cb.bw)
-	*cb = connBufs{}
+	*cb = connBufs{raw: cb.raw}
 }
 
 // waitReadable parks the goroutine on the runtime poller until c has a byte to read, is
@@ -124,11 +126,15 @@ const parkAfter = 250 * time.Millisecond
 // parked without them, so an idle connection still costs no buffer (issue 17). One that
 // cannot be parked (TLS, a connection with bytes of its own in front, no epoll) waits
 // without buffers on the runtime poller from the start, as does everything elsewhere.
-func (b *Balancer) awaitRequest(cc *clientConn, cb *connBufs, resumed bool) (parked bool, err error) {
+func (b *Balancer) awaitRequest(cc *clientConn, cb *connBufs, resumed, combine bool) (parked bool, err error) {
 	c := cc.c
-	if cb.br.Buffered() > 0 || cb.bw.Buffered() > 0 {
+	if cb.br.Buffered() > 0 {
+		// Pipelined: the last answer goes out, the next head is read from the buffer.
+		if err := cb.bw.Flush(); err != nil {
+			return false, err
+		}
 		c.SetReadDeadline(time.Now().Add(b.cfg.IdleTimeout))
-		_, err = cb.br.Peek(1) // pipelined: no read unless nothing is buffered
+		_, err = cb.br.Peek(1)
 		return false, err
 	}
 	now := time.Now()
@@ -142,7 +148,14 @@ func (b *Balancer) awaitRequest(cc *clientConn, cb *connBufs, resumed bool) (par
 			c.SetReadDeadline(idleUntil)
 		}
 		b.rewakeIfStopping(c)
-		_, err = cb.br.Peek(1)
+		if grace && combine && cb.bw.Buffered() > 0 {
+			err = b.flushAndWait(c, cb)
+		} else {
+			err = cb.bw.Flush()
+		}
+		if err == nil {
+			_, err = cb.br.Peek(1)
+		}
 		if err == nil || !grace || !isTimeout(err) || b.frozen() || b.isClosing() {
 			return false, err // the request, or gone, or woken for a shutdown or an upgrade
 		}
@@ -153,6 +166,9 @@ func (b *Balancer) awaitRequest(cc *clientConn, cb *connBufs, resumed bool) (par
 			return true, nil
 		}
 	} else {
+		if err := cb.bw.Flush(); err != nil {
+			return false, err
+		}
 		cb.put()
 	}
 	c.SetReadDeadline(idleUntil)
@@ -163,6 +179,48 @@ func (b *Balancer) awaitRequest(cc *clientConn, cb *connBufs, resumed bool) (par
 	cb.get(c, b.cfg.MaxHeadBytes)
 	_, err = cb.br.Peek(1)
 	return false, err
+}
+
+// flushAndWait sends the last answer, left in cb.bw by writeResponse, from inside the
+// wait for the next request (RawConn.Read), as sendAndWait does with a request: the
+// poller records the socket's readiness from before the write on, so the first read of
+// the next request is not tried when it cannot have come yet (one system call per
+// request; issue 14). Readiness from before the wait began is forgotten: bytes a client
+// sent before it had its answer — a pipelined request, a FIN — are seen at the end of
+// the grace, when the park finds them (up to parkAfter late; proxyConn stops combining
+// on a connection that has pipelined). The answer is sent even when the wait cannot start.
+func (b *Balancer) flushAndWait(c net.Conn, cb *connBufs) error {
+	if cb.raw == nil {
+		rc, err := c.(syscall.Conn).SyscallConn() // canParkIdle: a TCP or Unix socket
+		if err != nil {
+			return cb.bw.Flush()
+		}
+		cb.raw = rc
+	}
+	rc, sc := cb.raw, cb.sc
+	sc.flushW, sc.flushDone, sc.flushErr = cb.bw, false, nil
+	err := rc.Read(sc.flushStep)
+	sc.flushW = nil
+	if !sc.flushDone {
+		if ferr := cb.bw.Flush(); ferr != nil {
+			return ferr
+		}
+		return err
+	}
+	if sc.flushErr != nil {
+		return sc.flushErr
+	}
+	return err
+}
+
+// flushWaitStep is flushAndWait's read-wait function (see sendStep).
+func (sc *proxyScratch) flushWaitStep(uintptr) bool {
+	if sc.flushDone {
+		return true
+	}
+	sc.flushDone = true
+	sc.flushErr = sc.flushW.Flush()
+	return sc.flushErr != nil
 }
 
 // rewakeIfStopping sets c's read deadline in the past again if a shutdown or an edge
@@ -185,9 +243,15 @@ type proxyScratch struct {
 
 	parked bool // the request in flight went to the next edge image with the connection
 
-	// sendStep is x.sendStep as a func value, made once: a method value made per request
-	// would be a heap allocation per request (it escapes into RawConn.Read).
-	sendStep func(uintptr) bool
+	// sendStep is x.sendStep and flushStep sc.flushWaitStep as func values, made once: a
+	// method value made per request would be a heap allocation per request (it escapes
+	// into RawConn.Read).
+	sendStep, flushStep func(uintptr) bool
+	raw                 syscall.RawConn // rawFor's socket, for sendAndWait
+	rawFor              net.Conn
+	flushW              *bufio.Writer // flushAndWait's writer, while it waits
+	flushDone           bool
+	flushErr            error
 }
 
 func (sc *proxyScratch) reset() {
@@ -230,6 +294,9 @@ func (b *Balancer) proxyConn(cc *clientConn, pending *parkedExchange, resumed bo
 	cb.get(c, b.cfg.MaxHeadBytes)
 	handedOff := false
 	defer func() {
+		if !handedOff && cb.bw != nil {
+			cb.bw.Flush() // the last answer (writeResponse leaves a keep-alive one in bw)
+		}
 		cb.put()
 		if !handedOff {
 			c.Close()
@@ -238,7 +305,8 @@ func (b *Balancer) proxyConn(cc *clientConn, pending *parkedExchange, resumed bo
 	peer := addrPort(c.RemoteAddr())
 	trusted := b.cfg.Rules.Trusts(peer.Addr())
 	first, counted := !resumed, resumed
-	whole := false // the next request's head was parsed whole where it lay (no head deadline)
+	whole := false     // the next request's head was parsed whole where it lay (no head deadline)
+	pipelines := false // the client sent a request before it had the answer to the last one
 	if pending != nil {
 		first, counted = false, true
 		keep := b.finishParked(cc, cb.br, cb.bw, cb.sc, peer, pending)
@@ -258,13 +326,19 @@ func (b *Balancer) proxyConn(cc *clientConn, pending *parkedExchange, resumed bo
 			}
 			if b.frozen() {
 				// Between requests: the next edge image serves it, with any pipelined bytes.
+				if cb.bw.Flush() != nil {
+					return
+				}
 				buffered, _ := cb.br.Peek(cb.br.Buffered())
 				if b.park(c, buffered) {
 					handedOff = true
 					return
 				}
 			}
-			idleParked, err := b.awaitRequest(cc, &cb, resumed)
+			// A client that pipelines may send its next request before it has its answer:
+			// its answers are not sent from inside the wait (flushAndWait).
+			pipelines = pipelines || cb.br.Buffered() > 0
+			idleParked, err := b.awaitRequest(cc, &cb, resumed, !pipelines)
 			resumed = false
 			if idleParked {
 				handedOff = true
@@ -794,13 +868,17 @@ var crlfcrlf = []byte("\r\n\r\n")
 // idle). A write error is returned as the flush's; a wait error (deadline) after a
 // complete write as the read's, as from Peek.
 func (x *exchange) sendAndWait() error {
-	vc := x.vc
-	sc, ok := vc.C.(syscall.Conn)
-	var rc syscall.RawConn
-	if ok {
-		rc, _ = sc.SyscallConn()
+	vc, ps := x.vc, x.sc
+	if ps.rawFor != vc.C { // the same virtual connection as last time, often (LIFO pool)
+		ps.raw, ps.rawFor = nil, nil
+		if sc, ok := vc.C.(syscall.Conn); ok {
+			if rc, err := sc.SyscallConn(); err == nil {
+				ps.raw, ps.rawFor = rc, vc.C
+			}
+		}
 	}
-	if rc == nil || x != &x.sc.x { // sendStep is bound to the scratch's exchange
+	rc := ps.raw
+	if rc == nil || x != &ps.x { // sendStep is bound to the scratch's exchange
 		return vc.BW.Flush()
 	}
 	x.sendErr, x.sendDone = nil, false
@@ -1350,7 +1428,7 @@ func (x *exchange) writeResponse(keep bool, prefix []byte) (bool, error) {
 	}
 	bw.WriteString("\r\n")
 	if noBody {
-		return keep, bw.Flush()
+		return keep, x.endResponse(keep)
 	}
 	write := func(p []byte) error {
 		if chunked {
@@ -1389,7 +1467,18 @@ func (x *exchange) writeResponse(keep bool, prefix []byte) (bool, error) {
 	if chunked {
 		bw.WriteString("0\r\n\r\n")
 	}
-	return keep, bw.Flush()
+	return keep, x.endResponse(keep)
+}
+
+// endResponse flushes the end of an answer after which the connection closes. A
+// keep-alive answer's end stays in the client's writer: the wait for the next request
+// sends it (awaitRequest, flushAndWait), and every other way out of proxyConn flushes
+// it first.
+func (x *exchange) endResponse(keep bool) error {
+	if keep {
+		return nil
+	}
+	return x.bw.Flush()
 }
 
 // learnSession records which worker minted the session in an engine.io handshake
