@@ -163,8 +163,11 @@ func (p *Primary) servePause() bool {
 // detachLocked does the work, with p.mu held and no goroutine handling messages.
 func (p *Primary) detachLocked() (PrimaryState, error) {
 	c := p.Channel
-	if len(p.pending) > 0 {
-		return PrimaryState{}, fmt.Errorf("nodeipc: Detach: %d newconn repl(ies) pending: %w", len(p.pending), ErrBusy)
+	p.pmu.Lock()
+	waiting := len(p.pending)
+	p.pmu.Unlock()
+	if waiting > 0 {
+		return PrimaryState{}, fmt.Errorf("nodeipc: Detach: %d newconn repl(ies) pending: %w", waiting, ErrBusy)
 	}
 	if !c.tryTurn() {
 		select {

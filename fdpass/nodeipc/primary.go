@@ -114,16 +114,21 @@ type Primary struct {
 	mu           sync.Mutex
 	appKey       string // Node key of the app server ("" when none)
 	appListening bool
-	pending      map[int]func(error) // newconn handoffs waiting for the worker's answer
-	due          []dueHandoff        // pending's deadlines, oldest first (entries may be answered already)
-	dueHead      int
-	dueTimer     *time.Timer // fails or times out the oldest pending handoff; armed while any is pending
-	dueArmed     bool
-	started      bool           // Run was called
-	detached     bool           // Detach succeeded
-	detachReq    *detachRequest // waiting for Run to pause
-	ownShared    *SharedListeners
-	adoptedOwn   *SharedListeners // own shared listeners handed over (ResumePrimary)
+
+	// The handoffs waiting for the worker's answer have a lock of their own: the channel's
+	// reader takes it for every answer, and Detach holds mu while it stops the reader (a
+	// stray answer from the worker then must not wait for mu). Order: mu, pmu, Channel.mu.
+	pmu        sync.Mutex
+	pending    map[int]func(error) // newconn handoffs waiting for the worker's answer
+	due        []dueHandoff        // pending's deadlines, oldest first (entries may be answered already)
+	dueHead    int
+	dueTimer   *time.Timer // fails or times out the oldest pending handoff; armed while any is pending
+	dueArmed   bool
+	started    bool           // Run was called
+	detached   bool           // Detach succeeded
+	detachReq  *detachRequest // waiting for Run to pause
+	ownShared  *SharedListeners
+	adoptedOwn *SharedListeners // own shared listeners handed over (ResumePrimary)
 }
 
 func (p *Primary) init() {
@@ -573,6 +578,7 @@ func (p *Primary) deliverListen(ctx context.Context, conn syscall.Conn, done fun
 		p.mu.Unlock()
 		return 0, fmt.Errorf("nodeipc: deliver: app server closed: %w", ErrNotReady)
 	}
+	p.pmu.Lock() // under mu too: Detach sees either this handoff pending or nothing
 	p.pending[seq] = done
 	p.due = append(p.due, dueHandoff{seq: seq, at: time.Now().Add(p.Channel.cfg.AckTimeout)})
 	if !p.dueArmed {
@@ -583,6 +589,7 @@ func (p *Primary) deliverListen(ctx context.Context, conn syscall.Conn, done fun
 			p.dueTimer.Reset(p.Channel.cfg.AckTimeout)
 		}
 	}
+	p.pmu.Unlock()
 	p.mu.Unlock()
 	if err := p.Channel.SendHandle(ctx, "net.Native", newconnMsg{Cmd: "NODE_CLUSTER", Act: "newconn", Key: key, Seq: seq}, conn); err != nil {
 		if p.takePending(seq) == nil {
@@ -596,7 +603,7 @@ func (p *Primary) deliverListen(ctx context.Context, conn syscall.Conn, done fun
 // takePending removes and returns the handoff waiting for seq's answer: whoever takes it
 // calls it (each is called once).
 func (p *Primary) takePending(seq int) func(error) {
-	p.mu.Lock()
+	p.pmu.Lock()
 	done := p.pending[seq]
 	delete(p.pending, seq)
 	// Answers come in order: the deadlines of answered handoffs leave from the front.
@@ -609,14 +616,14 @@ func (p *Primary) takePending(seq int) func(error) {
 	if p.dueHead == len(p.due) {
 		p.due, p.dueHead = p.due[:0], 0
 	}
-	p.mu.Unlock()
+	p.pmu.Unlock()
 	return done
 }
 
 // cancelQueued withdraws handoff seq if its handle still waits for the channel.
 func (p *Primary) cancelQueued(seq int) bool {
-	p.mu.Lock()
-	defer p.mu.Unlock()
+	p.pmu.Lock()
+	defer p.pmu.Unlock()
 	if _, ok := p.pending[seq]; !ok || !p.Channel.dropQueued(seq) {
 		return false
 	}
@@ -641,14 +648,14 @@ func (p *Primary) completeNewconn(seq int, accepted bool) bool {
 
 // failPending fails every pending handoff: the channel closed.
 func (p *Primary) failPending() {
-	p.mu.Lock()
+	p.pmu.Lock()
 	var fail []func(error)
 	for seq, done := range p.pending {
 		fail = append(fail, done)
 		delete(p.pending, seq)
 	}
 	p.due, p.dueHead = nil, 0
-	p.mu.Unlock()
+	p.pmu.Unlock()
 	if len(fail) == 0 {
 		return
 	}
@@ -665,7 +672,7 @@ func (p *Primary) sweepDue() {
 	now := time.Now()
 	var expired []func(error)
 	hung := false
-	p.mu.Lock()
+	p.pmu.Lock()
 	p.dueArmed = false
 	for p.dueHead < len(p.due) {
 		d := p.due[p.dueHead]
@@ -699,7 +706,7 @@ func (p *Primary) sweepDue() {
 		p.dueArmed = true
 		p.dueTimer.Reset(p.due[p.dueHead].at.Sub(now))
 	}
-	p.mu.Unlock()
+	p.pmu.Unlock()
 	timeout := p.Channel.cfg.AckTimeout
 	for _, done := range expired {
 		done(fmt.Errorf("nodeipc: deliver: waited %v for the channel: %w", timeout, context.DeadlineExceeded))

@@ -270,3 +270,50 @@ func TestDeliverFuncBacklogBounded(t *testing.T) {
 		t.Fatalf("%d answers", len(got))
 	}
 }
+
+// A worker that keeps sending answers to newconns the edge never sent (a buggy or hostile
+// app) while the edge detaches for an upgrade: Detach must not wait on the reader that
+// handles them while the reader waits on Detach.
+func TestDetachWhileWorkerSendsStrayAnswers(t *testing.T) {
+	checkFDs(t)
+	p, peer := newFakePrimary(t, Config{})
+	stop := make(chan struct{})
+	wrote := make(chan struct{})
+	go func() {
+		defer close(wrote)
+		for i := 1000; ; i++ {
+			select {
+			case <-stop:
+				return
+			default:
+			}
+			peer.uc.SetWriteDeadline(time.Now().Add(time.Second))
+			if _, err := fmt.Fprintf(peer.uc, "{\"cmd\":\"NODE_CLUSTER\",\"ack\":%d,\"accepted\":true}\n", i); err != nil {
+				return
+			}
+		}
+	}()
+	detached := make(chan error, 1)
+	var st PrimaryState
+	go func() {
+		var err error
+		for try := 0; try < 100; try++ { // ErrBusy is fine: the stray answers may hold the turn
+			if st, err = p.Detach(); !errors.Is(err, ErrBusy) {
+				break
+			}
+		}
+		detached <- err
+	}()
+	select {
+	case err := <-detached:
+		close(stop)
+		<-wrote
+		if err != nil {
+			t.Fatal(err)
+		}
+		syscall.Close(st.FD)
+	case <-time.After(10 * time.Second):
+		close(stop)
+		t.Fatal("Detach hung while the worker sent answers nobody waited for")
+	}
+}
