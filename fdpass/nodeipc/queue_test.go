@@ -11,6 +11,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"golang.org/x/sys/unix"
 )
 
 // newFakePrimary is a Primary on a fake channel whose app server is listening, as after
@@ -315,5 +317,64 @@ func TestDetachWhileWorkerSendsStrayAnswers(t *testing.T) {
 	case <-time.After(10 * time.Second):
 		close(stop)
 		t.Fatal("Detach hung while the worker sent answers nobody waited for")
+	}
+}
+
+// A worker that does not read its channel while the reader sends the next queued handle:
+// the reader must not wait for room in the socket (it would stop reading the worker's
+// messages); the handle goes out from a goroutine once the worker reads again.
+func TestReaderSendsHandleToFullSocketWithoutBlocking(t *testing.T) {
+	checkFDs(t)
+	ch, peer := newFakeChannel(t, Config{})
+	a, b := unixPair(t)
+	defer a.Close()
+	defer b.Close()
+	// Fill the socket from the edge's side with lines the worker will read first.
+	raw, err := ch.uc.SyscallConn()
+	if err != nil {
+		t.Fatal(err)
+	}
+	filler := []byte(strings.Repeat(`"filler"`+"\n", 512))
+	filled := 0
+	raw.Write(func(fd uintptr) bool {
+		for {
+			n, err := unix.Write(int(fd), filler)
+			if err != nil {
+				return true // EAGAIN: full
+			}
+			filled += n
+		}
+	})
+	if filled == 0 {
+		t.Fatal("could not fill the socket")
+	}
+	if !ch.tryTurn() {
+		t.Fatal("turn taken")
+	}
+	returned := make(chan error, 1)
+	go func() { returned <- ch.startNewconn(queuedNewconn{typ: "net.Native", msg: newconnFor(3), seq: 3, conn: b}, true) }()
+	select {
+	case err := <-returned:
+		if err != nil {
+			t.Fatal(err)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("the reader's send waited for room in a full socket")
+	}
+	// The worker reads again: the filler, then the handle with its descriptor.
+	got := 0
+	for {
+		line, _, err := peer.readLine(5 * time.Second)
+		if err != nil {
+			t.Fatalf("after %d filler bytes: %v", got, err)
+		}
+		if line == `"filler"` {
+			got += len(line) + 1
+			continue
+		}
+		if seqOf(t, line) != 3 || peer.fds != 1 || got != filled {
+			t.Fatalf("%q with %d descriptors after %d of %d filler bytes", line, peer.fds, got, filled)
+		}
+		break
 	}
 }
