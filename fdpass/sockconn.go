@@ -156,11 +156,14 @@ func (c *sockConn) setsockopt(level, opt int, on bool) error {
 // SyscallConn gives raw access to the socket, as *net.TCPConn's does.
 func (c *sockConn) SyscallConn() (syscall.RawConn, error) { return c.f.SyscallConn() }
 
-// LocalAddr is the address the client connected to: from the edge's metadata, else the
-// socket's own (asked of the kernel once).
+// LocalAddr is the address the client connected to: from the edge's metadata; EdgeAddr
+// for a virtual connection; else the socket's own (asked of the kernel once).
 func (c *sockConn) LocalAddr() net.Addr {
 	if c.local.IsValid() {
 		return net.TCPAddrFromAddrPort(c.local)
+	}
+	if c.network == "unix" {
+		return EdgeAddr{} // a virtual connection: what ClientAddr looks for
 	}
 	return c.sysAddrs()[0]
 }

@@ -73,7 +73,8 @@ func runDemoWorker(ctx context.Context, args []string, log *slog.Logger) error {
 		hello, _ := json.Marshal(map[string]any{"type": "hello", "worker": id, "pid": pid, "remote": r.RemoteAddr})
 		wsworker.Echo(c, hello, 60*time.Second)
 	})
-	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second, ErrorLog: slog.NewLogLogger(log.Handler(), slog.LevelDebug)}
+	// fdpass.Handler: the client's address in r.RemoteAddr on proxied requests too.
+	srv := &http.Server{Handler: fdpass.Handler(mux), ReadHeaderTimeout: 10 * time.Second, ErrorLog: slog.NewLogLogger(log.Handler(), slog.LevelDebug)}
 	srv.RegisterOnShutdown(tracker.GoingAway)
 	go ln.ReportWebSocketsFrom(ctx, tracker.Len)
 

@@ -352,7 +352,9 @@ func TestReaderSendsHandleToFullSocketWithoutBlocking(t *testing.T) {
 		t.Fatal("turn taken")
 	}
 	returned := make(chan error, 1)
-	go func() { returned <- ch.startNewconn(queuedNewconn{typ: "net.Native", msg: newconnFor(3), seq: 3, conn: b}, true) }()
+	go func() {
+		returned <- ch.startNewconn(queuedNewconn{typ: "net.Native", msg: newconnFor(3), seq: 3, conn: b}, true)
+	}()
 	select {
 	case err := <-returned:
 		if err != nil {
