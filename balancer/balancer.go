@@ -771,11 +771,15 @@ func (b *Balancer) handedOff(w *workers.Worker, start time.Time) {
 	b.m.ConnectionsAccepted.WithLabelValues(metrics.AcceptHandedOff).Inc()
 }
 
+// slotBit is slot's bit in a set of tried workers. Slots 64 apart share one: a request
+// routes within one pool, whose slots are consecutive (the pools of `stickyd proxy` start
+// at multiples of 64), so within a pool of up to 64 workers each has its own, and past
+// that a retry may skip one more worker than it must — never retry the one that failed.
 func slotBit(slot int) uint64 {
-	if slot < 0 || slot >= 64 {
+	if slot < 0 {
 		return 0
 	}
-	return 1 << slot
+	return 1 << (uint(slot) & 63)
 }
 
 func addrPort(a net.Addr) netip.AddrPort {

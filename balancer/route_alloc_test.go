@@ -114,3 +114,29 @@ func BenchmarkRoute(b *testing.B) {
 		})
 	}
 }
+
+// A worker past slot 63 (the pools of `stickyd proxy` start at 64) that just failed is
+// not tried again for the same request: before, slots ≥ 64 had no bit in the tried set.
+func TestRouteSkipsTriedWorkerPastSlot63(t *testing.T) {
+	srcs, err := sticky.ParseSources("sid,ip")
+	if err != nil {
+		t.Fatal(err)
+	}
+	b := New(Config{Rules: sticky.Rules{Sources: srcs}})
+	t.Cleanup(func() { b.Shutdown(context.Background()) })
+	for _, slot := range []int{64, 65} {
+		b.AddWorker(workers.NewWorker(slot, 0, nil, time.Minute))
+	}
+	h, err := upgrade.Parse([]byte("GET /app HTTP/1.1\r\nHost: a\r\n\r\n"), 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, failed := range []int{64, 65} {
+		for i := range 20 { // clients whose address hashes to either worker
+			peer := netip.AddrFrom4([4]byte{203, 0, 113, byte(i)})
+			if r := b.route(&h, peer, slotBit(failed)); r.w == nil || r.w.Slot == failed {
+				t.Fatalf("after slot %d failed, routed to %v", failed, r.w)
+			}
+		}
+	}
+}
