@@ -133,6 +133,7 @@ func (b *Balancer) awaitRequest(cc *clientConn, cb *connBufs, resumed, combine b
 		if err := cb.bw.Flush(); err != nil {
 			return false, err
 		}
+		cb.sc.graceUntil = time.Time{}
 		c.SetReadDeadline(time.Now().Add(b.cfg.IdleTimeout))
 		_, err = cb.br.Peek(1)
 		return false, err
@@ -142,12 +143,19 @@ func (b *Balancer) awaitRequest(cc *clientConn, cb *connBufs, resumed, combine b
 	grace := !resumed && b.cfg.IdleTimeout > parkAfter && b.canParkIdle(c)
 	if resumed || grace {
 		// resumed: it is readable already (or woken for a shutdown or an edge upgrade).
-		if grace {
-			c.SetReadDeadline(now.Add(parkAfter))
-		} else {
+		if !grace {
 			c.SetReadDeadline(idleUntil)
+		} else if d := cb.sc.graceUntil; d.Sub(now) < parkAfter/2 {
+			// The wait's deadline is moved only when less than half the grace is left of
+			// it: between requests that come every few milliseconds it is set once in
+			// parkAfter/2, not per request. An idle connection is parked after parkAfter/2
+			// to parkAfter.
+			cb.sc.graceUntil = now.Add(parkAfter)
+			c.SetReadDeadline(cb.sc.graceUntil)
 		}
-		b.rewakeIfStopping(c)
+		if b.rewakeIfStopping(c) {
+			cb.sc.graceUntil = time.Time{}
+		}
 		if grace && combine && cb.bw.Buffered() > 0 {
 			err = b.flushAndWait(c, cb)
 		} else {
@@ -225,10 +233,12 @@ func (sc *proxyScratch) flushWaitStep(uintptr) bool {
 
 // rewakeIfStopping sets c's read deadline in the past again if a shutdown or an edge
 // upgrade began: its wake-up may have come just before the deadline was moved.
-func (b *Balancer) rewakeIfStopping(c net.Conn) {
+func (b *Balancer) rewakeIfStopping(c net.Conn) (woken bool) {
 	if b.frozen() || b.isClosing() {
 		c.SetReadDeadline(time.Unix(1, 0))
+		return true
 	}
+	return false
 }
 
 // proxyScratch is the per-connection state of the proxy, reused request after request.
@@ -242,6 +252,10 @@ type proxyScratch struct {
 	x exchange // the request in flight (here, not on the heap per request)
 
 	parked bool // the request in flight went to the next edge image with the connection
+
+	// graceUntil is the client's read deadline as awaitRequest's grace set it; zero once
+	// anything else may have set another (a head read on, a body, a shutdown's wake-up).
+	graceUntil time.Time
 
 	// sendStep is x.sendStep and flushStep sc.flushWaitStep as func values, made once: a
 	// method value made per request would be a heap allocation per request (it escapes
@@ -260,6 +274,7 @@ func (sc *proxyScratch) reset() {
 	sc.body = upgrade.Body{}
 	sc.x = exchange{}
 	sc.parked = false
+	sc.graceUntil = time.Time{}
 }
 
 // reqInfo is what the edge needs of a request head after its body was read (the head
@@ -359,6 +374,7 @@ func (b *Balancer) proxyConn(cc *clientConn, pending *parkedExchange, resumed bo
 				whole = true
 			} else {
 				cc.state.Store(connHead)
+				cb.sc.graceUntil = time.Time{}
 				c.SetReadDeadline(time.Now().Add(b.cfg.HeadTimeout))
 			}
 		}
@@ -452,6 +468,9 @@ func (b *Balancer) proxyRequest(cc *clientConn, br *bufio.Reader, bw *bufio.Writ
 		idempotent: idempotentRequest(h), protoMinor: h.ProtoMinor}
 	streaming := h.Chunked || h.ContentLength > replayableBody
 	hasBody := h.Chunked || h.ContentLength > 0
+	if hasBody {
+		sc.graceUntil = time.Time{} // body reads set the client's read deadline
+	}
 
 	// A client that sent "Expect: 100-continue" waits (curl: one second) before its
 	// body. The edge reads the body before it picks a connection to the worker, so it
