@@ -111,7 +111,9 @@ func waitReadable(c net.Conn) (ok bool, err error) {
 // goroutine before it is parked without one (idlePark). Most next requests come at once —
 // engine.io's next poll, a page's next fetch — and parking costs a few system calls and
 // a goroutine start: parking at every gap cost polling through `stickyd proxy` ≈10 % of
-// its rate. A connection idle longer than this is the kind that piles up.
+// its rate. A connection idle longer than this is the kind that piles up. (The wait's
+// deadline is moved only when half of it is spent, so the wait is parkAfter/2 to
+// parkAfter: awaitRequest.)
 const parkAfter = 250 * time.Millisecond
 
 // awaitRequest waits on an idle keep-alive connection until bytes of its next request
