@@ -6,6 +6,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net"
 	"strings"
 	"sync"
 	"syscall"
@@ -27,6 +28,19 @@ func newFakePrimary(t *testing.T, cfg Config) (*Primary, *fakePeer) {
 	p.mu.Unlock()
 	p.style.Store(int32(StyleListen))
 	return p, peer
+}
+
+// newFakeHandoff is newFakePrimary with a connection to hand over (b; a is its other end,
+// to see that the caller's connection is untouched).
+func newFakeHandoff(t *testing.T, cfg Config) (p *Primary, peer *fakePeer, a, b *net.UnixConn) {
+	t.Helper()
+	p, peer = newFakePrimary(t, cfg)
+	a, b = unixPair(t)
+	t.Cleanup(func() {
+		a.Close()
+		b.Close()
+	})
+	return p, peer, a, b
 }
 
 // results collects DeliverFunc answers and fails the test on a second answer to one handoff.
@@ -97,10 +111,7 @@ func seqOf(t *testing.T, line string) int {
 // queue is empty.
 func TestDeliverFuncBurstKeepsOneHandleInFlight(t *testing.T) {
 	checkFDs(t)
-	p, peer := newFakePrimary(t, Config{})
-	a, b := unixPair(t)
-	defer a.Close()
-	defer b.Close()
+	p, peer, a, b := newFakeHandoff(t, Config{})
 	const n = 6
 	r := newResults(t)
 	r.deliver(p, b, n)
@@ -166,10 +177,7 @@ func indexOf(s []string, v string) int {
 // it fails with the context's error and the worker never sees that handle.
 func TestDeliverWithdrawnWhileQueued(t *testing.T) {
 	checkFDs(t)
-	p, peer := newFakePrimary(t, Config{})
-	a, b := unixPair(t)
-	defer a.Close()
-	defer b.Close()
+	p, peer, _, b := newFakeHandoff(t, Config{})
 	r := newResults(t)
 	if err := p.DeliverFunc(b, r.done(0)); err != nil {
 		t.Fatal(err)
@@ -202,10 +210,7 @@ func TestDeliverWithdrawnWhileQueued(t *testing.T) {
 func TestDeliverFuncQueueWaitBounded(t *testing.T) {
 	checkFDs(t)
 	const timeout = 300 * time.Millisecond
-	p, peer := newFakePrimary(t, Config{AckTimeout: timeout})
-	a, b := unixPair(t)
-	defer a.Close()
-	defer b.Close()
+	p, peer, _, b := newFakeHandoff(t, Config{AckTimeout: timeout})
 	r := newResults(t)
 	r.deliver(p, b, 3)
 	var sent []int
@@ -234,10 +239,7 @@ func TestDeliverFuncQueueWaitBounded(t *testing.T) {
 // once with the channel's error, and none is left waiting.
 func TestDeliverFuncWorkerDiesWithQueue(t *testing.T) {
 	checkFDs(t)
-	p, peer := newFakePrimary(t, Config{AckTimeout: 30 * time.Second})
-	a, b := unixPair(t)
-	defer a.Close()
-	defer b.Close()
+	p, peer, _, b := newFakeHandoff(t, Config{AckTimeout: 30 * time.Second})
 	r := newResults(t)
 	r.deliver(p, b, 4)
 	if _, _, err := peer.readLine(5 * time.Second); err != nil {
@@ -258,10 +260,7 @@ func TestDeliverFuncWorkerDiesWithQueue(t *testing.T) {
 // ErrBacklog instead of queueing without bound.
 func TestDeliverFuncBacklogBounded(t *testing.T) {
 	checkFDs(t)
-	p, peer := newFakePrimary(t, Config{AckTimeout: 30 * time.Second})
-	a, b := unixPair(t)
-	defer a.Close()
-	defer b.Close()
+	p, peer, _, b := newFakeHandoff(t, Config{AckTimeout: 30 * time.Second})
 	r := newResults(t)
 	r.deliver(p, b, maxQueuedHandles+1) // one in flight, the rest queued
 	if err := p.DeliverFunc(b, r.done(-1)); !errors.Is(err, ErrBacklog) {
