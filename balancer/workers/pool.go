@@ -42,6 +42,10 @@ type Conn struct {
 	Reused bool          // it carried a request before: the worker may have closed it meanwhile
 	idleAt time.Time
 	sent   atomic.Int64
+	// Probe's, made on its first call and kept: a probe per request allocates nothing.
+	rc     syscall.RawConn
+	peekFn func(fd uintptr)
+	peeked int
 }
 
 func (vc *Conn) Attach() {
@@ -84,10 +88,23 @@ const (
 // the answer to the next request — another client's — and shift every pairing after it.
 // This is net/http's "unsolicited response received on idle HTTP channel".
 func (vc *Conn) Probe() int {
-	if _, ok := vc.C.(syscall.Conn); !ok {
-		return ProbeIdle
+	if vc.rc == nil {
+		sc, ok := vc.C.(syscall.Conn)
+		if !ok {
+			return ProbeIdle
+		}
+		rc, err := sc.SyscallConn()
+		if err != nil {
+			return ProbeClosed
+		}
+		vc.rc = rc
+		vc.peekFn = func(fd uintptr) { vc.peeked, _ = fdutil.Peek(fd) }
 	}
-	switch state, _ := fdutil.PeekConn(vc.C); state {
+	vc.peeked = fdutil.PeekError
+	if err := vc.rc.Control(vc.peekFn); err != nil {
+		return ProbeClosed
+	}
+	switch vc.peeked {
 	case fdutil.PeekEmpty:
 		return ProbeIdle
 	case fdutil.PeekData:

@@ -64,9 +64,8 @@ const (
 
 // Peek looks at fd with a one-byte MSG_PEEK|MSG_DONTWAIT: never blocks, consumes nothing.
 func Peek(fd uintptr) (int, error) {
-	var b [1]byte
 	for {
-		n, _, err := unix.Recvfrom(int(fd), b[:], unix.MSG_PEEK|unix.MSG_DONTWAIT)
+		n, err := peekByte(fd)
 		switch {
 		case err == unix.EINTR:
 			continue
