@@ -659,6 +659,14 @@ func (b *Balancer) newHandoff(cc *clientConn, h *upgrade.Head, consumed []byte) 
 func (run *handoffRun) next() (pending bool) {
 	b, c, h, consumed := run.b, run.cc.c, run.h, run.consumed
 	for ; run.attempt < 3; run.attempt++ {
+		if run.attempt > 0 && consumed == nil && !unread(c) {
+			// The worker that failed read the request before it went: another could not
+			// answer it (it would wait for a head that never comes). The client sees its
+			// connection end, as if that worker had closed it, and retries.
+			b.warnf("handoff failed after the worker read the request; connection closed, not retried", "worker", run.r.w.Slot)
+			c.Close()
+			return false
+		}
 		r := b.route(h, run.meta.Remote.Addr(), run.tried)
 		if r.unknownSID {
 			// A peeked head is still unread in the socket: closing over it would reset the
@@ -727,6 +735,13 @@ func (run *handoffRun) complete(err error) {
 		}
 		run.end()
 	}()
+}
+
+// unread reports whether the peeked request is still in c's socket for another worker to
+// read.
+func unread(c net.Conn) bool {
+	state, _ := fdutil.PeekConn(c)
+	return state == fdutil.PeekData
 }
 
 // end releases what an asynchronous handoff kept for its last attempt.

@@ -26,16 +26,22 @@ func (b *Balancer) leastConnected(ws []*workers.Worker, tried uint64, now time.T
 	// herd that two random choices guard against is only the routes decided at the same
 	// instant. (Two random choices left 200 WebSockets over 4 at max/mean up to 1.08.)
 	start := int(rand.Uint64N(uint64(len(cands))))
-	best, bestLoad := -1, 0
+	var w *workers.Worker
+	bestLoad := 0
 	for k := range cands {
 		i := (start + k) % len(cands)
-		w := b.worker(cands[i].Slot)
-		load := recentFor(w).estimate(now, cands[i].Load+int(w.WebSockets()))
-		if best < 0 || load < bestLoad {
-			best, bestLoad = i, load
+		c := b.worker(cands[i].Slot)
+		if c == nil {
+			continue // removed since ws was taken (it died): not a candidate any more
+		}
+		load := recentFor(c).estimate(now, cands[i].Load+int(c.WebSockets()))
+		if w == nil || load < bestLoad {
+			w, bestLoad = c, load
 		}
 	}
-	w := b.worker(cands[best].Slot)
+	if w == nil {
+		return nil
+	}
 	if _, dials := w.Channel().(workers.Dialer); !dials {
 		// A backend's route is counted where the edge tunnels to it (countTunnel): the
 		// accept loop's fast path routes every WebSocket first, finds no descriptor

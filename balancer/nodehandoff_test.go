@@ -9,7 +9,10 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
+	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -109,12 +112,101 @@ func TestNodeHandoffRefusedGoesToAnotherWorker(t *testing.T) {
 	if len(seen) != 1 {
 		t.Fatalf("answered by %v, want every upgrade on the one worker that accepts", seen)
 	}
+	e.settle(t) // the edge counts a handoff when the worker's answer reaches it, maybe after the client's 101
 	refused := counterValue(e.b.m.Handoffs.WithLabelValues(refusing, metrics.HandoffError))
 	retried := counterValue(e.b.m.Handoffs.WithLabelValues(refusing, metrics.HandoffRetried))
 	ok := counterValue(e.b.m.Handoffs.WithLabelValues(accepting, metrics.HandoffOK))
 	if refused == 0 || retried != refused || ok != n {
 		t.Fatalf("handoffs: %v refused and %v retried by the refusing worker, %v taken by the other (want >0, equal, %d)", refused, retried, ok, n)
 	}
-	e.settle(t)
 	waitForFDs(t, 0, base)
+}
+
+// A Node worker killed while the edge has a queue of handoffs for it (it is slow to take
+// them: each upgrade costs it 5 ms of JavaScript): the handoffs still queued go to the
+// other worker, the ones on their way are answered by the kill (the client sees its
+// connection end), and none is left waiting — every client has its answer, and the edge
+// lets go of every connection.
+func TestNodeWorkerKilledWithHandoffsQueued(t *testing.T) {
+	if _, err := exec.LookPath("node"); err != nil {
+		if os.Getenv("CI") != "" {
+			t.Fatal("node not installed; CI must install Node")
+		}
+		t.Skip("node not installed")
+	}
+	app := filepath.Join(t.TempDir(), "app.js")
+	slow := strings.Replace(nodeUpgradeApp, "s.on('upgrade', (req, sock) => {",
+		"s.on('upgrade', (req, sock) => {\n  if (process.env.SLOW === '1') { const t = Date.now(); while (Date.now() - t < 5) {} }", 1)
+	if err := os.WriteFile(app, []byte(slow), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	e := startEdgeWith(t, Config{}, 2, func(b *Balancer, sup *workers.Supervisor) {
+		sup.Command = []string{"node", app}
+		sup.Env = nil
+		sup.SlotEnv = func(slot int) []string {
+			if slot == 0 {
+				return []string{"SLOW=1"}
+			}
+			return nil
+		}
+	})
+	victim := strconv.Itoa(e.sup.Pids()[0])
+	var label string // the killed worker's (its replacement has another)
+	for _, w := range e.b.Workers() {
+		if w.Slot == 0 {
+			label = w.Label()
+		}
+	}
+	const n = 200
+	var killOnce sync.Once
+	outcomes := make(chan string, n)
+	var wg sync.WaitGroup
+	for range n {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			c, err := net.DialTimeout("tcp", e.addr, 5*time.Second)
+			if err != nil {
+				t.Error(err)
+				return
+			}
+			defer c.Close()
+			c.SetDeadline(time.Now().Add(15 * time.Second))
+			if _, err := c.Write([]byte(nodeUpgradeHead)); err != nil {
+				outcomes <- "write failed"
+				return
+			}
+			resp, err := http.ReadResponse(bufio.NewReader(c), nil)
+			switch {
+			case err != nil && isTimeout(err):
+				t.Errorf("a client got no answer: %v", err)
+				return
+			case err != nil:
+				outcomes <- "closed" // its handle was on its way to the killed worker
+				return
+			case resp.StatusCode != 101:
+				outcomes <- resp.Status
+				return
+			}
+			pid := resp.Header.Get("X-Pid")
+			if pid == victim {
+				killOnce.Do(func() { syscall.Kill(e.sup.Pids()[0], syscall.SIGKILL) })
+				outcomes <- "victim"
+				return
+			}
+			outcomes <- "survivor"
+		}()
+	}
+	wg.Wait()
+	close(outcomes)
+	seen := map[string]int{}
+	for o := range outcomes {
+		seen[o]++
+	}
+	retried := counterValue(e.b.m.Handoffs.WithLabelValues(label, metrics.HandoffRetried))
+	t.Logf("outcomes: %v; handoffs to the killed worker retried elsewhere: %v", seen, retried)
+	if seen["survivor"] < n/2 || seen["victim"] == 0 {
+		t.Fatalf("outcomes %v: want most upgrades on the surviving worker after the kill", seen)
+	}
+	e.settle(t)
 }

@@ -149,6 +149,7 @@ type Channel struct {
 	plainWaiting atomic.Int32
 	plainNext    bool                   // (mu) the next release goes to a plain writer
 	onClose      atomic.Pointer[func()] // run once after the channel closes (Primary fails its pending handoffs)
+	readerBusy   atomic.Bool            // the reader is handling what it read, inside its RawRead
 	// replyTo, when set (by the Primary), takes the worker's newconn answers straight from
 	// the reader: the Deliver waiting for one is woken by the reader itself, not through
 	// the queue and Run (one wake-up less per handoff). It reports whether it knew seq.
@@ -283,7 +284,14 @@ func (c *Channel) closeWith(err error) {
 		c.hq, c.hqHead = nil, 0
 		c.mu.Unlock()
 		close(c.done)
-		c.uc.Close()
+		if c.readerBusy.Load() {
+			// Maybe the reader itself, inside its read (a write failed while it handled a
+			// line): the socket's Close waits for that read to return, so it cannot be
+			// made from here. It completes as soon as the read returns.
+			go c.uc.Close()
+		} else {
+			c.uc.Close()
+		}
 		first = true
 	})
 	if f := c.onClose.Load(); first && f != nil {
@@ -977,6 +985,8 @@ func readLoop(c *Channel, done chan struct{}, pending []byte) {
 		err            error
 	)
 	read := func(fd uintptr) bool {
+		c.readerBusy.Store(true)
+		defer c.readerBusy.Store(false)
 		for {
 			n, oobn, flags, err = recvmsgNow(int(fd), buf, oob)
 			switch {
