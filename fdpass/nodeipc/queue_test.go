@@ -379,3 +379,29 @@ func TestReaderSendsHandleToFullSocketWithoutBlocking(t *testing.T) {
 		break
 	}
 }
+
+// A worker that ACKs a handle and dies at once, with another handle queued: the reader
+// sends the queued one from inside its read, the write fails, and the channel closes —
+// from inside the read whose end the socket's Close waits for. Every handoff must still
+// be answered (the reader hung before).
+func TestWorkerDiesRightAfterACKWithHandleQueued(t *testing.T) {
+	checkFDs(t)
+	p, peer, _, b := newFakeHandoff(t, Config{AckTimeout: 30 * time.Second})
+	r := newResults(t)
+	r.deliver(p, b, 2)
+	if _, _, err := peer.readLine(5 * time.Second); err != nil {
+		t.Fatal(err)
+	}
+	peer.write(`{"cmd":"NODE_HANDLE_ACK"}` + "\n")
+	peer.uc.Close()
+	for i, err := range r.wait(2) {
+		if err == nil {
+			t.Fatalf("handoff %d succeeded on a dead worker", i)
+		}
+	}
+	select {
+	case <-p.Channel.Done():
+	case <-time.After(5 * time.Second):
+		t.Fatal("channel not closed")
+	}
+}
