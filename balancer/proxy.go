@@ -23,6 +23,7 @@ import (
 
 	"github.com/stickyd/stickyd/balancer/internal/fdutil"
 	"github.com/stickyd/stickyd/balancer/workers"
+	"github.com/stickyd/stickyd/fdpass"
 	"github.com/stickyd/stickyd/metrics"
 	"github.com/stickyd/stickyd/sticky"
 	"github.com/stickyd/stickyd/upgrade"
@@ -1140,7 +1141,7 @@ const (
 // trusted proxy's X-Forwarded-For) to workers whose connection from the edge has no
 // address of its own: Node workers reached over socketpairs, where the preload makes it
 // the request's socket.remoteAddress. Whatever a client sends under this name is dropped.
-const ClientAddrField = "X-Stickyd-Client-Addr"
+const ClientAddrField = fdpass.ClientAddrField
 
 func writeClientAddr(w *bufio.Writer, client netip.AddrPort) {
 	w.WriteString(ClientAddrField)
