@@ -73,6 +73,21 @@ func (s *Supervisor) runOnDemand(ctx context.Context) {
 	spawns, retirements := m.PoolSpawns.WithLabelValues(label), m.PoolRetirements.WithLabelValues(label)
 	starting := m.PoolWorkers.WithLabelValues(label, metrics.WorkerStarting)
 	running := map[int]*slotRun{}
+	retiring := map[int]bool{} // slots told to stop, still in running until they end
+	// countStarting: running, not serving yet, and not on its way out (a retiring worker
+	// has left the edge's lists: counted, it read as a worker starting after a shrink and
+	// held back the next growth).
+	countStarting := func() int {
+		s.mu.Lock()
+		defer s.mu.Unlock()
+		n := 0
+		for slot := range running {
+			if _, serving := s.procs[slot]; !serving && !retiring[slot] {
+				n++
+			}
+		}
+		return n
+	}
 	ended := make(chan int, s.Max+len(s.adopt))
 	start := func(slot int) {
 		sctx, cancel := context.WithCancel(ctx)
@@ -125,6 +140,7 @@ func (s *Supervisor) runOnDemand(ctx context.Context) {
 			return
 		case slot := <-ended:
 			delete(running, slot)
+			delete(retiring, slot)
 			s.mu.Lock()
 			reason, failed := s.gaveUp[slot]
 			s.mu.Unlock()
@@ -143,10 +159,7 @@ func (s *Supervisor) runOnDemand(ctx context.Context) {
 		if s.isFrozen() || s.killing.Load() {
 			continue // the next edge image supervises them; nothing starts or stops
 		}
-		s.mu.Lock()
-		ready := len(s.procs)
-		s.mu.Unlock()
-		spawning := len(running) - ready
+		spawning := countStarting()
 		all, forRoom := s.Gate.Waiting()
 		need := 0
 		switch {
@@ -176,13 +189,11 @@ func (s *Supervisor) runOnDemand(ctx context.Context) {
 				left--
 				s.Logger.Info("pool shrinking: worker idle", "worker", slot, "idle", s.idle(), "workers", left, "min", s.Min)
 				running[slot].cancel()
+				retiring[slot] = true
 				retirements.Inc()
 			}
 		}
-		s.mu.Lock()
-		ready = len(s.procs)
-		s.mu.Unlock()
-		starting.Set(float64(max(0, len(running)-ready)))
+		starting.Set(float64(countStarting()))
 	}
 }
 
