@@ -456,17 +456,24 @@ func TestJSONLogsWrapWorkerOutput(t *testing.T) {
 		}
 		return n >= 4 && metrics != ""
 	})
-	resp, err := http.Get("http://" + metrics + "/admin/workers")
-	if err != nil {
-		t.Fatal(err)
-	}
-	var wl struct{ Workers []adminWorker }
-	json.NewDecoder(resp.Body).Decode(&wl)
-	resp.Body.Close()
+	// A worker writes its lines before it is ready: wait until the edge lists both.
 	pids := map[int]int{}
-	for _, w := range wl.Workers {
-		pids[w.Slot] = w.PID
-	}
+	waitFor(t, "both workers in /admin/workers", 30*time.Second, func() bool {
+		resp, err := http.Get("http://" + metrics + "/admin/workers")
+		if err != nil {
+			t.Fatal(err)
+		}
+		var wl struct{ Workers []adminWorker }
+		json.NewDecoder(resp.Body).Decode(&wl)
+		resp.Body.Close()
+		clear(pids)
+		for _, w := range wl.Workers {
+			if w.PID != 0 {
+				pids[w.Slot] = w.PID
+			}
+		}
+		return len(pids) == 2
+	})
 	seen := map[string]bool{}
 	for _, r := range recs {
 		if r.Stream == "" {
