@@ -151,9 +151,10 @@ func TestPoolTakesItsRequestsGrowsAndShrinks(t *testing.T) {
 	if q := metricValue(m.PoolQueueLength.WithLabelValues("slow")); q != 0 {
 		t.Errorf("queue length %v after the load", q)
 	}
-	// And it grows again for the next request.
-	if a := poolGet(t, addr, "/slow?ms=1", nil); a.status != 200 || a.body != "slow 1" {
-		t.Errorf("after shrinking: %d %q", a.status, a.body)
+	// And it grows again for the next request, at once: a slot whose worker is still
+	// exiting does not hold the growth back (another slot is taken).
+	if a := poolGet(t, addr, "/slow?ms=1", nil); a.status != 200 || !slices.Contains([]string{"slow 1", "slow 2", "slow 3"}, a.body) {
+		t.Errorf("after shrinking: %d %q, want 200 from a slow-pool worker", a.status, a.body)
 	}
 }
 

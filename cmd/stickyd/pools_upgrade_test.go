@@ -52,6 +52,8 @@ func TestPoolsAcrossEdgeUpgradeRollingRestartAndStop(t *testing.T) {
 
 	d.signal(syscall.SIGUSR2)
 	waitFor(t, "generation 1", 20*time.Second, func() bool { return d.generation() == 1 })
+	// The new image lists the workers it adopted a moment after it reports its generation.
+	waitFor(t, "the new image to list its workers", 20*time.Second, func() bool { a, b := pids(); return a > 0 && b > 0 })
 	if a, b := pids(); a != def0 || b != pool0 {
 		t.Fatalf("after the edge upgrade: workers %d, %d; want the same processes %d, %d", a, b, def0, pool0)
 	}
