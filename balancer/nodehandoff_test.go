@@ -10,7 +10,6 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strconv"
-	"strings"
 	"sync"
 	"syscall"
 	"testing"
@@ -23,12 +22,14 @@ import (
 // nodeUpgradeApp answers every upgrade with a 101 that names the process (no WebSocket
 // library: the test reads only the status and the pid). With REFUSE=1 it refuses every
 // connection the way Node's cluster worker does when maxConnections is reached: it
-// answers the edge's newconn with accepted:false and closes its copy.
+// answers the edge's newconn with accepted:false and closes its copy. With SLOW=1 each
+// upgrade costs it 5 ms of JavaScript, so handoffs queue in the edge.
 const nodeUpgradeApp = `
 const http = require('http');
 const s = http.createServer((q, r) => r.end('ok'));
 if (process.env.REFUSE === '1') s.maxConnections = -1; // 0 would mean no limit
 s.on('upgrade', (req, sock) => {
+  if (process.env.SLOW === '1') { const t = Date.now(); while (Date.now() - t < 5) {} }
   sock.write('HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nX-Pid: ' + process.pid + '\r\n\r\n');
   sock.on('data', d => sock.write(d));
 });
@@ -38,12 +39,9 @@ s.listen(3000);
 const nodeUpgradeHead = "GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n" +
 	"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
 
-// A burst of WebSocket upgrades to two Node workers, one of which refuses every
-// connection: the edge hands them over without a goroutine waiting for each answer
-// (AsyncChannel), and each refusal, which comes back on the worker channel's reader,
-// goes on to the other worker. Every client gets its 101 from the worker that accepts,
-// the edge lets go of every connection, and no descriptor is left behind.
-func TestNodeHandoffRefusedGoesToAnotherWorker(t *testing.T) {
+// startNodeEdge runs an edge with two Node workers (nodeUpgradeApp); worker 0 gets env0.
+func startNodeEdge(t *testing.T, env0 string) *testEdge {
+	t.Helper()
 	if _, err := exec.LookPath("node"); err != nil {
 		if os.Getenv("CI") != "" {
 			t.Fatal("node not installed; CI must install Node")
@@ -54,21 +52,57 @@ func TestNodeHandoffRefusedGoesToAnotherWorker(t *testing.T) {
 	if err := os.WriteFile(app, []byte(nodeUpgradeApp), 0o644); err != nil {
 		t.Fatal(err)
 	}
-	e := startEdgeWith(t, Config{}, 2, func(b *Balancer, sup *workers.Supervisor) {
+	return startEdgeWith(t, Config{}, 2, func(b *Balancer, sup *workers.Supervisor) {
 		sup.Command = []string{"node", app}
 		sup.Env = nil
 		sup.SlotEnv = func(slot int) []string {
 			if slot == 0 {
-				return []string{"REFUSE=1"}
+				return []string{env0}
 			}
 			return nil
 		}
 	})
-	var refusing, accepting string
+}
+
+// slot0Label is the metric label of the worker in slot 0 now.
+func slot0Label(e *testEdge) string {
 	for _, w := range e.b.Workers() {
 		if w.Slot == 0 {
-			refusing = w.Label()
-		} else {
+			return w.Label()
+		}
+	}
+	return ""
+}
+
+// nodeUpgrade sends one upgrade through the edge and reads the answer's status line and
+// X-Pid; err is the dial, write or read error (a read timeout: no answer at all).
+func nodeUpgrade(addr string, timeout time.Duration) (status int, pid string, err error) {
+	c, err := net.DialTimeout("tcp", addr, 5*time.Second)
+	if err != nil {
+		return 0, "", err
+	}
+	defer c.Close()
+	c.SetDeadline(time.Now().Add(timeout))
+	if _, err := c.Write([]byte(nodeUpgradeHead)); err != nil {
+		return 0, "", err
+	}
+	resp, err := http.ReadResponse(bufio.NewReader(c), nil)
+	if err != nil {
+		return 0, "", err
+	}
+	return resp.StatusCode, resp.Header.Get("X-Pid"), nil
+}
+
+// A burst of WebSocket upgrades to two Node workers, one of which refuses every
+// connection: the edge hands them over without a goroutine waiting for each answer
+// (AsyncChannel), and each refusal, which comes back on the worker channel's reader,
+// goes on to the other worker. Every client gets its 101 from the worker that accepts,
+// the edge lets go of every connection, and no descriptor is left behind.
+func TestNodeHandoffRefusedGoesToAnotherWorker(t *testing.T) {
+	e := startNodeEdge(t, "REFUSE=1")
+	refusing, accepting := slot0Label(e), ""
+	for _, w := range e.b.Workers() {
+		if w.Slot != 0 {
 			accepting = w.Label()
 		}
 	}
@@ -80,27 +114,12 @@ func TestNodeHandoffRefusedGoesToAnotherWorker(t *testing.T) {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			c, err := net.DialTimeout("tcp", e.addr, 5*time.Second)
-			if err != nil {
-				t.Error(err)
+			status, pid, err := nodeUpgrade(e.addr, 10*time.Second)
+			if err != nil || status != 101 {
+				t.Errorf("upgrade: %d, %v", status, err)
 				return
 			}
-			defer c.Close()
-			c.SetDeadline(time.Now().Add(10 * time.Second))
-			if _, err := c.Write([]byte(nodeUpgradeHead)); err != nil {
-				t.Error(err)
-				return
-			}
-			resp, err := http.ReadResponse(bufio.NewReader(c), nil)
-			if err != nil {
-				t.Errorf("upgrade: %v", err)
-				return
-			}
-			if resp.StatusCode != 101 {
-				t.Errorf("upgrade: %s", resp.Status)
-				return
-			}
-			pids <- resp.Header.Get("X-Pid")
+			pids <- pid
 		}()
 	}
 	wg.Wait()
@@ -128,35 +147,9 @@ func TestNodeHandoffRefusedGoesToAnotherWorker(t *testing.T) {
 // connection end), and none is left waiting — every client has its answer, and the edge
 // lets go of every connection.
 func TestNodeWorkerKilledWithHandoffsQueued(t *testing.T) {
-	if _, err := exec.LookPath("node"); err != nil {
-		if os.Getenv("CI") != "" {
-			t.Fatal("node not installed; CI must install Node")
-		}
-		t.Skip("node not installed")
-	}
-	app := filepath.Join(t.TempDir(), "app.js")
-	slow := strings.Replace(nodeUpgradeApp, "s.on('upgrade', (req, sock) => {",
-		"s.on('upgrade', (req, sock) => {\n  if (process.env.SLOW === '1') { const t = Date.now(); while (Date.now() - t < 5) {} }", 1)
-	if err := os.WriteFile(app, []byte(slow), 0o644); err != nil {
-		t.Fatal(err)
-	}
-	e := startEdgeWith(t, Config{}, 2, func(b *Balancer, sup *workers.Supervisor) {
-		sup.Command = []string{"node", app}
-		sup.Env = nil
-		sup.SlotEnv = func(slot int) []string {
-			if slot == 0 {
-				return []string{"SLOW=1"}
-			}
-			return nil
-		}
-	})
+	e := startNodeEdge(t, "SLOW=1")
 	victim := strconv.Itoa(e.sup.Pids()[0])
-	var label string // the killed worker's (its replacement has another)
-	for _, w := range e.b.Workers() {
-		if w.Slot == 0 {
-			label = w.Label()
-		}
-	}
+	label := slot0Label(e) // the killed worker's (its replacement has another)
 	const n = 200
 	var killOnce sync.Once
 	outcomes := make(chan string, n)
@@ -165,18 +158,7 @@ func TestNodeWorkerKilledWithHandoffsQueued(t *testing.T) {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			c, err := net.DialTimeout("tcp", e.addr, 5*time.Second)
-			if err != nil {
-				t.Error(err)
-				return
-			}
-			defer c.Close()
-			c.SetDeadline(time.Now().Add(15 * time.Second))
-			if _, err := c.Write([]byte(nodeUpgradeHead)); err != nil {
-				outcomes <- "write failed"
-				return
-			}
-			resp, err := http.ReadResponse(bufio.NewReader(c), nil)
+			status, pid, err := nodeUpgrade(e.addr, 15*time.Second)
 			switch {
 			case err != nil && isTimeout(err):
 				t.Errorf("a client got no answer: %v", err)
@@ -184,11 +166,10 @@ func TestNodeWorkerKilledWithHandoffsQueued(t *testing.T) {
 			case err != nil:
 				outcomes <- "closed" // its handle was on its way to the killed worker
 				return
-			case resp.StatusCode != 101:
-				outcomes <- resp.Status
+			case status != 101:
+				outcomes <- strconv.Itoa(status)
 				return
 			}
-			pid := resp.Header.Get("X-Pid")
 			if pid == victim {
 				killOnce.Do(func() { syscall.Kill(e.sup.Pids()[0], syscall.SIGKILL) })
 				outcomes <- "victim"

@@ -21,15 +21,8 @@ import (
 // socket's own client on a TCP connection whose client lies in ClientAddrField.
 func TestHandlerGivesTheClientAddress(t *testing.T) {
 	checkNoLeak(t)
-	edge, worker := seqpair(t)
+	edge, ln := newTestListener(t)
 	defer edge.Close()
-	ln, err := NewListener(worker)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if _, _, err := Recv(edge); err != nil { // the hello
-		t.Fatal(err)
-	}
 	srv := &http.Server{Handler: Handler(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		_, ok := ClientAddr(r)
 		fmt.Fprintf(w, "%s %q %v", r.RemoteAddr, r.Header.Get(ClientAddrField), ok)

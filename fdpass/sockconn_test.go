@@ -28,7 +28,9 @@ type testEdge struct {
 	ln   *Listener
 }
 
-func startTestEdge(t *testing.T) *testEdge {
+// newTestListener is a worker's Listener on a control socket whose edge end is edge, with
+// the worker's hello already read.
+func newTestListener(t *testing.T) (edge *net.UnixConn, ln *Listener) {
 	t.Helper()
 	edge, worker := seqpair(t)
 	ln, err := NewListener(worker)
@@ -38,6 +40,12 @@ func startTestEdge(t *testing.T) *testEdge {
 	if _, hello, err := Recv(edge); err != nil || hello.Kind != KindHello {
 		t.Fatalf("hello = %+v, %v", hello, err)
 	}
+	return edge, ln
+}
+
+func startTestEdge(t *testing.T) *testEdge {
+	t.Helper()
+	edge, ln := newTestListener(t)
 	tl, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)

@@ -44,9 +44,9 @@ type Channel interface {
 // channel sends the next one from its reader as soon as the worker has acknowledged the
 // one before, so a burst of handoffs wakes no goroutine per connection.
 type AsyncChannel interface {
-	// DeliverFunc is Deliver without the wait: done gets Deliver's result later, exactly
-	// once, from the channel's own goroutine (it must not block), and conn must stay open
-	// until then. When DeliverFunc returns an error nothing was sent and done is not called.
+	// DeliverFunc is Deliver without the wait: done gets Deliver's result exactly once,
+	// usually later from the channel's own goroutine (it must not block; it may also run
+	// before DeliverFunc returns), and conn must stay open until then. When DeliverFunc returns an error nothing was sent and done is not called.
 	DeliverFunc(conn syscall.Conn, meta fdpass.Meta, done func(error)) error
 }
 

@@ -50,6 +50,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/stickyd/stickyd/fdpass/platform"
 	"golang.org/x/sys/unix"
 )
 
@@ -988,7 +989,7 @@ func readLoop(c *Channel, done chan struct{}, pending []byte) {
 		c.readerBusy.Store(true)
 		defer c.readerBusy.Store(false)
 		for {
-			n, oobn, flags, err = recvmsgNow(int(fd), buf, oob)
+			n, oobn, flags, err = platform.RecvmsgNow(int(fd), buf, oob)
 			switch {
 			case err == unix.EINTR:
 				continue

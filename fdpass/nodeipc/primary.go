@@ -521,11 +521,12 @@ func (p *Primary) Deliver(ctx context.Context, conn syscall.Conn) error {
 }
 
 // DeliverFunc is Deliver without the wait: it returns once the handle is written or queued
-// behind the one in flight, and done gets Deliver's result later, exactly once — usually
+// behind the one in flight, and done gets Deliver's result exactly once — usually later,
 // from the channel's reader goroutine, so it must be quick and must not block (closing the
 // edge's copy of conn and counting is what it is for; anything longer goes to a goroutine).
-// conn must stay open until then. When DeliverFunc returns an error nothing was sent, done
-// is not called, and the caller still owns conn.
+// A @socket.io/sticky worker (StyleSticky), whose handoff ends at the ACK, gets done before
+// DeliverFunc returns. conn must stay open until done. When DeliverFunc returns an error
+// nothing was sent, done is not called, and the caller still owns conn.
 //
 // This is the edge's way to hand connections to Node workers: a burst of handoffs goes out
 // one per ACK from the reader, and no goroutine waits for each answer.

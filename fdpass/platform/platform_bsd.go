@@ -49,3 +49,16 @@ func AnonFile(name string) (int, error) {
 func PeerCred(fd int) (uid, pid int, err error) {
 	return 0, 0, fmt.Errorf("peer credentials of a unix socket: %w", ErrUnsupported)
 }
+
+// RecvmsgNow is one recvmsg on a socket in non-blocking mode.
+func RecvmsgNow(fd int, p, oob []byte) (n, oobn, flags int, err error) {
+	n, oobn, flags, _, err = unix.Recvmsg(fd, p, oob, 0)
+	return n, oobn, flags, err
+}
+
+// PeekByte is one recv of a byte with MSG_PEEK|MSG_DONTWAIT.
+func PeekByte(fd uintptr) (int, error) {
+	var b [1]byte
+	n, _, err := unix.Recvfrom(int(fd), b[:], unix.MSG_PEEK|unix.MSG_DONTWAIT)
+	return n, err
+}

@@ -1,6 +1,10 @@
 package platform
 
-import "golang.org/x/sys/unix"
+import (
+	"unsafe"
+
+	"golang.org/x/sys/unix"
+)
 
 // Handoff reports whether this system can hand accepted connections to worker
 // processes (SCM_RIGHTS with Linux's socket options): the run, serve and demo modes.
@@ -45,4 +49,39 @@ func PeerCred(fd int) (uid, pid int, err error) {
 		return 0, 0, err
 	}
 	return int(cred.Uid), int(cred.Pid), nil
+}
+
+// RecvmsgNow is one recvmsg on a socket in non-blocking mode (received descriptors
+// close-on-exec). A raw system call: it never blocks, so the runtime need not know (a
+// wrapped one wakes the runtime's monitor thread whenever the process was idle).
+func RecvmsgNow(fd int, p, oob []byte) (n, oobn, flags int, err error) {
+	var iov unix.Iovec
+	if len(p) > 0 {
+		iov.Base = &p[0]
+		iov.SetLen(len(p))
+	}
+	var msg unix.Msghdr
+	msg.Iov = &iov
+	msg.Iovlen = 1
+	if len(oob) > 0 {
+		msg.Control = &oob[0]
+		msg.SetControllen(len(oob))
+	}
+	r, _, e := unix.RawSyscall(unix.SYS_RECVMSG, uintptr(fd), uintptr(unsafe.Pointer(&msg)), unix.MSG_CMSG_CLOEXEC)
+	if e != 0 {
+		return 0, 0, 0, e
+	}
+	return int(r), int(msg.Controllen), int(msg.Flags), nil
+}
+
+// PeekByte is one recv of a byte with MSG_PEEK|MSG_DONTWAIT: a raw system call, with no
+// source address to decode (unix.Recvfrom allocates one).
+func PeekByte(fd uintptr) (int, error) {
+	var b [1]byte
+	n, _, e := unix.RawSyscall6(unix.SYS_RECVFROM, fd, uintptr(unsafe.Pointer(&b[0])), 1,
+		unix.MSG_PEEK|unix.MSG_DONTWAIT, 0, 0)
+	if e != 0 {
+		return 0, e
+	}
+	return int(n), nil
 }

@@ -136,3 +136,36 @@ func TestPeerCred(t *testing.T) {
 		t.Errorf("PeerCred = uid %d pid %d, %v; want %d %d", uid, pid, err, unix.Getuid(), unix.Getpid())
 	}
 }
+
+// PeekByte leaves the byte in the socket, RecvmsgNow takes it, and both answer EAGAIN on
+// an empty socket and 0 once the peer closed.
+func TestPeekByteAndRecvmsgNow(t *testing.T) {
+	fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_STREAM, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer unix.Close(fds[0])
+	if err := unix.SetNonblock(fds[0], true); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := PeekByte(uintptr(fds[0])); err != unix.EAGAIN {
+		t.Fatalf("PeekByte on an empty socket: %v, want EAGAIN", err)
+	}
+	if _, _, _, err := RecvmsgNow(fds[0], make([]byte, 8), nil); err != unix.EAGAIN {
+		t.Fatalf("RecvmsgNow on an empty socket: %v, want EAGAIN", err)
+	}
+	unix.Write(fds[1], []byte("ab"))
+	for range 2 {
+		if n, err := PeekByte(uintptr(fds[0])); n != 1 || err != nil {
+			t.Fatalf("PeekByte: %d, %v", n, err)
+		}
+	}
+	buf := make([]byte, 8)
+	if n, oobn, _, err := RecvmsgNow(fds[0], buf, make([]byte, 64)); err != nil || string(buf[:n]) != "ab" || oobn != 0 {
+		t.Fatalf("RecvmsgNow: %q, %d control bytes, %v", buf[:n], oobn, err)
+	}
+	unix.Close(fds[1])
+	if n, err := PeekByte(uintptr(fds[0])); n != 0 || err != nil {
+		t.Fatalf("PeekByte after the peer closed: %d, %v", n, err)
+	}
+}

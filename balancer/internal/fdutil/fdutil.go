@@ -8,6 +8,7 @@ import (
 	"errors"
 	"syscall"
 
+	"github.com/stickyd/stickyd/fdpass/platform"
 	"golang.org/x/sys/unix"
 )
 
@@ -65,7 +66,7 @@ const (
 // Peek looks at fd with a one-byte MSG_PEEK|MSG_DONTWAIT: never blocks, consumes nothing.
 func Peek(fd uintptr) (int, error) {
 	for {
-		n, err := peekByte(fd)
+		n, err := platform.PeekByte(fd)
 		switch {
 		case err == unix.EINTR:
 			continue
